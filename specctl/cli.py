@@ -1,0 +1,17 @@
+"""The specctl command line. Each subcommand lives in specctl/commands/<name>.py."""
+
+from __future__ import annotations
+
+import typer
+
+from specctl.commands import profiles
+
+app = typer.Typer(
+    name="specctl",
+    help="Speculative decoding for time-series foundation models and early-exit LLMs: train drafts, "
+    "run speculative decoders, and measure how much faster and how much worse.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(profiles.app, name="profiles")

@@ -1,0 +1,1 @@
+"""One thin module per subcommand: parse the profile, call the core, print and report."""

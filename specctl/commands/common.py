@@ -1,0 +1,97 @@
+"""Options and plumbing every command shares: profile loading, errors -> exit 2, console, JSON output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompletedColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from specctl.core.errors import SpecctlError
+from specctl.core.profile import load_profile
+from specctl.core.rundir import profile_to_toml
+from specctl.core.runtime import resolve_device, seed_everything
+from specctl.core.schema import Profile
+
+ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="Profile: a TOML path or a shipped name (quickstart/target).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key: --set spec.sigma=0.5 (repeatable).")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved profile and exit.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda (overrides the profile).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (overrides the profile).")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail while running.")]
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@dataclass
+class Session:
+    """What a command works with once its options are resolved."""
+
+    profile: Profile
+    device: torch.device
+    json: bool
+    verbose: bool
+
+    def progress(self) -> Progress:
+        return Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompletedColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=err_console, disable=self.json, transient=False,
+        )
+
+    def out(self, payload: dict[str, Any], render: Callable[[], None]) -> None:
+        """Print JSON in --json mode, else the rich rendering."""
+        if self.json:
+            print(json.dumps(payload, indent=2, default=str))
+        else:
+            render()
+
+    def say(self, message: str) -> None:
+        if not self.json:
+            err_console.print(message)
+
+
+def open_session(
+    profile: str, sets: list[str] | None, device: str | None, seed: int | None,
+    json_out: bool = False, dry_run: bool = False, verbose: bool = False,
+) -> Session:
+    """Load and validate the profile with CLI overrides; on --dry-run print it and exit 0."""
+    overrides = list(sets or [])
+    if device is not None:
+        overrides.append(f"device={json.dumps(device)}")
+    if seed is not None:
+        overrides.append(f"seed={seed}")
+    resolved = load_profile(profile, overrides)
+    if dry_run:
+        if json_out:
+            print(json.dumps(resolved.model_dump(), indent=2))
+        else:
+            console.print(profile_to_toml(resolved), markup=False, highlight=False)
+        raise typer.Exit(0)
+    seed_everything(resolved.seed)
+    return Session(resolved, resolve_device(resolved.device), json_out, verbose)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """SpecctlError -> one line on stderr and exit 2; Ctrl-C -> exit 130 (commands save what they can first)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SpecctlError as e:
+            err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            sys.exit(130)
+
+    return wrapper

@@ -1,0 +1,1 @@
+"""Importable core of specctl: no command-line code lives here."""

@@ -1,0 +1,97 @@
+"""Checkpoints: a folder with `model.safetensors` and `config.json` (never pickles).
+
+Training checkpoints add `optimizer.safetensors` and `state.json` (epoch, best validation loss, ...).
+Every file is written atomically and `config.json` last, so a folder with a config is complete.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from specctl.core.errors import SpecctlError
+from specctl.core.files import atomic_write, write_json
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+OPTIMIZER = "optimizer.safetensors"
+STATE = "state.json"
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def save_checkpoint(
+    folder: Path,
+    weights: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    state: dict[str, Any] | None = None,
+) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(folder / WEIGHTS, weights)
+    if optimizer is not None:
+        tensors, groups = flatten_optimizer(optimizer)
+        save_tensors(folder / OPTIMIZER, tensors)
+        write_json(folder / STATE, {**(state or {}), "param_groups": groups})
+    elif state is not None:
+        write_json(folder / STATE, state)
+    write_json(folder / CONFIG, config)
+    return folder
+
+
+def resolve_checkpoint(ref: str | Path) -> Path:
+    """A checkpoint folder, or a run folder whose `checkpoints/best` (else `last`) is used."""
+    path = Path(ref)
+    for candidate in (path, path / "checkpoints" / "best", path / "checkpoints" / "last", path / "best"):
+        if (candidate / CONFIG).is_file() and (candidate / WEIGHTS).is_file():
+            return candidate
+    if not path.exists():
+        raise SpecctlError(f"checkpoint not found: {path}")
+    raise SpecctlError(f"{path}: not a specctl checkpoint (needs {WEIGHTS} and {CONFIG})")
+
+
+def load_config(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(folder) / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise SpecctlError(f"{folder}: unreadable checkpoint config: {e}") from None
+
+
+def load_weights(folder: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(Path(folder) / WEIGHTS), device=str(device))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise SpecctlError(f"{folder}: unreadable weights: {e}") from None
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / STATE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Optimizer state as named tensors (for safetensors) plus its JSON-able param groups."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for index, slots in sd["state"].items():
+        for name, value in slots.items():
+            tensors[f"{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, sd["param_groups"]
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    state = load_state(folder)
+    tensors = load_file(str(Path(folder) / OPTIMIZER))
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        slots.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})

@@ -1,0 +1,123 @@
+"""Rolling forecasts with Timer-XL: KV-cached growing context, and the reference sliding-window loop.
+
+Shapes: series x [B, T, C] in the dataset's scaled space; tokens [B, C, N, P] in instance-normalised units.
+Generation normalises with statistics of the real lookback only and keeps them frozen, so the model sees
+exactly what it saw in training (`next_patch_loss`) and one cached step equals a full recompute.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from specctl.core.model import TimerXL
+
+EPS = 1e-5
+
+
+@dataclass
+class Norm:
+    """Per-series, per-variable statistics [B, 1, C] taken from the lookback."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def fit(cls, context: torch.Tensor) -> "Norm":
+        mean = context.mean(dim=1, keepdim=True)
+        std = torch.sqrt(context.var(dim=1, keepdim=True, unbiased=False) + EPS)
+        return cls(mean, std)
+
+    def tokens(self, x: torch.Tensor, patch_len: int) -> torch.Tensor:
+        """[B, T, C] scaled -> [B, C, T/P, P] normalised."""
+        B, T, C = x.shape
+        z = (x - self.mean) / self.std
+        return z.permute(0, 2, 1).reshape(B, C, T // patch_len, patch_len)
+
+    def series(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, C, N, P] normalised -> [B, N*P, C] scaled."""
+        B, C, N, P = tokens.shape
+        return tokens.reshape(B, C, N * P).permute(0, 2, 1) * self.std + self.mean
+
+    def variance(self, logvar: torch.Tensor) -> torch.Tensor:
+        """Normalised log-variance [B, C, N, P] -> variance in scaled units, [B, N*P, C]."""
+        B, C, N, P = logvar.shape
+        return logvar.exp().reshape(B, C, N * P).permute(0, 2, 1) * self.std**2
+
+
+def n_tokens(horizon: int, patch_len: int) -> int:
+    return math.ceil(horizon / patch_len)
+
+
+def times_for(batch: int, start: int, count: int, device) -> torch.Tensor:
+    return torch.arange(start, start + count, device=device).expand(batch, -1)
+
+
+def next_patch_loss(model: TimerXL, window: torch.Tensor, lookback: int) -> torch.Tensor:
+    """MSE of the next patch at every position, in scaled units; statistics from the lookback only."""
+    P = model.cfg.patch_len
+    norm = Norm.fit(window[:, :lookback])
+    tokens = norm.tokens(window, P)
+    mean, _ = model(tokens[:, :, :-1], times_for(window.shape[0], 0, tokens.shape[2] - 1, window.device))
+    return torch.mean((norm.series(mean) - window[:, P:]) ** 2)
+
+
+def prefill(model: TimerXL, tokens: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the lookback tokens [B, C, N0, P] into the cache; returns the prediction for time N0."""
+    mean, logvar = model(tokens, times_for(tokens.shape[0], 0, tokens.shape[2], tokens.device), cache)
+    return mean[:, :, -1], (None if logvar is None else logvar[:, :, -1])
+
+
+def decode_one(model: TimerXL, token: torch.Tensor, pos: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Feed one token [B, C, P] at times pos [B]; returns the prediction for pos + 1."""
+    mean, logvar = model(token[:, :, None], pos[:, None], cache)
+    return mean[:, :, 0], (None if logvar is None else logvar[:, :, 0])
+
+
+@torch.no_grad()
+def forecast_cached(model: TimerXL, context: torch.Tensor, horizon: int) -> torch.Tensor:
+    """Growing-context rolling forecast with a KV cache: one prefill, then one token per step."""
+    P = model.cfg.patch_len
+    steps = n_tokens(horizon, P)
+    norm = Norm.fit(context)
+    tokens = norm.tokens(context, P)
+    B, _, n0, _ = tokens.shape
+    cache = model.new_cache(B, n0 + steps)
+    pred, _ = prefill(model, tokens, cache)
+    out = [pred]
+    pos = torch.full((B,), n0, device=context.device)
+    for _ in range(steps - 1):
+        pred, _ = decode_one(model, pred, pos, cache)
+        out.append(pred)
+        pos = pos + 1
+    return norm.series(torch.stack(out, dim=2))[:, :horizon]
+
+
+@torch.no_grad()
+def forecast_recompute(model: TimerXL, context: torch.Tensor, horizon: int) -> torch.Tensor:
+    """Growing-context rolling forecast without a cache (full forward each step); the cache's reference."""
+    P = model.cfg.patch_len
+    norm = Norm.fit(context)
+    tokens = norm.tokens(context, P)
+    for _ in range(n_tokens(horizon, P)):
+        mean, _ = model(tokens, times_for(tokens.shape[0], 0, tokens.shape[2], tokens.device))
+        tokens = torch.cat([tokens, mean[:, :, -1:]], dim=2)
+    n0 = context.shape[1] // P
+    return norm.series(tokens[:, :, n0:])[:, :horizon]
+
+
+@torch.no_grad()
+def forecast_sliding(model: TimerXL, context: torch.Tensor, horizon: int) -> torch.Tensor:
+    """The reference code's loop: each step re-normalises and recomputes the last L points."""
+    P, L = model.cfg.patch_len, context.shape[1]
+    window, out = context, []
+    for _ in range(n_tokens(horizon, P)):
+        norm = Norm.fit(window)
+        tokens = norm.tokens(window, P)
+        mean, _ = model(tokens, times_for(tokens.shape[0], 0, tokens.shape[2], tokens.device))
+        patch = norm.series(mean[:, :, -1:])
+        out.append(patch)
+        window = torch.cat([window, patch], dim=1)[:, -L:]
+    return torch.cat(out, dim=1)[:, :horizon]

@@ -1,0 +1,1 @@
+"""Early-exit drafts for causal language models (SPEC section 5)."""

@@ -1,0 +1,194 @@
+"""Timer-XL (arXiv 2410.04803): a decoder-only Transformer over patch tokens of C variables.
+
+A token at (variable c, time n) attends to every variable at times <= n, with one learned bias per head for
+same-variable and one for different-variable pairs. RoPE rotates by the temporal index n only, so the
+cache layout [variable, time] is stable as time grows. The model works on instance-normalised tokens; the
+statistics come from the real lookback and stay frozen while generating (see `forecast.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specctl.core.errors import SpecctlError
+from specctl.core.schema import ModelConfig
+
+
+@dataclass(frozen=True)
+class TimerConfig:
+    patch_len: int
+    d_model: int
+    n_heads: int
+    d_ff: int
+    e_layers: int
+    n_vars: int
+    dropout: float = 0.1
+    stochastic: bool = False
+    logvar_min: float = -10.0
+    logvar_max: float = 4.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TimerConfig":
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise SpecctlError(f"checkpoint model config does not match this specctl version: {e}") from None
+
+
+def scaled_config(model: ModelConfig, n_vars: int) -> TimerConfig:
+    """Apply the scale_* factors. Heads and width are rounded so head_dim stays a multiple of 4 (RoPE)."""
+    heads = max(1, round(model.n_heads * model.scale_n_heads))
+    width = max(4 * heads, round(model.d_model * model.scale_d_model))
+    head_dim = max(4, (width // heads) // 4 * 4)
+    return TimerConfig(
+        patch_len=model.patch_len,
+        d_model=head_dim * heads,
+        n_heads=heads,
+        d_ff=max(1, round(model.d_ff * model.scale_d_ff)),
+        e_layers=max(1, round(model.e_layers * model.scale_e_layers)),
+        n_vars=n_vars,
+        dropout=model.dropout,
+        stochastic=model.stochastic,
+        logvar_min=model.logvar_min,
+        logvar_max=model.logvar_max,
+    )
+
+
+class KVCache:
+    """Static per-layer keys/values [B, H, C, max_len, head_dim]; slot t holds time step t.
+
+    Writing at explicit times means each series in a batch can sit at its own position, and rolling back
+    a rejected speculation is free: later slots are simply overwritten, and the mask never lets a query
+    at time n see a slot t > n.
+    """
+
+    def __init__(self, cfg: TimerConfig, batch: int, max_len: int, device, dtype=torch.float32) -> None:
+        shape = (cfg.e_layers, batch, cfg.n_heads, cfg.n_vars, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.slot_times = torch.arange(max_len, device=device)
+        self.max_len = max_len
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, times: torch.Tensor) -> None:
+        index = times[:, None, None, :, None].expand_as(k)  # [B, H, C, N, hd]
+        self.k[layer].scatter_(3, index, k)
+        self.v[layer].scatter_(3, index, v)
+
+
+def rope(x: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of channels by angle n * theta_i, n = temporal index. x: [B, H, C, N, hd], times: [B, N]."""
+    half = x.shape[-1] // 2
+    freqs = 1.0 / (10000.0 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
+    angles = times.to(torch.float32)[:, None, None, :, None] * freqs  # [B, 1, 1, N, half]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TimerConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.dropout = cfg.n_heads, cfg.head_dim, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.var_bias = nn.Parameter(torch.zeros(cfg.n_heads, 2))  # [same variable, other variable]
+
+    def forward(self, x: torch.Tensor, times: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, C, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, C, N, 3, self.n_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
+        q, k = rope(q, times), rope(k, times)  # [B, H, C, N, hd]
+        if cache is None:
+            key_times = times
+        else:
+            cache.write(layer, k, v, times)
+            k, v = cache.k[layer], cache.v[layer]
+            key_times = cache.slot_times.expand(B, -1)
+        T = k.shape[3]
+        visible = key_times[:, None, :] <= times[:, :, None]  # [B, N, T]: causal in time, all variables
+        same = torch.eye(C, device=x.device, dtype=torch.bool)
+        var_bias = torch.where(same, self.var_bias[:, 0, None, None], self.var_bias[:, 1, None, None])  # [H, C, C]
+        mask = var_bias[None, :, :, None, :, None].to(q.dtype).masked_fill(
+            ~visible[:, None, None, :, None, :], float("-inf")
+        )  # [B, H, C, N, C, T]
+        y = F.scaled_dot_product_attention(
+            q.reshape(B, self.n_heads, C * N, self.head_dim),
+            k.reshape(B, self.n_heads, C * T, self.head_dim),
+            v.reshape(B, self.n_heads, C * T, self.head_dim),
+            attn_mask=mask.reshape(B, self.n_heads, C * N, C * T),
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.out(y.view(B, self.n_heads, C, N, self.head_dim).permute(0, 2, 3, 1, 4).reshape(B, C, N, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TimerConfig) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.ffn = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, times: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), times, cache, layer))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+class TimerXL(nn.Module):
+    """Maps normalised tokens [B, C, N, P] at times [B, N] to the next patch at every position.
+
+    Returns (mean, logvar), both [B, C, N, P] in normalised units; logvar is None unless `stochastic`.
+    """
+
+    def __init__(self, cfg: TimerConfig) -> None:
+        super().__init__()
+        if cfg.d_model % cfg.n_heads or cfg.head_dim % 2:
+            raise SpecctlError(f"d_model {cfg.d_model} / n_heads {cfg.n_heads} must give an even head_dim")
+        self.cfg = cfg
+        self.embed = nn.Linear(cfg.patch_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.e_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.patch_len * (2 if cfg.stochastic else 1))
+
+    def forward(
+        self, tokens: torch.Tensor, times: torch.Tensor, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.embed(tokens)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, times, cache, layer)
+        out = self.head(self.norm(x))
+        if not self.cfg.stochastic:
+            return out, None
+        mean, raw = out.split(self.cfg.patch_len, dim=-1)
+        # a smooth bound keeps log-variance finite and its gradient alive near the limits
+        low, high = self.cfg.logvar_min, self.cfg.logvar_max
+        return mean, low + (high - low) * torch.sigmoid(raw)
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        param = next(self.parameters())
+        return KVCache(self.cfg, batch, max_len, param.device, dtype or param.dtype)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def init_logvar_head(model: TimerXL, log_variance: float = math.log(0.1)) -> None:
+    """Start a stochastic head at a moderate variance instead of the midpoint of its bounds."""
+    if not model.cfg.stochastic:
+        return
+    low, high = model.cfg.logvar_min, model.cfg.logvar_max
+    p = (log_variance - low) / (high - low)
+    with torch.no_grad():
+        model.head.bias[model.cfg.patch_len:] = math.log(p / (1 - p))

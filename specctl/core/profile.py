@@ -1,0 +1,190 @@
+"""The one profile loader: TOML files, `extends`, `--set` overrides, validation with helpful errors."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from specctl.core.errors import SpecctlError
+from specctl.core.schema import Profile
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PROFILE_DIR_ENV = "SPECCTL_PROFILES"
+
+
+def profiles_dir() -> Path:
+    """Where shipped profiles live: $SPECCTL_PROFILES, else the repository's `profiles/` folder."""
+    env = os.environ.get(PROFILE_DIR_ENV)
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "profiles"
+
+
+def shipped_profiles() -> list[str]:
+    root = profiles_dir()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.toml"))
+
+
+def find_profile(ref: str, relative_to: Path | None = None) -> Path:
+    """A path to a TOML file, or the name of a shipped profile (`quickstart/target`)."""
+    candidates = [Path(ref)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / ref)
+    candidates.append(profiles_dir() / ref)
+    for c in list(candidates):
+        candidates.append(c.with_name(c.name + ".toml"))
+        candidates.append(c / "default.toml")
+    for c in candidates:
+        if c.is_file():
+            return c
+    close = difflib.get_close_matches(ref, shipped_profiles(), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else "; `specctl profiles list` shows the shipped ones"
+    raise SpecctlError(f"profile not found: '{ref}' (no such file, and not a shipped profile){hint}")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise SpecctlError(f"{path}: TOML syntax error: {e}") from None
+    except OSError as e:
+        raise SpecctlError(f"{path}: cannot read profile: {e.strerror}") from None
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_raw(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[Path]]:
+    """The merged TOML dict of a profile and its `extends` chain, and the files it came from (child last)."""
+    path = path.resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise SpecctlError(f"{path}: `extends` forms a cycle: {chain}")
+    raw = read_toml(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw, [path]
+    if not isinstance(parent, str):
+        raise SpecctlError(f"{path}: key 'extends': expected a profile name or path (string)")
+    base, files = load_raw(find_profile(parent, relative_to=path.parent), (*_seen, path))
+    return deep_merge(base, raw), [*files, path]
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`spec.sigma=0.5` -> (["spec", "sigma"], 0.5). Values are TOML literals; bare words are strings."""
+    if "=" not in item:
+        raise SpecctlError(f"--set '{item}': expected key.sub=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key):
+        raise SpecctlError(f"--set '{item}': '{key}' is not a dotted key")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return key.split("."), value
+
+
+def set_dotted(raw: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = raw
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise SpecctlError(f"cannot set '{'.'.join(keys)}': '{k}' is not a table")
+        node = child
+    node[keys[-1]] = value
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the key at `loc` (for suggesting valid keys)."""
+    model: type[BaseModel] = Profile
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
+    """Best-effort line number of key `loc` in a TOML file (tables `[a.b]`, plain and dotted keys)."""
+    table: tuple[str, ...] = ()
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        header = re.fullmatch(r"\[\s*([^\[\]]+?)\s*\]", stripped)
+        if header:
+            table = tuple(p.strip().strip('"') for p in header.group(1).split("."))
+            continue
+        match = re.match(r'\s*("[^"]+"|[\w.-]+)\s*=', line)
+        if match:
+            key = tuple(p.strip('"') for p in match.group(1).split("."))
+            if (*table, *key) == tuple(str(p) for p in loc):
+                return number
+    return None
+
+
+def explain(error: ValidationError, files: list[Path], overrides: list[str]) -> str:
+    """One line naming the file, line and key of the first problem, and the closest valid key."""
+    first = error.errors()[0]
+    loc = tuple(first["loc"])
+    dotted = ".".join(str(p) for p in loc)
+    where = "--set" if any(o.split("=", 1)[0].strip() == dotted for o in overrides) else None
+    if where is None:
+        for path in reversed(files):
+            line = _line_of(path.read_text(encoding="utf-8"), loc)
+            if line is not None:
+                where = f"{path}:{line}"
+                break
+        else:
+            where = str(files[-1]) if files else "profile"
+    if first["type"] == "extra_forbidden":
+        owner = _model_at(loc)
+        valid = list(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+        return f"{where}: unknown key '{dotted}'{hint}"
+    got = first.get("input")
+    got_text = f", got {got!r}" if not isinstance(got, (dict, list)) else ""
+    return f"{where}: key '{dotted}': {first['msg']}{got_text}"
+
+
+def load_profile(ref: str, overrides: list[str] | None = None) -> Profile:
+    """Load, merge `extends`, apply `--set` overrides and validate. Raises SpecctlError with one clear line."""
+    overrides = overrides or []
+    files: list[Path] = []
+    raw: dict[str, Any] = {}
+    if ref:
+        raw, files = load_raw(find_profile(ref))
+    for item in overrides:
+        set_dotted(raw, *parse_override(item))
+    try:
+        return Profile.model_validate(raw)
+    except ValidationError as e:
+        raise SpecctlError(explain(e, files, overrides)) from None
+
+
+def with_overrides(profile: Profile, overrides: dict[str, Any]) -> Profile:
+    """A copy of `profile` with dotted-key overrides applied and re-validated (used by sweeps)."""
+    raw = profile.model_dump()
+    for key, value in overrides.items():
+        set_dotted(raw, key.split("."), value)
+    try:
+        return Profile.model_validate(raw)
+    except ValidationError as e:
+        raise SpecctlError(explain(e, [], list(overrides))) from None

@@ -1,0 +1,59 @@
+"""Device choice, seeding and synchronised timing."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from specctl.core.errors import SpecctlError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SpecctlError("device 'cuda' requested but no CUDA GPU is available (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    """Median and spread of repeated, synchronised wall times (seconds), warm-up excluded."""
+
+    median: float
+    low: float
+    high: float
+    repeats: int
+
+    def to_dict(self) -> dict[str, float]:
+        return {"median_s": self.median, "min_s": self.low, "max_s": self.high, "repeats": self.repeats}
+
+
+def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> Timing:
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return Timing(statistics.median(times), min(times), max(times), repeats)

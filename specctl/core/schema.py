@@ -1,0 +1,142 @@
+"""Profile schema: every knob specctl has, one pydantic model per TOML table.
+
+Unknown keys are rejected (`extra="forbid"`), so a typo never silently falls back to a default.
+The seeds' flag names map onto these fields: spec_k -> spec.k, spec_sigma -> spec.sigma,
+spec_accept_bias -> spec.bias, draft_teacher_noise -> distill.teacher_noise,
+draft_nll_var_reg -> distill.var_reg, draft_teacher_dropout -> distill.teacher_dropout,
+draft_scale_* -> model.scale_*, draft_stochastic -> model.stochastic, input_token_len -> model.patch_len,
+seq_len -> data.lookback, test_pred_len -> data.horizons, e_layers -> model.e_layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from specctl.core.llm.config import LLMConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Strict):
+    """The embedded generator: seasonalities, trend, noise and cross-variable coupling."""
+
+    n_vars: int = Field(3, ge=1)
+    length: int = Field(6000, ge=16)
+    periods: list[float] = [24.0, 168.0]
+    trend: float = 0.5
+    noise: float = Field(0.1, ge=0.0)
+    coupling: float = Field(0.3, ge=0.0, le=1.0)
+    seed: int = 0
+
+
+class DataConfig(Strict):
+    name: str = "synthetic"
+    path: str | None = None
+    dir: str | None = None
+    lookback: int = Field(672, gt=0)
+    horizons: list[int] = [96, 192, 336, 720]
+    missing: Literal["interpolate", "error"] = "interpolate"
+    sentinels: list[float] = [-9999.0]
+    max_eval_windows: int | None = Field(None, gt=0)
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("horizons")
+    @classmethod
+    def _positive_horizons(cls, horizons: list[int]) -> list[int]:
+        if not horizons or any(h <= 0 for h in horizons):
+            raise ValueError("every horizon must be a positive integer")
+        return horizons
+
+
+class ModelConfig(Strict):
+    """Timer-XL. A draft is the same architecture with the scale_* factors applied to these sizes."""
+
+    patch_len: int = Field(96, gt=0)
+    d_model: int = Field(1024, gt=0)
+    n_heads: int = Field(8, gt=0)
+    d_ff: int = Field(2048, gt=0)
+    e_layers: int = Field(1, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    scale_d_model: float = Field(1.0, gt=0.0)
+    scale_n_heads: float = Field(1.0, gt=0.0)
+    scale_d_ff: float = Field(1.0, gt=0.0)
+    scale_e_layers: float = Field(1.0, gt=0.0)
+    stochastic: bool = False
+    logvar_min: float = -10.0
+    logvar_max: float = 4.0
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0.0)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = Field(0.0, ge=0.0)
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    step_gamma: float = Field(0.1, gt=0.0, le=1.0)
+    patience: int = Field(3, ge=1)
+    grad_clip: float | None = Field(None, gt=0.0)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    max_val_batches: int | None = Field(None, ge=1)
+    init_from: str | None = None
+    save_to: str | None = None
+
+
+class DistillConfig(Strict):
+    target: str | None = None
+    loss: Literal["mse", "nll"] = "mse"
+    var_reg: float = Field(0.01, ge=0.0)
+    teacher_noise: float = Field(0.05, ge=0.0)
+    teacher_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    alpha_truth: float = Field(0.0, ge=0.0, le=1.0)
+    mse_warn: float = Field(0.6, gt=0.0)
+    sigmas: list[float] = [0.1, 0.25, 0.5]
+
+
+class SpecConfig(Strict):
+    target: str | None = None
+    draft: str | None = None
+    target_profile: str | None = None
+    draft_profile: str | None = None
+    k: int = Field(3, ge=1)
+    rule: Literal["gaussian", "exact", "tolerance"] = "gaussian"
+    sigma: float = Field(0.25, gt=0.0)
+    bias: float = Field(1.0, ge=1.0)
+    tol: float = Field(0.1, ge=0.0)
+    emit: Literal["target_mean", "draft_mean", "sample"] = "target_mean"
+    horizon: int | None = Field(None, gt=0)
+    batch_size: int = Field(32, ge=1)
+    max_windows: int | None = Field(None, gt=0)
+    repeats: int = Field(3, ge=1)
+    warmup: int = Field(1, ge=0)
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    cuda_graphs: bool = True
+    exact_max_tries: int = Field(100, ge=1)
+    draft_only: bool = False
+    sliding_baseline: bool = True
+
+    @model_validator(mode="after")
+    def _exact_means_bias_one(self) -> "SpecConfig":
+        if self.rule == "exact" and self.bias != 1.0:
+            raise ValueError("rule 'exact' means bias 1 (set spec.bias = 1 or choose rule 'gaussian')")
+        return self
+
+
+class Profile(Strict):
+    name: str = "run"
+    description: str = ""
+    kind: Literal["timeseries", "llm"] = "timeseries"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    run_root: str = "runs"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    distill: DistillConfig = DistillConfig()
+    spec: SpecConfig = SpecConfig()
+    llm: LLMConfig = LLMConfig()
+    sweep: dict[str, list[Any]] = {}
