@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from specctl.commands import profiles
+from specctl.commands.pretrain import pretrain
 
 app = typer.Typer(
     name="specctl",
@@ -15,3 +16,4 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(profiles.app, name="profiles")
+app.command("pretrain")(pretrain)

@@ -192,3 +192,32 @@ def init_logvar_head(model: TimerXL, log_variance: float = math.log(0.1)) -> Non
     p = (log_variance - low) / (high - low)
     with torch.no_grad():
         model.head.bias[model.cfg.patch_len:] = math.log(p / (1 - p))
+
+
+def checkpoint_config(model: TimerXL, lookback: int, columns: list[str], profile: dict) -> dict:
+    """What is saved as config.json beside Timer-XL weights: enough to rebuild and check compatibility."""
+    return {"kind": "timer_xl", "model": model.cfg.to_dict(), "lookback": lookback, "columns": columns,
+            "profile": profile}
+
+
+def load_timer(ref: str, device: torch.device | str = "cpu") -> tuple[TimerXL, dict]:
+    """Rebuild Timer-XL from a checkpoint folder (or a run folder); returns (model in eval mode, config)."""
+    from specctl.core.checkpoint import load_config, load_weights, resolve_checkpoint
+
+    folder = resolve_checkpoint(ref)
+    config = load_config(folder)
+    if config.get("kind") != "timer_xl":
+        raise SpecctlError(f"{folder}: not a Timer-XL checkpoint (kind {config.get('kind')!r})")
+    model = TimerXL(TimerConfig.from_dict(config["model"]))
+    try:
+        model.load_state_dict(load_weights(folder))
+    except RuntimeError as e:
+        raise SpecctlError(f"{folder}: weights do not match the saved config: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), config
+
+
+def check_compatible(cfg: TimerConfig, other: TimerConfig, what: str) -> None:
+    """Raise if two models (or a model and data) disagree on patch length or variable count."""
+    for key in ("patch_len", "n_vars"):
+        if getattr(cfg, key) != getattr(other, key):
+            raise SpecctlError(f"{what}: {key} {getattr(other, key)} does not match {getattr(cfg, key)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import specctl
+from specctl.core.errors import SpecctlError
 from specctl.core.files import write_json, write_text
 from specctl.core.schema import Profile
 
@@ -70,6 +72,20 @@ class RunDir:
         run = cls(path, manifest)
         write_text(path / "profile.toml", profile_to_toml(profile))
         write_json(path / "profile.json", profile.model_dump())
+        run.save_manifest()
+        return run
+
+    @classmethod
+    def latest(cls, profile: Profile, command: str) -> "RunDir":
+        """The newest run of this profile and command that left a resumable `checkpoints/last`."""
+        root = Path(profile.run_root) / command
+        prefix = profile.name.replace("/", "-") + "-"
+        runs = sorted(p for p in root.glob(prefix + "*") if (p / "checkpoints" / "last" / "state.json").is_file())
+        if not runs:
+            raise SpecctlError(f"--resume: no run of '{profile.name}' with a checkpoint under {root}")
+        manifest = json.loads((runs[-1] / "manifest.json").read_text(encoding="utf-8"))
+        manifest.update(status="running", resumed=_now())
+        run = cls(runs[-1], manifest)
         run.save_manifest()
         return run
 

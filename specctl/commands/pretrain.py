@@ -1,0 +1,63 @@
+"""`specctl pretrain`: train a Timer-XL target or draft (or a small causal LM with an `llm` profile)."""
+
+from __future__ import annotations
+
+import typer
+
+from specctl.commands.common import (
+    DeviceOpt, DryRunOpt, JsonOpt, ProfileOpt, SeedOpt, SetOpt, VerboseOpt, console, handle_errors, open_session,
+)
+from specctl.core.report import horizon_table, scores_to_dict
+from specctl.core.rundir import RunDir
+
+
+@handle_errors
+def pretrain(
+    profile: ProfileOpt, set_: SetOpt = None, resume: bool = typer.Option(False, "--resume", help="Continue the latest run of this profile from its last finished epoch."),
+    dry_run: DryRunOpt = False, json_out: JsonOpt = False, device: DeviceOpt = None, seed: SeedOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train a model from scratch, or from train.init_from (fine-tuning); evaluate the rolling forecast."""
+    session = open_session(profile, set_, device, seed, json_out, dry_run, verbose)
+    p = session.profile
+    run = RunDir.latest(p, "pretrain") if resume else RunDir.create(p, "pretrain", str(session.device))
+    session.say(f"run directory: {run.path}")
+    try:
+        with session.progress() as progress:
+            if p.kind == "llm":
+                from specctl.core.llm.pretrain import pretrain_lm
+
+                metrics = pretrain_lm(p, session.device, run, resume, progress)
+                run.write_json("metrics.json", metrics)
+                run.finish()
+                session.out(metrics, lambda: console.print(metrics))
+                return
+            from specctl.core.pretrain import pretrain as pretrain_timeseries
+
+            def log_epoch(epoch: int, record: dict) -> None:
+                if verbose or not json_out:
+                    session.say(f"epoch {epoch}: train {record['train_loss']:.4f}  val {record['val_loss']:.4f}  "
+                                f"({record['seconds']:.1f}s)")
+
+            result = pretrain_timeseries(p, session.device, run, resume, progress, log_epoch)
+    except KeyboardInterrupt:
+        run.finish("interrupted")
+        session.say(f"interrupted: weights saved in {run.checkpoints / 'interrupted'}; "
+                    f"`specctl pretrain --profile {profile} --resume` continues from the last finished epoch")
+        raise
+    metrics = {
+        "parameters": result.parameters,
+        "epochs": result.fit.epochs_done,
+        "best_val_loss": result.fit.best_val,
+        "stopped_early": result.fit.stopped_early,
+        "checkpoint": str(result.checkpoint),
+        "history": result.fit.history,
+        **scores_to_dict(result.scores),
+    }
+    run.write_json("metrics.json", metrics)
+    run.finish()
+    session.out(metrics, lambda: (
+        console.print(horizon_table(result.scores, f"{p.name}: rolling forecast on the test split ({p.data.name})")),
+        console.print(f"{result.parameters:,} parameters, {result.fit.epochs_done} epochs, "
+                      f"checkpoint: {result.checkpoint}"),
+    ))

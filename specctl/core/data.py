@@ -1,0 +1,279 @@
+"""Time-series data: find a file, read it, fill missing values, split by time, scale, cut windows.
+
+Splits follow the reference benchmark code (Time-Series-Library `Dataset_ETT_hour`, `Dataset_ETT_minute`,
+`Dataset_Custom`) so that metrics are comparable with published numbers: ETTh* and ETTm* use fixed row
+borders (12/4/4 months; the rest of the file is unused), everything else 70/10/20 by time. The val and test
+splits start `lookback` rows early, so their first window's context lies in the previous split and every
+target row of a split is its own. A StandardScaler (ddof 0, like sklearn) is fitted on the train rows only.
+
+Formats, chosen by file suffix:
+  .csv  first column a date (dropped), then numeric variables (ETT, weather, ...)
+  .txt  header-less, comma-separated, all columns numeric (Solar)
+  .npz  a `data` array [time, nodes, features]; feature 0 is used -> [time, nodes] (PEMS)
+
+Missing values (NaN, or a value equal to one of `data.sentinels`, by default -9999 as in weather.csv) are
+never passed on silently. With `data.missing = "interpolate"` (default) they are replaced by linear
+interpolation along time within their column (leading/trailing gaps take the nearest valid value) and a
+note records the count per column; with `"error"` loading stops, naming the file, columns and counts.
+A column with no valid value at all is an error either way. Interpolation runs over the whole series
+before splitting, so a gap on a split border borrows one neighbour from the next split; with 81 of
+~1.1M values in weather.csv this is negligible, and it is the price of never dropping rows (which would
+shift the reference split borders).
+
+The embedded synthetic generator (`data.name = "synthetic"`, the default) needs no files: a deterministic
+sum of seasonalities, a trend, a lagged coupling between variables and noise, split 70/10/20.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from specctl.core.errors import SpecctlError
+from specctl.core.schema import DataConfig, SyntheticConfig
+
+ENV_DATA_DIR = "SPECCTL_DATA_DIR"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Known:
+    """A benchmark: its file name and, for ETT, the fixed end rows of train/val/test (None = 70/10/20)."""
+
+    file: str
+    ends: tuple[int, int, int] | None = None
+
+
+_ETT_H = (12 * 30 * 24, 16 * 30 * 24, 20 * 30 * 24)  # 8640, 11520, 14400
+_ETT_M = tuple(4 * e for e in _ETT_H)  # 34560, 46080, 57600
+
+KNOWN: dict[str, Known] = {
+    "ETTh1": Known("ETTh1.csv", _ETT_H),
+    "ETTh2": Known("ETTh2.csv", _ETT_H),
+    "ETTm1": Known("ETTm1.csv", _ETT_M),
+    "ETTm2": Known("ETTm2.csv", _ETT_M),
+    "weather": Known("weather.csv"),
+}
+
+
+@dataclass
+class SeriesData:
+    name: str
+    columns: list[str]
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    lookback: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_vars(self) -> int:
+        return len(self.columns)
+
+
+def data_dir(cfg: DataConfig) -> Path | None:
+    """The folder named files are looked up in: profile key `data.dir`, else $SPECCTL_DATA_DIR, else none."""
+    chosen = cfg.dir or os.environ.get(ENV_DATA_DIR)
+    return Path(chosen).expanduser() if chosen else None
+
+
+def resolve_data_file(cfg: DataConfig) -> Path:
+    """`data.path` if given; else `data.name` (a known benchmark or a file name) under the data directory."""
+    if cfg.path:
+        path = Path(cfg.path).expanduser()
+        if path.is_file():
+            return path
+        raise SpecctlError(f"data file not found: {path} (from data.path)")
+    folder = data_dir(cfg)
+    file_name = KNOWN[cfg.name].file if cfg.name in KNOWN else cfg.name
+    if folder is None:
+        raise SpecctlError(
+            f"data '{cfg.name}' is looked up by name but no data directory is set: "
+            f"set data.dir in the profile or {ENV_DATA_DIR}, or give data.path"
+        )
+    source = "data.dir" if cfg.dir else ENV_DATA_DIR
+    candidates = [folder / file_name]
+    if not Path(file_name).suffix:
+        candidates += [folder / f"{file_name}{suffix}" for suffix in (".csv", ".txt", ".npz")]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(str(c) for c in candidates)
+    raise SpecctlError(
+        f"data file for '{cfg.name}' not found; looked in: {looked} (directory from {source}; "
+        f"set data.dir or {ENV_DATA_DIR} to the folder holding it, or data.path to the file)"
+    )
+
+
+def synthetic_series(cfg: SyntheticConfig) -> np.ndarray:
+    """[length, n_vars] float32: per-variable seasonalities with random amplitude and phase, a linear trend,
+    each variable mixed with a lagged copy of its neighbour (cross-variable signal), then Gaussian noise.
+    Everything random comes from one generator seeded with `cfg.seed`, so the series is reproducible."""
+    rng = np.random.default_rng(cfg.seed)
+    t = np.arange(cfg.length, dtype=np.float64)
+    periods = np.asarray(cfg.periods, dtype=np.float64)
+    amplitude = rng.uniform(0.5, 1.5, size=(cfg.n_vars, len(periods)))
+    phase = rng.uniform(0.0, 2 * np.pi, size=(cfg.n_vars, len(periods)))
+    slope = rng.uniform(-1.0, 1.0, size=cfg.n_vars) * cfg.trend
+    angles = 2 * np.pi * t[:, None, None] / periods[None, None, :] + phase[None]
+    base = (amplitude[None] * np.sin(angles)).sum(-1) + np.outer(t / cfg.length, slope)
+    lag = max(1, int(periods.min()) // 4) if len(periods) else 1
+    neighbour = np.roll(base, 1, axis=1)  # variable j is coupled to variable j-1
+    lagged = np.concatenate([np.repeat(neighbour[:1], lag, axis=0), neighbour[:-lag]])[: cfg.length]
+    mixed = (1 - cfg.coupling) * base + cfg.coupling * lagged
+    return (mixed + cfg.noise * rng.standard_normal(mixed.shape)).astype(np.float32)
+
+
+def split_bounds(n_rows: int, lookback: int, ends: tuple[int, int, int] | None = None) -> list[tuple[int, int]]:
+    """[start, stop) rows of train, val, test, as the reference loaders compute them.
+
+    `ends` are fixed end rows (ETT); without them 70/10/20: num_train = int(n*0.7), num_test = int(n*0.2),
+    the rest is val. Val and test start `lookback` rows before their first target row."""
+    if ends is None:
+        num_train, num_test = int(n_rows * 0.7), int(n_rows * 0.2)
+        ends = (num_train, n_rows - num_test, n_rows)
+    starts = (0, ends[0] - lookback, ends[1] - lookback)
+    return list(zip(starts, ends))
+
+
+def _read_table(path: Path) -> tuple[list[str], np.ndarray]:
+    """Raw column names and float64 values [time, vars] of one file, before any cleaning."""
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as npz:
+            if "data" not in npz.files:
+                raise SpecctlError(f"{path}: .npz has no 'data' array (found: {', '.join(npz.files) or 'nothing'})")
+            data = npz["data"]
+        if data.ndim == 3:
+            data = data[:, :, 0]
+        if data.ndim != 2 or not np.issubdtype(data.dtype, np.number):
+            raise SpecctlError(f"{path}: 'data' must be a numeric [time, nodes(, features)] array, got {data.dtype} {data.shape}")
+        return [str(i) for i in range(data.shape[1])], data.astype(np.float64)
+    if suffix == ".csv":
+        frame = pd.read_csv(path, encoding_errors="replace").iloc[:, 1:]  # first column: the date
+    elif suffix == ".txt":
+        frame = pd.read_csv(path, header=None, encoding_errors="replace")
+        frame.columns = [str(c) for c in frame.columns]
+    else:
+        raise SpecctlError(f"{path}: unknown data format '{path.suffix}' (expected .csv, .txt or .npz)")
+    bad = [str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+    if bad:
+        raise SpecctlError(f"{path}: non-numeric column(s) {', '.join(bad)} (after the first, date, column for .csv)")
+    if frame.shape[1] == 0:
+        raise SpecctlError(f"{path}: no numeric columns")
+    return [str(c) for c in frame.columns], frame.to_numpy(dtype=np.float64)
+
+
+def _fill_missing(values: np.ndarray, columns: list[str], cfg: DataConfig, source: str) -> tuple[np.ndarray, list[str]]:
+    """Apply the missing-value policy of the module docstring; returns the filled copy and notes."""
+    missing = np.isnan(values) | np.isin(values, cfg.sentinels)
+    counts = missing.sum(axis=0)
+    if not counts.any():
+        return values, []
+    what = "NaN" + "".join(f" or {s:g}" for s in cfg.sentinels)
+    empty = [c for c, n in zip(columns, counts) if n == len(values)]
+    if empty:
+        raise SpecctlError(f"{source}: column(s) {', '.join(empty)} have no valid value ({what})")
+    per_column = ", ".join(f"{c} {n}" for c, n in zip(columns, counts) if n)
+    if cfg.missing == "error":
+        raise SpecctlError(
+            f"{source}: {counts.sum()} missing values ({what}) in column(s) {per_column}; "
+            f"set data.missing = \"interpolate\" to fill them"
+        )
+    filled = values.copy()
+    rows = np.arange(len(values))
+    for j in np.flatnonzero(counts):
+        ok = ~missing[:, j]
+        filled[~ok, j] = np.interp(rows[~ok], rows[ok], values[ok, j])
+    return filled, [f"{source}: {counts.sum()} missing values ({what}) replaced by linear interpolation: {per_column}"]
+
+
+def load_series(cfg: DataConfig, min_length: int) -> SeriesData:
+    """Load, clean, split and scale one dataset. Every split must hold `min_length` rows (the longest window
+    any consumer cuts from it, e.g. lookback + horizon), else a SpecctlError says which split falls short."""
+    notes: list[str] = []
+    if cfg.name == "synthetic" and not cfg.path:
+        name, ends = "synthetic", None
+        values = synthetic_series(cfg.synthetic).astype(np.float64)
+        columns = [f"x{j}" for j in range(values.shape[1])]
+    else:
+        path = resolve_data_file(cfg)
+        name = cfg.name if cfg.name in KNOWN else path.stem
+        ends = KNOWN[name].ends if name in KNOWN else None
+        columns, values = _read_table(path)
+        values, notes = _fill_missing(values, columns, cfg, path.name)
+        if ends and len(values) < ends[2]:
+            raise SpecctlError(f"{path}: {len(values)} rows, but the fixed {name} split needs {ends[2]}")
+        if ends and len(values) > ends[2]:
+            notes.append(f"{path.name}: rows {ends[2]}..{len(values)} are unused (fixed {name} split, as the reference)")
+    bounds = split_bounds(len(values), cfg.lookback, ends)
+    need = max(min_length, cfg.lookback)  # train >= lookback also keeps the val/test starts at row >= 0
+    for split, (start, stop) in zip(SPLITS, bounds):
+        if stop - start < need:
+            raise SpecctlError(
+                f"{name}: the {split} split has {stop - start} rows but needs at least {need} "
+                f"(lookback {cfg.lookback}, longest window {min_length}; the series has {len(values)} rows)"
+            )
+    train = values[: bounds[0][1]]
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    std = np.where(std > 0, std, 1.0)  # a constant column scales to zeros, as sklearn does
+    scaled = ((values - mean) / std).astype(np.float32)
+    return SeriesData(
+        name=name,
+        columns=columns,
+        train=scaled[bounds[0][0] : bounds[0][1]],
+        val=scaled[bounds[1][0] : bounds[1][1]],
+        test=scaled[bounds[2][0] : bounds[2][1]],
+        mean=mean.astype(np.float32),
+        std=std.astype(np.float32),
+        lookback=cfg.lookback,
+        notes=notes,
+    )
+
+
+def count_windows(n_rows: int, length: int) -> int:
+    """Stride-1 windows of `length` rows in `n_rows` rows."""
+    return max(0, n_rows - length + 1)
+
+
+class Windows(torch.utils.data.Dataset):
+    """Windows of `length` rows every `stride` rows of a [T, C] array, as float32 tensors [length, C]."""
+
+    def __init__(self, array: np.ndarray, length: int, stride: int = 1):
+        self.data = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)
+        self.length, self.stride = length, stride
+        self.count = (count_windows(len(array), length) + stride - 1) // stride
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index < 0:
+            index += self.count
+        if not 0 <= index < self.count:
+            raise IndexError(f"window {index} out of range ({self.count} windows)")
+        start = index * self.stride
+        return self.data[start : start + self.length]
+
+
+def eval_windows(
+    array: np.ndarray, lookback: int, horizon: int, max_windows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All stride-1 (context [N, lookback, C], target [N, horizon, C]) pairs of a split. With `max_windows`,
+    an evenly spaced subset that always includes the first and last window, so a quick evaluation still
+    spans the whole split and is the same on every run."""
+    total = count_windows(len(array), lookback + horizon)
+    if total == 0:
+        raise SpecctlError(f"{len(array)} rows cannot hold one window of lookback {lookback} + horizon {horizon}")
+    n = total if max_windows is None else min(max_windows, total)
+    starts = np.arange(n) * (total - 1) // (n - 1) if n > 1 else np.zeros(1, dtype=np.int64)
+    data = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)
+    windows = data.unfold(0, lookback + horizon, 1)[torch.as_tensor(starts)].transpose(1, 2)
+    return windows[:, :lookback].contiguous(), windows[:, lookback:].contiguous()

@@ -1,0 +1,135 @@
+"""Pretraining (or fine-tuning, from `train.init_from`) a Timer-XL target or draft on one dataset.
+
+Train as you generate: every window covers lookback + the longest horizon (rounded up to whole patches),
+the loss covers every position, and normalisation statistics come from the lookback part only.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from specctl.core.checkpoint import load_weights
+from specctl.core.data import SeriesData, Windows, load_series
+from specctl.core.errors import SpecctlError
+from specctl.core.evaluate import HorizonScore, evaluate_rolling
+from specctl.core.forecast import n_tokens, next_patch_loss
+from specctl.core.model import TimerXL, checkpoint_config, count_parameters, init_logvar_head, load_timer, scaled_config
+from specctl.core.rundir import RunDir
+from specctl.core.schema import Profile
+from specctl.core.train import FitResult, fit
+
+
+@dataclass
+class PretrainResult:
+    fit: FitResult
+    scores: list[HorizonScore]
+    parameters: int
+    checkpoint: Path
+
+
+def window_length(profile: Profile) -> int:
+    """lookback + the longest horizon in whole patches: the longest context generation will reach."""
+    P = profile.model.patch_len
+    return profile.data.lookback + n_tokens(max(profile.data.horizons), P) * P
+
+
+def check_lookback(profile: Profile) -> None:
+    if profile.data.lookback % profile.model.patch_len:
+        raise SpecctlError(f"data.lookback {profile.data.lookback} is not a multiple of model.patch_len "
+                           f"{profile.model.patch_len}")
+
+
+def loader(array: np.ndarray, length: int, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(Windows(array, length), batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def build_model(profile: Profile, data: SeriesData, device: torch.device) -> TimerXL:
+    """A fresh model at the profile's (scaled) size, initialised from `train.init_from` if set."""
+    model = TimerXL(scaled_config(profile.model, data.n_vars))
+    init_logvar_head(model)
+    if profile.train.init_from:
+        load_into(model, profile.train.init_from)
+    return model.to(device)
+
+
+def load_into(model: TimerXL, ref: str) -> None:
+    """Copy a checkpoint's weights into `model`; sizes must match, the head may differ in stochasticity."""
+    source, _ = load_timer(ref)
+    keys = ("patch_len", "n_vars", "d_model", "n_heads", "d_ff", "e_layers")
+    differ = [f"{k} {getattr(source.cfg, k)} (profile: {getattr(model.cfg, k)})" for k in keys
+              if getattr(source.cfg, k) != getattr(model.cfg, k)]
+    if differ:
+        raise SpecctlError(f"checkpoint {ref} does not match the profile: " + ", ".join(differ))
+    own = model.state_dict()
+    with torch.no_grad():
+        for key, value in source.state_dict().items():
+            n = min(value.shape[0], own[key].shape[0])  # a head's mean half is shared by both head kinds
+            own[key][:n].copy_(value[:n])
+
+
+def train_timer(
+    profile: Profile, model: TimerXL, data: SeriesData, device: torch.device, run: RunDir,
+    loss_fn, resume: bool, progress, on_epoch_end=None, extra_validation=None,
+) -> FitResult:
+    """The time-series side of `fit`: windows, validation loss, checkpoint config."""
+    length, lookback, train = window_length(profile), profile.data.lookback, profile.train
+    val_loader = loader(data.val, length, train.batch_size, False, profile.seed)
+
+    def validate() -> dict[str, float]:
+        losses = []
+        for i, batch in enumerate(val_loader):
+            if train.max_val_batches is not None and i >= train.max_val_batches:
+                break
+            losses.append(next_patch_loss(model, batch.to(device), lookback).item())
+        metrics = {"val_loss": float(np.mean(losses))}
+        return {**metrics, **(extra_validation() if extra_validation else {})}
+
+    return fit(
+        model, model.parameters(), lambda batch: loss_fn(batch.to(device)),
+        lambda epoch: loader(data.train, length, train.batch_size, True, profile.seed + epoch),
+        validate, train, run.checkpoints,
+        checkpoint_config(model, lookback, data.columns, profile.model_dump()),
+        resume=resume, progress=progress, on_epoch_end=on_epoch_end,
+    )
+
+
+def export(best: Path, target: str) -> Path:
+    """Copy the best checkpoint to a stable path (train.save_to), replacing any older copy atomically."""
+    destination = Path(target)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = destination.with_name(f".{destination.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(best, staging)
+    if destination.exists():
+        old = destination.with_name(f".{destination.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        destination.rename(old)
+        staging.rename(destination)
+        shutil.rmtree(old)
+    else:
+        staging.rename(destination)
+    return destination
+
+
+def pretrain(profile: Profile, device: torch.device, run: RunDir, resume: bool, progress=None,
+             on_epoch_end=None) -> PretrainResult:
+    check_lookback(profile)
+    data = load_series(profile.data, window_length(profile))
+    model = build_model(profile, data, device)
+    result = train_timer(profile, model, data, device, run,
+                         lambda batch: next_patch_loss(model, batch, profile.data.lookback),
+                         resume, progress, on_epoch_end)
+    model.load_state_dict(load_weights(result.best_dir, device))
+    model.eval()
+    scores = evaluate_rolling(model, data.test, profile.data.lookback, profile.data.horizons,
+                              profile.spec.batch_size, device, max_windows=profile.data.max_eval_windows,
+                              progress=progress)
+    checkpoint = export(result.best_dir, profile.train.save_to) if profile.train.save_to else result.best_dir
+    return PretrainResult(result, scores, count_parameters(model), checkpoint)
