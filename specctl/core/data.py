@@ -27,6 +27,7 @@ sum of seasonalities, a trend, a lagged coupling between variables and noise, sp
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,8 @@ KNOWN: dict[str, Known] = {
 
 @dataclass
 class SeriesData:
+    """One dataset, split and scaled. val/test begin with the last `lookback` rows of the split before."""
+
     name: str
     columns: list[str]
     train: np.ndarray
@@ -154,7 +157,7 @@ def _read_table(path: Path) -> tuple[list[str], np.ndarray]:
         if data.ndim == 3:
             data = data[:, :, 0]
         if data.ndim != 2 or not np.issubdtype(data.dtype, np.number):
-            raise SpecctlError(f"{path}: 'data' must be a numeric [time, nodes(, features)] array, got {data.dtype} {data.shape}")
+            raise SpecctlError(f"{path}: 'data' must be a numeric [time, nodes(, features)] array, got {data.shape}")
         return [str(i) for i in range(data.shape[1])], data.astype(np.float64)
     if suffix == ".csv":
         frame = pd.read_csv(path, encoding_errors="replace").iloc[:, 1:]  # first column: the date
@@ -207,12 +210,16 @@ def load_series(cfg: DataConfig, min_length: int) -> SeriesData:
         path = resolve_data_file(cfg)
         name = cfg.name if cfg.name in KNOWN else path.stem
         ends = KNOWN[name].ends if name in KNOWN else None
-        columns, values = _read_table(path)
+        try:
+            columns, values = _read_table(path)
+        except (ValueError, OSError, zipfile.BadZipFile) as e:  # unparsable content: one line, no traceback
+            raise SpecctlError(f"{path}: cannot read as {path.suffix} data: {str(e).splitlines()[0]}") from None
         values, notes = _fill_missing(values, columns, cfg, path.name)
         if ends and len(values) < ends[2]:
             raise SpecctlError(f"{path}: {len(values)} rows, but the fixed {name} split needs {ends[2]}")
         if ends and len(values) > ends[2]:
-            notes.append(f"{path.name}: rows {ends[2]}..{len(values)} are unused (fixed {name} split, as the reference)")
+            unused = f"rows {ends[2]}..{len(values)} are unused"
+            notes.append(f"{path.name}: {unused} (fixed {name} split, as in the reference)")
     bounds = split_bounds(len(values), cfg.lookback, ends)
     need = max(min_length, cfg.lookback)  # train >= lookback also keeps the val/test starts at row >= 0
     for split, (start, stop) in zip(SPLITS, bounds):

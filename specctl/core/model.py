@@ -164,10 +164,10 @@ class TimerXL(nn.Module):
     def forward(
         self, tokens: torch.Tensor, times: torch.Tensor, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = self.embed(tokens)
+        x = self.embed(tokens.to(self.embed.weight.dtype))  # inputs and outputs stay fp32 whatever the weights
         for layer, block in enumerate(self.blocks):
             x = block(x, times, cache, layer)
-        out = self.head(self.norm(x))
+        out = self.head(self.norm(x)).float()
         if not self.cfg.stochastic:
             return out, None
         mean, raw = out.split(self.cfg.patch_len, dim=-1)

@@ -25,7 +25,7 @@ class SyntheticConfig(Strict):
     """The embedded generator: seasonalities, trend, noise and cross-variable coupling."""
 
     n_vars: int = Field(3, ge=1)
-    length: int = Field(6000, ge=16)
+    length: int = Field(10000, ge=16)
     periods: list[float] = [24.0, 168.0]
     trend: float = 0.5
     noise: float = Field(0.1, ge=0.0)

@@ -1,15 +1,78 @@
-"""The [llm] table of a profile: target LM, early-exit draft, KL tuning and speculative sampling."""
+"""The [llm] table of a profile: target LM, early-exit draft, KL tuning and speculative sampling.
+
+Research-plan names: exit layer `ℓ` -> llm.exit_layer / llm.exit_layers, `--ft_last_transformer` -> llm.tune_block,
+KL temperature `T` -> llm.kl_temperature, `CE + KL` -> llm.ce_weight, `γ` -> llm.spec.gamma,
+`--checkpoint_glob` -> llm.eval_only. Optimisation (lr, epochs, patience, ...) lives in the shared [train] table.
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class LLMConfig(BaseModel):
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    target: str | None = None
-    exit_layer: int = Field(0, ge=0)
-    temperature: float = Field(1.0, gt=0.0)
+
+class ArchConfig(_Strict):
+    """[llm.arch]: the LlamaConfig of a target trained from scratch by `pretrain` (kind = "llm")."""
+
+    vocab_size: int = Field(512, ge=32)  # size of a BPE tokenizer trained here; a loaded tokenizer decides its own
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    num_hidden_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int | None = Field(None, ge=1)
+    max_position_embeddings: int = Field(1024, gt=0)
+    rope_theta: float = Field(10000.0, gt=0.0)
+    rms_norm_eps: float = Field(1e-6, gt=0.0)
+    tie_word_embeddings: bool = True
+    initializer_range: float = Field(0.02, gt=0.0)
 
 
+class LLMSpecConfig(_Strict):
+    """[llm.spec]: speculative sampling with an early-exit draft (spec-test for kind = "llm")."""
+
+    draft: str | None = None  # finetune-head output (a draft folder, its parent, or a run); None = untuned head copy
+    gamma: int = Field(4, ge=1)  # draft tokens per round
+    temperature: float = Field(1.0, ge=0.0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0 = off
+    max_new_tokens: int = Field(64, ge=1)
+    prompts: str = "spec_bench_question.jsonl"
+    n_prompts: int = Field(16, ge=1)
+    max_prompt_tokens: int = Field(256, ge=1)  # longer prompts keep their last tokens
+    stop_at_eos: bool = True
+    share_cache: bool = False  # self-speculation: the draft reads/writes the target's KV cache for layers <= l
+    warmup: int = Field(1, ge=0)  # untimed prompts before timing
+    step_repeats: int = Field(20, ge=1)  # decode steps timed for c_hat
+    bootstrap: int = Field(1000, ge=0)  # resamples for the confidence intervals across prompts
+    ci: float = Field(0.95, gt=0.0, lt=1.0)
+
+
+class LLMConfig(_Strict):
+    target: str | None = None  # a local Hugging Face causal-LM folder (or hub id, if online)
+    tokenizer: str | None = None  # pretrain: "bpe" (train one, default), "gpt2" (data-dir files) or a path
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # compute dtype (autocast while training)
+    exit_layer: int = 0  # 0-based; the draft keeps blocks 0..exit_layer
+    exit_layers: list[int] = []  # finetune-head trains one draft per layer; empty = [exit_layer]
+    tune_block: bool = False  # option B: also tune (an untied copy of) block exit_layer
+    kl_temperature: float = Field(1.0, gt=0.0)
+    kl_weight: float = Field(1.0, ge=0.0)
+    ce_weight: float = Field(0.0, ge=0.0)  # loss = ce_weight * CE + kl_weight * T^2 KL
+    train_files: list[str] = ["sharegpt_v3_filtered_1000_prompts.json"]
+    eval_files: list[str] = ["tinyshakespeare.txt"]  # out-of-domain held-out sets
+    val_fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    max_len: int = Field(256, ge=4)  # tokens per training example / packed block
+    max_examples: int | None = Field(None, ge=2)  # cap on examples read per train file
+    max_eval_examples: int = Field(200, ge=1)  # per held-out set
+    top_k_accuracy: int = Field(5, ge=1)
+    eval_only: str | None = None  # glob of draft checkpoints to evaluate without training
+    eval_baseline: bool = True  # also evaluate the untuned head copy at each exit layer
+    arch: ArchConfig = ArchConfig()
+    spec: LLMSpecConfig = LLMSpecConfig()
+
+    def layers(self) -> list[int]:
+        return self.exit_layers or [self.exit_layer]

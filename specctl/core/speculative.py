@@ -1,0 +1,197 @@
+"""Speculative rolling forecasts with continuous patch tokens (SPEC section 4).
+
+State per series b: `last`, the newest token of the sequence at position p[b], and `prev` at p[b] - 1. Both
+caches hold every token before p - 1; feeding a token at a position already cached rewrites identical keys,
+so every call has a static shape:
+  draft:  [prev, last] at (p-1, p) -> mu_1; then x_i at p+i -> mu_{i+1}            (K calls)
+  target: [last, x_1..x_K] at p..p+K -> t_1..t_{K+1}                                  (1 call)
+Acceptance scans i = 1..K and stops at the first rejection j; the fed sequence continues with x_1..x_{j-1} and
+a correction at j (residual sample for `exact`, t_j otherwise), or with the bonus t_{K+1} when all K pass.
+With `draft_mean` emission the bonus is not taken, so the forecast is the draft's wherever it was accepted.
+Nothing syncs with the host inside a round except the "is every series done" check.
+
+Acceptance works in the dataset's scaled space (where `sigma` and `tol` are meant), the models in
+instance-normalised units; tokens are flattened to D = C*P values for the rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from specctl.core import acceptance
+from specctl.core.errors import SpecctlError
+from specctl.core.forecast import Norm, n_tokens, times_for
+from specctl.core.model import TimerXL, check_compatible
+from specctl.core.rng import normal, uniform
+from specctl.core.schema import SpecConfig
+
+
+@dataclass
+class RoundLog:
+    """Per-round, per-series diagnostics for --debug-csv (device tensors until `SpecResult.debug_rows`)."""
+
+    active: torch.Tensor  # [B] bool
+    n_accepted: torch.Tensor  # [B]
+    delta: torch.Tensor  # [B, K] ||t_i - mu_i|| / sigma
+    log_ratio: torch.Tensor  # [B, K] (tolerance: the RMSE)
+    prob: torch.Tensor  # [B, K]
+
+
+@dataclass
+class SpecResult:
+    forecast: torch.Tensor  # [B, H, C] scaled
+    proposed: torch.Tensor  # [B] per-series sums
+    accepted: torch.Tensor
+    evaluated: torch.Tensor
+    rounds: torch.Tensor  # rounds while active = target verify calls
+    emitted: torch.Tensor
+    cap_hits: torch.Tensor
+    accepted_hist: torch.Tensor  # [K+1] rounds that accepted 0..K tokens
+    logs: list[RoundLog] = field(default_factory=list)
+
+    def debug_rows(self, series_ids: list[int]) -> list[dict]:
+        rows = []
+        for r, log in enumerate(self.logs):
+            active, n_acc = log.active.cpu(), log.n_accepted.cpu()
+            delta, ratio, prob = log.delta.cpu(), log.log_ratio.cpu(), log.prob.cpu()
+            for b, sid in enumerate(series_ids):
+                if not active[b]:
+                    continue
+                for i in range(delta.shape[1]):
+                    rows.append({"series": sid, "round": r, "position": i + 1, "accepted": int(n_acc[b]),
+                                 "delta": float(delta[b, i]), "log_ratio": float(ratio[b, i]),
+                                 "accept_prob": float(prob[b, i]), "evaluated": i <= int(n_acc[b])})
+        return rows
+
+
+def check_pair(target: TimerXL, draft: TimerXL, lookback: int) -> None:
+    check_compatible(target.cfg, draft.cfg, "draft")
+    if lookback // target.cfg.patch_len < 2:
+        raise SpecctlError("speculative decoding needs a lookback of at least 2 patches")
+
+
+def flat(tokens: torch.Tensor) -> torch.Tensor:
+    """[B, C, ..., P] -> [B, ..., C*P]: one token's values as a vector."""
+    return tokens.movedim(1, -2).flatten(-2)
+
+
+def unflat(values: torch.Tensor, n_vars: int) -> torch.Tensor:
+    """Inverse of `flat` for [B, ..., C*P] -> [B, C, ..., P]."""
+    return values.unflatten(-1, (n_vars, -1)).movedim(-2, 1)
+
+
+@torch.no_grad()
+def speculative_forecast(
+    target: TimerXL, draft: TimerXL, context: torch.Tensor, horizon: int, spec: SpecConfig,
+    seeds: torch.Tensor, debug: bool = False,
+) -> SpecResult:
+    """Forecast `horizon` points for each series of `context` [B, L, C] with draft proposals verified by the target."""
+    check_pair(target, draft, context.shape[1])
+    P, C, K = target.cfg.patch_len, target.cfg.n_vars, spec.k
+    B, device = context.shape[0], context.device
+    steps = n_tokens(horizon, P)
+    norm = Norm.fit(context)
+    tokens = norm.tokens(context, P)
+    n0 = tokens.shape[2]
+    # scaled = normalised * scale + shift, per variable, laid out like a flattened token [B, 1, C*P]
+    scale = flat(norm.std.transpose(1, 2).expand(B, C, P)[:, :, None])
+    shift = flat(norm.mean.transpose(1, 2).expand(B, C, P)[:, :, None])
+    sampling = spec.rule in ("gaussian", "exact")
+    reflect = spec.rule == "exact" and not draft.cfg.stochastic  # sigma_q = sigma: residual by reflection
+    tries = 1 if reflect else spec.exact_max_tries
+    D = C * P
+    # counters per round: K draft noises, K accept uniforms, residual noises + uniforms, one bonus noise
+    block = K * D + K + tries * D + tries + D
+    ar_kd = torch.arange(K * D, device=device).view(1, K, D)
+
+    max_len = n0 + steps + K + 1
+    tcache, dcache = target.new_cache(B, max_len), draft.new_cache(B, max_len)
+    warm = times_for(B, 0, n0 - 1, device)
+    target(tokens[:, :, : n0 - 1], warm, tcache)
+    draft(tokens[:, :, : n0 - 1], warm, dcache)
+    prev, last = flat(tokens[:, :, n0 - 2]), flat(tokens[:, :, n0 - 1])  # [B, D] normalised
+    p = torch.full((B,), n0 - 1, device=device)
+    out = torch.zeros(B, steps + K + 1, D, device=device)
+    n_out = torch.zeros(B, dtype=torch.long, device=device)
+    zeros = lambda: torch.zeros(B, dtype=torch.long, device=device)  # noqa: E731
+    res = SpecResult(torch.empty(0), zeros(), zeros(), zeros(), zeros(), zeros(), zeros(),
+                     torch.zeros(K + 1, dtype=torch.long, device=device))
+    pos = torch.arange(K + 2, device=device)
+    r = 0
+    while True:
+        active = n_out < steps
+        if not bool(active.any()):
+            break
+        base = (r * block + torch.zeros(B, 1, dtype=torch.long, device=device))
+        # draft proposes K tokens autoregressively
+        feed = unflat(torch.stack([prev, last], dim=1), C)
+        feed_times = torch.stack([p - 1, p], dim=1)
+        mus, xs, stds = [], [], []
+        eps = normal(seeds, base[:, :, None] + ar_kd) if sampling else None  # [B, K, D]
+        for i in range(K):
+            mean, logvar = draft(feed, feed_times, dcache)
+            mu = flat(mean[:, :, -1]) * scale[:, 0] + shift[:, 0]  # scaled units
+            std_q = (flat(logvar[:, :, -1]).mul(0.5).exp() * scale[:, 0]) if logvar is not None else spec.sigma
+            x = mu + std_q * eps[:, i] if sampling else mu  # x ~ q = N(mu, std_q^2)
+            mus.append(mu), xs.append(x), stds.append(std_q)
+            feed, feed_times = unflat(((x - shift[:, 0]) / scale[:, 0])[:, None], C), (p + i + 1)[:, None]
+        mu, x = torch.stack(mus, 1), torch.stack(xs, 1)  # [B, K, D]
+        std_q = torch.stack(stds, 1) if draft.cfg.stochastic else spec.sigma
+        # target verifies all K in one pass: t_i for positions p+1..p+K+1
+        verify_in = torch.cat([last[:, None], (x - shift) / scale], dim=1)  # [B, K+1, D] normalised
+        t_norm, _ = target(unflat(verify_in, C), p[:, None] + pos[None, : K + 1], tcache)
+        t = flat(t_norm) * scale + shift  # [B, K+1, D]
+        prob, log_ratio = acceptance.acceptance_probability(spec.rule, x, t, mu, std_q, spec.sigma, spec.bias, spec.tol)
+        u = uniform(seeds, base + K * D + torch.arange(K, device=device))
+        n_acc = acceptance.count_accepted(u < prob)  # [B]
+        # the fed correction at j = n_acc (or the bonus when n_acc == K)
+        idx = n_acc[:, None, None].expand(B, 1, D)
+        t_j = t.gather(1, idx).squeeze(1)
+        correction = t_j
+        if spec.rule == "exact":
+            j = n_acc.clamp(max=K - 1)[:, None, None].expand(B, 1, D)
+            mu_j, x_j = mu.gather(1, j).squeeze(1), x.gather(1, j).squeeze(1)
+            std_j = std_q.gather(1, j).squeeze(1) if torch.is_tensor(std_q) else std_q
+            off = base + K * D + K
+            if reflect:  # reflection needs no extra draws
+                noise, tries_u = x_j[:, None], torch.zeros(B, 1, device=device)
+            else:
+                noise = normal(seeds, off[:, :, None] + torch.arange(tries * D, device=device).view(1, tries, D))
+                tries_u = uniform(seeds, off + tries * D + torch.arange(tries, device=device))
+            residual, cap = acceptance.residual_sample(t_j, mu_j, x_j, std_j, spec.sigma, noise, tries_u)
+            bonus = t_j + spec.sigma * normal(seeds, off + tries * D + tries + torch.arange(D, device=device))
+            all_pass = n_acc == K
+            correction = torch.where(all_pass[:, None], bonus, residual)
+            res.cap_hits += (cap & ~all_pass & active).long()
+        take_bonus = spec.emit != "draft_mean"
+        n_new = torch.where(n_acc == K, n_acc + int(take_bonus), n_acc + 1)
+        shown = t_j if spec.emit == "target_mean" else correction
+        emitted = acceptance.emit_tokens(spec.emit, x, mu, t, n_acc, shown)  # [B, K+1, D]
+        # write this round's tokens at n_out.. for active series
+        write = (pos[None, : K + 1] < n_new[:, None]) & active[:, None]
+        slots = (n_out[:, None] + pos[None, : K + 1]).clamp(max=out.shape[1] - 1)[:, :, None].expand(B, K + 1, D)
+        out.scatter_(1, slots, torch.where(write[:, :, None], emitted, out.gather(1, slots)))
+        # advance: the fed sequence is [last, x_1..x_K] with the correction at n_acc + 1
+        fed = torch.cat([last[:, None], (x - shift) / scale, torch.zeros_like(last)[:, None]], dim=1)  # [B, K+2, D]
+        fed.scatter_(1, (n_acc + 1)[:, None, None].expand(B, 1, D), ((correction - shift[:, 0]) / scale[:, 0])[:, None])
+        new_last = fed.gather(1, n_new[:, None, None].expand(B, 1, D)).squeeze(1)
+        new_prev = fed.gather(1, (n_new - 1)[:, None, None].expand(B, 1, D)).squeeze(1)
+        keep = active[:, None]
+        last, prev = torch.where(keep, new_last, last), torch.where(keep, new_prev, prev)
+        p = torch.where(active, p + n_new, p)
+        n_out = n_out + n_new * active
+        act = active.long()
+        res.proposed += K * act
+        res.accepted += n_acc * act
+        res.evaluated += (n_acc + 1).clamp(max=K) * act
+        res.rounds += act
+        res.emitted += n_new * act
+        res.accepted_hist += torch.bincount(n_acc[active], minlength=K + 1)
+        if debug:
+            delta = (t[:, :K] - mu).norm(dim=-1) / spec.sigma
+            res.logs.append(RoundLog(active, n_acc, delta, log_ratio, prob))
+        r += 1
+    res.forecast = unflat(out[:, :steps], C).reshape(B, C, steps * P).transpose(1, 2)[:, :horizon]
+    return res
