@@ -6,6 +6,7 @@ import typer
 
 from specctl.commands import profiles
 from specctl.commands.pretrain import pretrain
+from specctl.commands.spec_test import spec_test
 
 app = typer.Typer(
     name="specctl",
@@ -17,3 +18,4 @@ app = typer.Typer(
 )
 app.add_typer(profiles.app, name="profiles")
 app.command("pretrain")(pretrain)
+app.command("spec-test")(spec_test)

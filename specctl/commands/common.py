@@ -11,6 +11,7 @@ from typing import Annotated, Any, Callable, Optional
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from specctl.core.errors import SpecctlError
@@ -88,7 +89,7 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except SpecctlError as e:
-            err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")

@@ -22,40 +22,38 @@ def pretrain(
     p = session.profile
     run = RunDir.latest(p, "pretrain") if resume else RunDir.create(p, "pretrain", str(session.device))
     session.say(f"run directory: {run.path}")
-    try:
-        with session.progress() as progress:
-            if p.kind == "llm":
-                from specctl.core.llm.pretrain import pretrain_lm
+    with run, session.progress() as progress:
+        if p.kind == "llm":
+            from specctl.core.llm.pretrain import pretrain_lm
 
-                metrics = pretrain_lm(p, session.device, run, resume, progress)
-                run.write_json("metrics.json", metrics)
-                run.finish()
-                session.out(metrics, lambda: console.print(metrics))
-                return
-            from specctl.core.pretrain import pretrain as pretrain_timeseries
+            metrics = pretrain_lm(p, session.device, run, resume, progress)
+            run.write_json("metrics.json", metrics)
+            run.finish()
+            session.out(metrics, lambda: console.print(metrics))
+            return
+        from specctl.core.pretrain import pretrain as pretrain_timeseries
 
-            def log_epoch(epoch: int, record: dict) -> None:
-                if verbose or not json_out:
-                    session.say(f"epoch {epoch}: train {record['train_loss']:.4f}  val {record['val_loss']:.4f}  "
-                                f"({record['seconds']:.1f}s)")
+        def log_epoch(epoch: int, record: dict) -> None:
+            session.say(f"epoch {epoch}: train {record['train_loss']:.4f}  val {record['val_loss']:.4f}  "
+                        f"({record['seconds']:.1f}s)")
 
+        try:
             result = pretrain_timeseries(p, session.device, run, resume, progress, log_epoch)
-    except KeyboardInterrupt:
-        run.finish("interrupted")
-        session.say(f"interrupted: weights saved in {run.checkpoints / 'interrupted'}; "
-                    f"`specctl pretrain --profile {profile} --resume` continues from the last finished epoch")
-        raise
-    metrics = {
-        "parameters": result.parameters,
-        "epochs": result.fit.epochs_done,
-        "best_val_loss": result.fit.best_val,
-        "stopped_early": result.fit.stopped_early,
-        "checkpoint": str(result.checkpoint),
-        "history": result.fit.history,
-        **scores_to_dict(result.scores),
-    }
-    run.write_json("metrics.json", metrics)
-    run.finish()
+        except KeyboardInterrupt:
+            session.say(f"interrupted: weights saved in {run.checkpoints / 'interrupted'}; "
+                        f"`specctl pretrain --profile {profile} --resume` continues from the last finished epoch")
+            raise
+        metrics = {
+            "parameters": result.parameters,
+            "epochs": result.fit.epochs_done,
+            "best_val_loss": result.fit.best_val,
+            "stopped_early": result.fit.stopped_early,
+            "checkpoint": str(result.checkpoint),
+            "history": result.fit.history,
+            **scores_to_dict(result.scores),
+        }
+        run.write_json("metrics.json", metrics)
+        run.finish()
     session.out(metrics, lambda: (
         console.print(horizon_table(result.scores, f"{p.name}: rolling forecast on the test split ({p.data.name})")),
         console.print(f"{result.parameters:,} parameters, {result.fit.epochs_done} epochs, "

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -76,19 +78,20 @@ def load_into(model: TimerXL, ref: str) -> None:
 
 def train_timer(
     profile: Profile, model: TimerXL, data: SeriesData, device: torch.device, run: RunDir,
-    loss_fn, resume: bool, progress, on_epoch_end=None, extra_validation=None,
+    loss_fn, resume: bool, progress, on_epoch_end=None, extra_validation=None, validate_batches=None,
 ) -> FitResult:
-    """The time-series side of `fit`: windows, validation loss, checkpoint config."""
+    """The time-series side of `fit`: windows, validation, checkpoint config. `validate_batches(batches)` maps the
+    validation windows (on `device`, at most train.max_val_batches batches) to metrics whose `val_loss` picks the
+    best checkpoint; by default that is the next-patch MSE against the truth."""
     length, lookback, train = window_length(profile), profile.data.lookback, profile.train
     val_loader = loader(data.val, length, train.batch_size, False, profile.seed)
 
+    def truth_loss(batches: Iterable[torch.Tensor]) -> dict[str, float]:
+        return {"val_loss": float(np.mean([next_patch_loss(model, batch, lookback).item() for batch in batches]))}
+
     def validate() -> dict[str, float]:
-        losses = []
-        for i, batch in enumerate(val_loader):
-            if train.max_val_batches is not None and i >= train.max_val_batches:
-                break
-            losses.append(next_patch_loss(model, batch.to(device), lookback).item())
-        metrics = {"val_loss": float(np.mean(losses))}
+        batches = (batch.to(device) for batch in islice(val_loader, train.max_val_batches))
+        metrics = (validate_batches or truth_loss)(batches)
         return {**metrics, **(extra_validation() if extra_validation else {})}
 
     return fit(

@@ -144,7 +144,8 @@ def explain(error: ValidationError, files: list[Path], overrides: list[str]) -> 
     first = error.errors()[0]
     loc = tuple(first["loc"])
     dotted = ".".join(str(p) for p in loc)
-    where = "--set" if any(o.split("=", 1)[0].strip() == dotted for o in overrides) else None
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    where = "--set" if any(k == dotted or k.startswith(dotted + ".") for k in keys) else None
     if where is None:
         for path in reversed(files):
             line = _line_of(path.read_text(encoding="utf-8"), loc)

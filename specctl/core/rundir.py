@@ -99,9 +99,19 @@ class RunDir:
     def write_json(self, name: str, obj: Any) -> Path:
         return write_json(self.path / name, obj)
 
-    def finish(self, status: str = "finished") -> None:
+    def finish(self, status: str = "finished", error: str | None = None) -> None:
         self.manifest.update(status=status, finished=_now())
+        if error:
+            self.manifest["error"] = error
         self.save_manifest()
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """A run that raised is marked failed (or interrupted), never left looking finished."""
+        if kind is not None:
+            self.finish("interrupted" if issubclass(kind, KeyboardInterrupt) else "failed", str(error))
 
 
 def _toml_value(value: Any) -> str:

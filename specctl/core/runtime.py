@@ -57,3 +57,26 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warm
         synchronize(device)
         times.append(time.perf_counter() - start)
     return Timing(statistics.median(times), min(times), max(times), repeats)
+
+
+class PhaseClock:
+    """Accumulates synchronised wall time per phase (draft, verify, ...) for a time breakdown.
+
+    Synchronising between phases slows the run down, so breakdowns come from a separate instrumented pass,
+    never from the pass whose speedup is reported.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.totals: dict[str, float] = {}
+        self.last = 0.0
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        synchronize(self.device)
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self.last
+        self.last = now

@@ -8,6 +8,9 @@ so every call has a static shape:
 Acceptance scans i = 1..K and stops at the first rejection j; the fed sequence continues with x_1..x_{j-1} and
 a correction at j (residual sample for `exact`, t_j otherwise), or with the bonus t_{K+1} when all K pass.
 With `draft_mean` emission the bonus is not taken, so the forecast is the draft's wherever it was accepted.
+Only `emit = "sample"` feeds the draft's samples x ~ q forward (the exact rule then reproduces p); the mean
+emissions feed the draft means and use the sample only in the accept test, which keeps the context free of
+sampling noise, and their correction is the target mean t_j.
 Nothing syncs with the host inside a round except the "is every series done" check.
 
 Acceptance works in the dataset's scaled space (where `sigma` and `tol` are meant), the models in
@@ -25,6 +28,7 @@ from specctl.core.errors import SpecctlError
 from specctl.core.forecast import Norm, n_tokens, times_for
 from specctl.core.model import TimerXL, check_compatible
 from specctl.core.rng import normal, uniform
+from specctl.core.runtime import PhaseClock
 from specctl.core.schema import SpecConfig
 
 
@@ -85,7 +89,7 @@ def unflat(values: torch.Tensor, n_vars: int) -> torch.Tensor:
 @torch.no_grad()
 def speculative_forecast(
     target: TimerXL, draft: TimerXL, context: torch.Tensor, horizon: int, spec: SpecConfig,
-    seeds: torch.Tensor, debug: bool = False,
+    seeds: torch.Tensor, debug: bool = False, clock: PhaseClock | None = None,
 ) -> SpecResult:
     """Forecast `horizon` points for each series of `context` [B, L, C] with draft proposals verified by the target."""
     check_pair(target, draft, context.shape[1])
@@ -99,14 +103,17 @@ def speculative_forecast(
     scale = flat(norm.std.transpose(1, 2).expand(B, C, P)[:, :, None])
     shift = flat(norm.mean.transpose(1, 2).expand(B, C, P)[:, :, None])
     sampling = spec.rule in ("gaussian", "exact")
-    reflect = spec.rule == "exact" and not draft.cfg.stochastic  # sigma_q = sigma: residual by reflection
+    feed_samples = sampling and spec.emit == "sample"
+    residual_needed = feed_samples and spec.rule == "exact"
+    reflect = residual_needed and not draft.cfg.stochastic  # sigma_q = sigma: residual by reflection
     tries = 1 if reflect else spec.exact_max_tries
     D = C * P
     # counters per round: K draft noises, K accept uniforms, residual noises + uniforms, one bonus noise
     block = K * D + K + tries * D + tries + D
     ar_kd = torch.arange(K * D, device=device).view(1, K, D)
 
-    max_len = n0 + steps + K + 1
+    # a finished series rides along at p <= n0 + steps + K - 1 and writes K further slots
+    max_len = n0 + steps + 2 * K + 1
     tcache, dcache = target.new_cache(B, max_len), draft.new_cache(B, max_len)
     warm = times_for(B, 0, n0 - 1, device)
     target(tokens[:, :, : n0 - 1], warm, tcache)
@@ -119,6 +126,9 @@ def speculative_forecast(
     res = SpecResult(torch.empty(0), zeros(), zeros(), zeros(), zeros(), zeros(), zeros(),
                      torch.zeros(K + 1, dtype=torch.long, device=device))
     pos = torch.arange(K + 2, device=device)
+    mark = clock.mark if clock is not None else (lambda phase: None)
+    if clock is not None:
+        clock.start()
     r = 0
     while True:
         active = n_out < steps
@@ -128,21 +138,24 @@ def speculative_forecast(
         # draft proposes K tokens autoregressively
         feed = unflat(torch.stack([prev, last], dim=1), C)
         feed_times = torch.stack([p - 1, p], dim=1)
-        mus, xs, stds = [], [], []
+        mus, xs, feds, stds = [], [], [], []
         eps = normal(seeds, base[:, :, None] + ar_kd) if sampling else None  # [B, K, D]
         for i in range(K):
             mean, logvar = draft(feed, feed_times, dcache)
             mu = flat(mean[:, :, -1]) * scale[:, 0] + shift[:, 0]  # scaled units
             std_q = (flat(logvar[:, :, -1]).mul(0.5).exp() * scale[:, 0]) if logvar is not None else spec.sigma
             x = mu + std_q * eps[:, i] if sampling else mu  # x ~ q = N(mu, std_q^2)
-            mus.append(mu), xs.append(x), stds.append(std_q)
-            feed, feed_times = unflat(((x - shift[:, 0]) / scale[:, 0])[:, None], C), (p + i + 1)[:, None]
-        mu, x = torch.stack(mus, 1), torch.stack(xs, 1)  # [B, K, D]
+            fed = x if feed_samples else mu
+            mus.append(mu), xs.append(x), feds.append(fed), stds.append(std_q)
+            feed, feed_times = unflat(((fed - shift[:, 0]) / scale[:, 0])[:, None], C), (p + i + 1)[:, None]
+        mu, x, fed = torch.stack(mus, 1), torch.stack(xs, 1), torch.stack(feds, 1)  # [B, K, D]
         std_q = torch.stack(stds, 1) if draft.cfg.stochastic else spec.sigma
+        mark("draft")
         # target verifies all K in one pass: t_i for positions p+1..p+K+1
-        verify_in = torch.cat([last[:, None], (x - shift) / scale], dim=1)  # [B, K+1, D] normalised
+        verify_in = torch.cat([last[:, None], (fed - shift) / scale], dim=1)  # [B, K+1, D] normalised
         t_norm, _ = target(unflat(verify_in, C), p[:, None] + pos[None, : K + 1], tcache)
         t = flat(t_norm) * scale + shift  # [B, K+1, D]
+        mark("verify")
         prob, log_ratio = acceptance.acceptance_probability(spec.rule, x, t, mu, std_q, spec.sigma, spec.bias, spec.tol)
         u = uniform(seeds, base + K * D + torch.arange(K, device=device))
         n_acc = acceptance.count_accepted(u < prob)  # [B]
@@ -150,7 +163,7 @@ def speculative_forecast(
         idx = n_acc[:, None, None].expand(B, 1, D)
         t_j = t.gather(1, idx).squeeze(1)
         correction = t_j
-        if spec.rule == "exact":
+        if residual_needed:
             j = n_acc.clamp(max=K - 1)[:, None, None].expand(B, 1, D)
             mu_j, x_j = mu.gather(1, j).squeeze(1), x.gather(1, j).squeeze(1)
             std_j = std_q.gather(1, j).squeeze(1) if torch.is_tensor(std_q) else std_q
@@ -165,6 +178,7 @@ def speculative_forecast(
             all_pass = n_acc == K
             correction = torch.where(all_pass[:, None], bonus, residual)
             res.cap_hits += (cap & ~all_pass & active).long()
+        mark("accept")
         take_bonus = spec.emit != "draft_mean"
         n_new = torch.where(n_acc == K, n_acc + int(take_bonus), n_acc + 1)
         shown = t_j if spec.emit == "target_mean" else correction
@@ -173,11 +187,11 @@ def speculative_forecast(
         write = (pos[None, : K + 1] < n_new[:, None]) & active[:, None]
         slots = (n_out[:, None] + pos[None, : K + 1]).clamp(max=out.shape[1] - 1)[:, :, None].expand(B, K + 1, D)
         out.scatter_(1, slots, torch.where(write[:, :, None], emitted, out.gather(1, slots)))
-        # advance: the fed sequence is [last, x_1..x_K] with the correction at n_acc + 1
-        fed = torch.cat([last[:, None], (x - shift) / scale, torch.zeros_like(last)[:, None]], dim=1)  # [B, K+2, D]
-        fed.scatter_(1, (n_acc + 1)[:, None, None].expand(B, 1, D), ((correction - shift[:, 0]) / scale[:, 0])[:, None])
-        new_last = fed.gather(1, n_new[:, None, None].expand(B, 1, D)).squeeze(1)
-        new_prev = fed.gather(1, (n_new - 1)[:, None, None].expand(B, 1, D)).squeeze(1)
+        # advance: the fed sequence is [last, fed_1..fed_K] with the correction at n_acc + 1
+        seq = torch.cat([last[:, None], (fed - shift) / scale, torch.zeros_like(last)[:, None]], dim=1)  # [B, K+2, D]
+        seq.scatter_(1, (n_acc + 1)[:, None, None].expand(B, 1, D), ((correction - shift[:, 0]) / scale[:, 0])[:, None])
+        new_last = seq.gather(1, n_new[:, None, None].expand(B, 1, D)).squeeze(1)
+        new_prev = seq.gather(1, (n_new - 1)[:, None, None].expand(B, 1, D)).squeeze(1)
         keep = active[:, None]
         last, prev = torch.where(keep, new_last, last), torch.where(keep, new_prev, prev)
         p = torch.where(active, p + n_new, p)
@@ -192,6 +206,7 @@ def speculative_forecast(
         if debug:
             delta = (t[:, :K] - mu).norm(dim=-1) / spec.sigma
             res.logs.append(RoundLog(active, n_acc, delta, log_ratio, prob))
+        mark("overhead")
         r += 1
     res.forecast = unflat(out[:, :steps], C).reshape(B, C, steps * P).transpose(1, 2)[:, :horizon]
     return res

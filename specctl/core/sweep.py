@@ -16,6 +16,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -130,7 +131,7 @@ class Results:
 def exclusive(path: Path) -> Iterator[None]:
     """Refuse a second sweep writing the same CSV at the same time (the lock dies with its process)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -160,7 +161,7 @@ class Runner:
         error = trial.error
         if error is None:
             try:
-                metrics = self.metrics(trial.profile)
+                metrics = {k: cell(v) for k, v in self.metrics(trial.profile).items()}
             except SpecctlError as e:
                 error = str(e)
             except Exception as e:
@@ -169,23 +170,27 @@ class Runner:
 
 
 def trial_row(trial: Trial, metrics: dict[str, Any], seconds: float, error: str | None) -> dict[str, Any]:
+    """The CSV row of a trial (the engine's own columns win over same-named metrics)."""
     return {
+        **metrics,
         "trial_id": trial.trial_id, **{k: cell(v) for k, v in trial.params.items()},
-        **{k: cell(v) for k, v in metrics.items()},
         "wall_s": round(seconds, 3), "status": "failed" if error else "ok", "error": error or "",
     }
-
-
-def run_serial(trials: list[Trial], runner: Runner) -> Iterator[dict[str, Any]]:
-    for trial in trials:
-        yield runner.run(trial)
 
 
 _worker: Runner | None = None
 
 
+def _exit_with(parent: int) -> None:
+    """A worker whose sweep process died (even by SIGKILL) exits instead of idling with its models loaded."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
 def _init_worker(factory: SessionFactory, device: str, threads: int) -> None:
     global _worker
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     torch.set_num_threads(threads)
     _worker = Runner(factory, torch.device(device))
 
@@ -225,7 +230,7 @@ def run_sweep(
     """Run `trials`, recording each row in `results` as soon as it arrives; returns the rows of this run."""
     workers = min(workers, len(trials))
     rows = (run_parallel(trials, factory, device, workers) if workers > 1
-            else run_serial(trials, Runner(factory, device, progress)))
+            else map(Runner(factory, device, progress).run, trials))
     ran = []
     for row in rows:
         results.record(row)

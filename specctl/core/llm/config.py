@@ -54,7 +54,7 @@ class LLMSpecConfig(_Strict):
 
 class LLMConfig(_Strict):
     target: str | None = None  # a local Hugging Face causal-LM folder (or hub id, if online)
-    tokenizer: str | None = None  # pretrain: "bpe" (train one, default), "gpt2" (data-dir files) or a path
+    tokenizer: str | None = None  # a tokenizer folder; pretrain also builds "bpe" (default) or "gpt2" (data dir)
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # compute dtype (autocast while training)
     exit_layer: int = 0  # 0-based; the draft keeps blocks 0..exit_layer
     exit_layers: list[int] = []  # finetune-head trains one draft per layer; empty = [exit_layer]

@@ -1,0 +1,283 @@
+"""Distillation: train a time-series draft to mimic a frozen Timer-XL target (`specctl distill`).
+
+Teacher forcing on real data: draft and target see the same real window, normalised with the statistics of its
+lookback (as in `next_patch_loss`), and the target's next-patch prediction at every position is the label.
+Losses are in scaled data units, with y the label:
+  mse  mean (mu - y)^2
+  nll  mean 0.5 (log s^2 + (mu - y)^2 / s^2) + var_reg * mean 1 / (logvar - logvar_min)   (stochastic draft)
+  loss = (1 - alpha_truth) L(target) + alpha_truth L(truth)
+While training, the target's label gets N(0, teacher_noise^2) noise (scaled units, either loss) and, with
+teacher_dropout > 0, the target runs in training mode with that dropout. Validation uses the clean target.
+
+Collapse penalty: 1 / (logvar - logvar_min) is a barrier at the head's floor. Its gradient -1/d^2 (d = distance to
+the floor) is negligible for healthy variances (d = 8: var_reg / 64 against the NLL's 0.5 per value) and unbounded
+at the floor: a draft that fits its labels exactly settles at d = sqrt(2 var_reg) instead of on the floor. (A
+penalty mean(-logvar) would instead inflate every variance by 1 / (1 - 2 var_reg) and never stop a collapse for
+var_reg < 0.5.) teacher_noise does the main work: the labels' own noise keeps s^2 >= teacher_noise^2.
+
+Acceptance estimate: on rolling test windows, per generated token (one time step: P*C values) with the same real
+context for both models, in the models' normalised token units (where the speculative decoder compares t and mu):
+deterministic draft, q = N(mu, sigma^2 I): P(accept) = 2 Phi(-Delta/2), Delta = ||t - mu|| / sigma;
+stochastic draft, q = N(mu, s_q^2): P(accept) = E_{x~q} min(1, p(x)/q(x)) = 1 - TV(p, q), by Monte Carlo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from specctl.core.acceptance import acceptance_closed_form, acceptance_probability
+from specctl.core.checkpoint import load_weights
+from specctl.core.data import SeriesData, eval_windows, load_series
+from specctl.core.errors import SpecctlError
+from specctl.core.forecast import Norm, times_for
+from specctl.core.model import Attention, TimerXL, check_compatible, count_parameters, load_timer
+from specctl.core.pretrain import build_model, check_lookback, export, train_timer, window_length
+from specctl.core.rundir import RunDir
+from specctl.core.schema import DistillConfig, Profile
+from specctl.core.train import FitResult
+
+COLLAPSE_MARGIN = 0.5  # a log-variance this close to logvar_min counts as collapsed
+COLLAPSE_SHARE = 0.5  # warn when more than this share of log-variances is collapsed
+PENALTY_FLOOR = 1e-3  # 1 / d is capped at 1 / PENALTY_FLOOR where the sigmoid bound has rounded d to 0
+MC_SAMPLES = 32  # proposals per token for a stochastic draft's acceptance estimate
+DEFINITIONS = {
+    "teacher_mse": "validation MSE between draft mean and target prediction, every position, scaled units",
+    "truth_mse": "validation MSE between draft mean and the real next patch, every position, scaled units",
+    "std_mean/std_p05/std_p95": "predicted std exp(logvar/2) in normalised token units: mean, 5th, 95th percentile",
+    "near_floor": f"share of log-variances within {COLLAPSE_MARGIN} of model.logvar_min",
+    "draft_mse/target_mse/draft_target_mse": "test windows, generated positions, teacher forcing on real "
+                                             "context, scaled units",
+    "acceptance": "mean P(accept) per generated token (P*C values) under the gaussian rule with bias 1 at sigma, in "
+                  "normalised token units: 2 Phi(-||t - mu|| / (2 sigma)) for a deterministic draft, "
+                  "E_{x~q} min(1, p(x)/q(x)) by Monte Carlo for a stochastic one",
+}
+
+
+@dataclass
+class Setup:
+    data: SeriesData
+    draft: TimerXL
+    target: TimerXL
+    warnings: list[str]
+
+
+@dataclass
+class Pass:
+    """One teacher-forced pass over real windows [B, T, C]: predictions [B, C, N-1, P] for tokens 1..N-1."""
+
+    norm: Norm
+    truth: Tensor  # [B, T-P, C] scaled: the real next patches
+    target: Tensor
+    mean: Tensor
+    logvar: Tensor | None
+
+
+@dataclass
+class Estimate:
+    """Draft quality and predicted acceptance on the test windows, at the generated positions."""
+
+    windows: int
+    tokens: int
+    draft_mse: float  # draft vs truth, scaled units
+    target_mse: float  # target vs truth
+    draft_target_mse: float
+    acceptance: dict[float, float]  # sigma -> mean P(accept) per token, gaussian rule, bias 1
+
+
+@dataclass
+class DistillResult:
+    fit: FitResult
+    estimate: Estimate
+    parameters: int
+    checkpoint: Path
+
+
+def describe(model: TimerXL) -> str:
+    return f"d_model {model.cfg.d_model}, {model.cfg.e_layers} layers, {count_parameters(model):,} parameters"
+
+
+def set_dropout(model: TimerXL, p: float) -> None:
+    """Set every dropout probability (residual and attention) of a model to p."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        elif isinstance(module, Attention):
+            module.dropout = p
+
+
+def load_target(cfg: DistillConfig, draft: TimerXL, device: torch.device) -> TimerXL:
+    try:
+        target, _ = load_timer(cfg.target, device)
+    except SpecctlError as e:
+        raise SpecctlError(f"distill.target: {e}") from None
+    check_compatible(draft.cfg, target.cfg, f"distill.target {cfg.target} (target vs data/draft)")
+    set_dropout(target, cfg.teacher_dropout)
+    return target.requires_grad_(False)
+
+
+def setup_warnings(profile: Profile, draft: TimerXL, target: TimerXL) -> list[str]:
+    warnings = []
+    if draft.cfg.d_model > target.cfg.d_model or count_parameters(draft) >= count_parameters(target):
+        warnings.append(f"the draft ({describe(draft)}) is not smaller than the target ({describe(target)}): "
+                        "it will not make decoding faster")
+    if profile.model.stochastic and profile.distill.loss == "mse":
+        warnings.append('model.stochastic = true with distill.loss = "mse": the log-variance head is not trained '
+                        '(set distill.loss = "nll")')
+    return warnings
+
+
+def prepare(profile: Profile, device: torch.device) -> Setup:
+    """Check the profile, load the data, the draft (fresh or train.init_from) and the frozen target."""
+    if profile.kind != "timeseries":
+        raise SpecctlError(f"distill trains time-series drafts; this profile's kind is '{profile.kind}'")
+    check_lookback(profile)
+    if profile.distill.loss == "nll" and not profile.model.stochastic:
+        raise SpecctlError('distill.loss = "nll" needs a stochastic draft: set model.stochastic = true '
+                           '(or distill.loss = "mse")')
+    if not profile.distill.target:
+        raise SpecctlError("distill.target is not set: give the target checkpoint to distill from")
+    data = load_series(profile.data, window_length(profile))
+    draft = build_model(profile, data, device)
+    target = load_target(profile.distill, draft, device)
+    return Setup(data, draft, target, setup_warnings(profile, draft, target))
+
+
+def forward_pass(draft: TimerXL, target: TimerXL, window: Tensor, lookback: int, target_dropout: bool = False) -> Pass:
+    P = draft.cfg.patch_len
+    norm = Norm.fit(window[:, :lookback])
+    tokens = norm.tokens(window, P)
+    times = times_for(window.shape[0], 0, tokens.shape[2] - 1, window.device)
+    target.train(target_dropout)
+    with torch.no_grad():
+        t, _ = target(tokens[:, :, :-1], times)
+    mean, logvar = draft(tokens[:, :, :-1], times)
+    return Pass(norm, window[:, P:], t, mean, logvar)
+
+
+def objective(loss: str, mean: Tensor, var: Tensor | None, label: Tensor) -> Tensor:
+    if loss == "mse":
+        return torch.mean((mean - label) ** 2)
+    return 0.5 * torch.mean(torch.log(var) + (mean - label) ** 2 / var)  # Gaussian NLL without 0.5 log 2pi
+
+
+def collapse_penalty(logvar: Tensor, logvar_min: float) -> Tensor:
+    return torch.mean(1 / (logvar - logvar_min).clamp_min(PENALTY_FLOOR))  # barrier at the floor (docstring)
+
+
+def distill_loss(cfg: DistillConfig, p: Pass, logvar_min: float, noise: float) -> Tensor:
+    mean = p.norm.series(p.mean)
+    var = None if p.logvar is None else p.norm.variance(p.logvar)
+    label = p.norm.series(p.target)
+    if noise:
+        label = label + noise * torch.randn_like(label)
+    a = cfg.alpha_truth
+    loss = (1 - a) * objective(cfg.loss, mean, var, label) + a * objective(cfg.loss, mean, var, p.truth)
+    return loss + cfg.var_reg * collapse_penalty(p.logvar, logvar_min) if cfg.loss == "nll" else loss
+
+
+def spread(logvar: Tensor, logvar_min: float) -> dict[str, float]:
+    """Predicted std in token units, exp(logvar / 2): mean, 5th and 95th percentile; share near the floor."""
+    lv = logvar.double().cpu().numpy()
+    p05, p95 = np.exp(0.5 * np.percentile(lv, [5, 95]))
+    return {"std_mean": float(np.exp(0.5 * lv).mean()), "std_p05": float(p05), "std_p95": float(p95),
+            "near_floor": float(np.mean(lv < logvar_min + COLLAPSE_MARGIN))}
+
+
+def validation_metrics(cfg: DistillConfig, draft: TimerXL, target: TimerXL, batches: Iterable[Tensor],
+                       lookback: int) -> dict[str, float]:
+    """val_loss (the distillation loss against the clean target), draft-vs-target and draft-vs-truth MSE."""
+    losses, vs_target, vs_truth, logvars = [], [], [], []
+    for window in batches:
+        p = forward_pass(draft, target, window, lookback)
+        mean = p.norm.series(p.mean)
+        losses.append(distill_loss(cfg, p, draft.cfg.logvar_min, 0.0).item())
+        vs_target.append(torch.mean((mean - p.norm.series(p.target)) ** 2).item())
+        vs_truth.append(torch.mean((mean - p.truth) ** 2).item())
+        if p.logvar is not None:
+            logvars.append(p.logvar.flatten())
+    metrics = {"val_loss": float(np.mean(losses)), "teacher_mse": float(np.mean(vs_target)),
+               "truth_mse": float(np.mean(vs_truth))}
+    return metrics | (spread(torch.cat(logvars), draft.cfg.logvar_min) if logvars else {})
+
+
+def epoch_warnings(record: dict[str, float], profile: Profile) -> list[str]:
+    warnings = []
+    if record.get("near_floor", 0.0) > COLLAPSE_SHARE:
+        warnings.append(f"variance collapse: {record['near_floor']:.0%} of log-variances lie within {COLLAPSE_MARGIN} "
+                        f"of model.logvar_min ({profile.model.logvar_min}); raise distill.teacher_noise or "
+                        "distill.var_reg, or set distill.teacher_dropout")
+    if record["teacher_mse"] > profile.distill.mse_warn:
+        warnings.append(f"draft-vs-target MSE {record['teacher_mse']:.4f} exceeds distill.mse_warn "
+                        f"{profile.distill.mse_warn}: train longer, or lower distill.teacher_noise")
+    return warnings
+
+
+def token_acceptance(t: Tensor, mu: Tensor, std_q: Tensor | None, sigma: float, samples: int = MC_SAMPLES,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """P(accept) [...] of each token [..., D] under the gaussian rule with bias 1, p = N(t, sigma^2 I).
+    std_q None (deterministic draft, q = N(mu, sigma^2 I)): the closed form; else the mean of min(1, p(x)/q(x))
+    over `samples` proposals x ~ q = N(mu, std_q^2)."""
+    if std_q is None:
+        return acceptance_closed_form((t - mu).norm(dim=-1) / sigma)  # 2 Phi(-Delta/2)
+    total = torch.zeros(mu.shape[:-1], device=mu.device, dtype=mu.dtype)
+    for _ in range(samples):
+        x = mu + std_q * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        total += acceptance_probability("gaussian", x, t, mu, std_q, sigma, 1.0, 0.0)[0]
+    return total / samples
+
+
+def as_tokens(x: Tensor) -> Tensor:
+    """[B, C, K, P] -> [B, K, C*P]: one generated token is one time step of every variable."""
+    return x.permute(0, 2, 1, 3).flatten(2)
+
+
+@torch.no_grad()
+def estimate_acceptance(profile: Profile, draft: TimerXL, target: TimerXL, test: np.ndarray,
+                        device: torch.device, samples: int = MC_SAMPLES) -> Estimate:
+    """Teacher-forced draft and target predictions at the generated positions of rolling test windows
+    (at most data.max_eval_windows), scored against the truth and turned into acceptance per sigma."""
+    lookback, P = profile.data.lookback, draft.cfg.patch_len
+    n0 = lookback // P  # tokens in the lookback: the first generated token is token n0
+    context, future = eval_windows(test, lookback, window_length(profile) - lookback, profile.data.max_eval_windows)
+    sigmas = sorted({*profile.distill.sigmas, profile.spec.sigma})
+    generators = {s: torch.Generator(device=device).manual_seed(profile.seed) for s in sigmas}  # common random numbers
+    draft.eval()
+    sq = {"draft": 0.0, "target": 0.0, "between": 0.0}
+    accepted, tokens = dict.fromkeys(sigmas, 0.0), 0
+    for window in torch.cat([context, future], dim=1).split(profile.spec.batch_size):
+        p = forward_pass(draft, target, window.to(device), lookback)
+        mean, t = p.mean[:, :, n0 - 1:], p.target[:, :, n0 - 1:]  # predictions for tokens n0..N-1
+        truth = p.truth[:, lookback - P:]
+        sq["draft"] += torch.sum((p.norm.series(mean) - truth) ** 2).item()
+        sq["target"] += torch.sum((p.norm.series(t) - truth) ** 2).item()
+        sq["between"] += torch.sum((p.norm.series(mean) - p.norm.series(t)) ** 2).item()
+        std_q = None if p.logvar is None else as_tokens(torch.exp(0.5 * p.logvar[:, :, n0 - 1:]))
+        for s in sigmas:
+            accepted[s] += token_acceptance(as_tokens(t), as_tokens(mean), std_q, s, samples, generators[s]).sum().item()
+        tokens += t.shape[0] * t.shape[2]
+    values = len(context) * future.shape[1] * future.shape[2]
+    return Estimate(len(context), tokens, sq["draft"] / values, sq["target"] / values, sq["between"] / values,
+                    {s: accepted[s] / tokens for s in sigmas})
+
+
+def distill(profile: Profile, setup: Setup, device: torch.device, run: RunDir, resume: bool, progress=None,
+            on_epoch_end=None) -> DistillResult:
+    cfg, lookback, draft, target = profile.distill, profile.data.lookback, setup.draft, setup.target
+    low = draft.cfg.logvar_min
+
+    def train_loss(window: Tensor) -> Tensor:
+        return distill_loss(cfg, forward_pass(draft, target, window, lookback, cfg.teacher_dropout > 0), low,
+                            cfg.teacher_noise)
+
+    result = train_timer(profile, draft, setup.data, device, run, train_loss, resume, progress, on_epoch_end,
+                         validate_batches=lambda batches: validation_metrics(cfg, draft, target, batches, lookback))
+    draft.load_state_dict(load_weights(result.best_dir, device))
+    estimate = estimate_acceptance(profile, draft, target, setup.data.test, device)
+    checkpoint = export(result.best_dir, profile.train.save_to) if profile.train.save_to else result.best_dir
+    return DistillResult(result, estimate, count_parameters(draft), checkpoint)

@@ -1,0 +1,209 @@
+"""`pretrain` for kind = "llm": a small Llama-architecture LM trained from scratch on local text (the offline
+stand-in for a hub LLM). Output: a normal Hugging Face folder (save_pretrained, safetensors) with its tokenizer.
+
+Tokenizer (llm.tokenizer): "bpe" (default) trains a byte-level BPE of llm.arch.vocab_size tokens with `tokenizers`;
+"gpt2" builds GPT-2's from gpt2_encoder.json + gpt2_vocab.bpe in the data directory; anything else is a path to
+a tokenizer folder. Built tokenizers get the role tags as special tokens and SIMPLE_TEMPLATE as chat template.
+Documents are rendered (chat template), joined with EOS and cut into blocks of llm.max_len tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from specctl.core.checkpoint import load_weights
+from specctl.core.data import data_dir
+from specctl.core.errors import SpecctlError
+from specctl.core.llm.config import ArchConfig
+from specctl.core.llm.lm import DTYPES, check_vocab, load_tokenizer, quiet_transformers
+from specctl.core.llm.text import (
+    ROLE_TAGS, SIMPLE_TEMPLATE, Example, contents, encode, load_examples, resolve_text_file, split,
+)
+from specctl.core.rundir import RunDir
+from specctl.core.schema import Profile
+from specctl.core.train import fit
+
+EOS = "<|endoftext|>"
+
+
+def wrap_tokenizer(tok):
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
+    hf.chat_template = SIMPLE_TEMPLATE
+    return hf
+
+
+def train_bpe(texts: list[str], vocab_size: int):
+    """A byte-level BPE trained on `texts` (every byte is in the alphabet, so nothing is ever unknown)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, *ROLE_TAGS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return wrap_tokenizer(tok)
+
+
+def gpt2_tokenizer(folder: Path | None):
+    """GPT-2's byte-level BPE (50,257 tokens) from the data directory, plus the role tags."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = resolve_text_file("gpt2_encoder.json", folder)
+    merges = resolve_text_file("gpt2_vocab.bpe", folder)
+    tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOS, *ROLE_TAGS])
+    return wrap_tokenizer(tok)
+
+
+def build_tokenizer(profile: Profile, train: list[Example]):
+    choice = profile.llm.tokenizer or "bpe"
+    if choice == "bpe":
+        return train_bpe(contents(train), profile.llm.arch.vocab_size)
+    if choice == "gpt2":
+        return gpt2_tokenizer(data_dir(profile.data))
+    return load_tokenizer(choice)
+
+
+def llama_config(arch: ArchConfig, tokenizer):
+    from transformers import LlamaConfig
+
+    if arch.hidden_size % arch.num_attention_heads:
+        raise SpecctlError(f"llm.arch.hidden_size {arch.hidden_size} is not a multiple of num_attention_heads "
+                           f"{arch.num_attention_heads}")
+    fields = arch.model_dump(exclude={"vocab_size", "rope_theta"})
+    fields["num_key_value_heads"] = arch.num_key_value_heads or arch.num_attention_heads
+    return LlamaConfig(**fields, vocab_size=len(tokenizer), rope_parameters={"rope_type": "default",
+                       "rope_theta": arch.rope_theta}, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+
+
+def pack(examples: list[Example], tokenizer, length: int) -> torch.Tensor:
+    """Documents joined with EOS and cut into [N, length] blocks (the remainder is dropped)."""
+    stream: list[int] = []
+    for example in examples:
+        stream += encode(example, tokenizer, 10**9) + [tokenizer.eos_token_id]
+    n = len(stream) // length
+    if n == 0:
+        raise SpecctlError(f"not enough text for one block of llm.max_len = {length} tokens ({len(stream)} tokens)")
+    return torch.tensor(stream[: n * length]).view(n, length)
+
+
+def unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict without aliases (a tied LM head is the embedding; safetensors refuses shared memory)."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in model.state_dict().items():
+        if value.data_ptr() not in seen:
+            seen.add(value.data_ptr())
+            out[key] = value
+    return out
+
+
+def autocast(device: torch.device, dtype: str):
+    return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+
+
+def mean_ce(model, blocks: torch.Tensor, batch_size: int, device: torch.device, dtype: str,
+            max_batches: int | None = None) -> float:
+    """Token-mean next-token cross-entropy over blocks (nats)."""
+    total, count = 0.0, 0
+    for i, start in enumerate(range(0, len(blocks), batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        ids = blocks[start:start + batch_size].to(device)
+        with autocast(device, dtype):
+            loss = model(input_ids=ids, labels=ids).loss
+        n = ids.numel() - len(ids)
+        total, count = total + loss.item() * n, count + n
+    return total / max(count, 1)
+
+
+def unigram_ce(train: torch.Tensor, held_out: torch.Tensor, vocab: int) -> float:
+    """The baseline a LM must beat: CE of add-one-smoothed unigram frequencies from the training blocks."""
+    counts = torch.bincount(train.flatten(), minlength=vocab).double() + 1
+    log_p = (counts / counts.sum()).log()
+    return float(-log_p[held_out[:, 1:].flatten()].mean())
+
+
+def read_examples(profile: Profile, files: list[str], limit: int | None) -> list[Example]:
+    folder = data_dir(profile.data)
+    return [e for f in files for e in load_examples(resolve_text_file(f, folder), limit)]
+
+
+def log_epoch(say: Callable[[str], None] | None):
+    """An on_epoch_end callback printing one line per epoch (or None)."""
+    if say is None:
+        return None
+    return lambda epoch, r: say(f"epoch {epoch}: train {r['train_loss']:.4f}  val {r['val_loss']:.4f}  "
+                                f"({r['seconds']:.1f}s)")
+
+
+def pretrain_lm(profile: Profile, device: torch.device, run: RunDir, resume: bool, progress,
+                say: Callable[[str], None] | None = None) -> dict:
+    """Train a Llama LM from scratch (or from train.init_from); save it as a Hugging Face folder; return metrics."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    quiet_transformers()
+    llm, cfg = profile.llm, profile.train
+    train_ex, val_ex = split(read_examples(profile, llm.train_files, llm.max_examples), llm.val_fraction, profile.seed)
+    tok_dir = run.path / "tokenizer"
+    if resume and tok_dir.is_dir():
+        tokenizer = load_tokenizer(str(tok_dir))
+    elif cfg.init_from:
+        tokenizer = load_tokenizer(cfg.init_from)
+    else:
+        tokenizer = build_tokenizer(profile, train_ex)
+    tokenizer.save_pretrained(tok_dir)
+    train_blocks, val_blocks = pack(train_ex, tokenizer, llm.max_len), pack(val_ex, tokenizer, llm.max_len)
+    if cfg.init_from:
+        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
+        check_vocab(tokenizer, model.get_output_embeddings().weight.shape[0], f"model {cfg.init_from}")
+    else:
+        model = LlamaForCausalLM(llama_config(llm.arch, tokenizer))
+    model.to(device)
+
+    def train_loss(ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(device)
+        with autocast(device, llm.dtype):
+            return model(input_ids=ids, labels=ids).loss
+
+    def train_batches(epoch: int):
+        order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(profile.seed + epoch))
+        return (train_blocks[order[i:i + cfg.batch_size]] for i in range(0, len(order), cfg.batch_size))
+
+    def validate() -> dict[str, float]:
+        ce = mean_ce(model, val_blocks, cfg.batch_size, device, llm.dtype, cfg.max_val_batches)
+        return {"val_loss": ce, "val_ppl": math.exp(ce)}
+
+    result = fit(model, model.parameters(), train_loss, train_batches, validate, cfg, run.checkpoints,
+                 {"kind": "llm", "llama": model.config.to_dict(), "tokenizer": str(tok_dir)},
+                 weights=lambda: unique_state(model), resume=resume, progress=progress, on_epoch_end=log_epoch(say))
+    model.load_state_dict(load_weights(result.best_dir, device), strict=False)
+    model.eval()
+    out = Path(cfg.save_to) if cfg.save_to else run.path / "model"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    with torch.no_grad():
+        val_ce = mean_ce(model, val_blocks, cfg.batch_size, device, llm.dtype)
+        held_out = {Path(f).stem: math.exp(mean_ce(model, pack(read_examples(profile, [f], llm.max_eval_examples),
+                                                               tokenizer, llm.max_len),
+                                                    cfg.batch_size, device, llm.dtype)) for f in llm.eval_files}
+    unigram = unigram_ce(train_blocks, val_blocks, len(tokenizer))
+    return {
+        "model_dir": str(out), "parameters": sum(p.numel() for p in model.parameters()),
+        "layers": model.config.num_hidden_layers, "vocab_size": len(tokenizer),
+        "train_tokens": train_blocks.numel(), "val_tokens": val_blocks.numel(),
+        "epochs": result.epochs_done, "stopped_early": result.stopped_early,
+        "val_loss": val_ce, "val_ppl": math.exp(val_ce), "unigram_ppl": math.exp(unigram),
+        **{f"ppl_{name}": ppl for name, ppl in held_out.items()},
+        "history": result.history,
+    }

@@ -1,0 +1,210 @@
+"""spec-test for kind = "llm": vanilla (target-only, KV cache) and speculative decoding on the same prompts,
+same sampling policy and seeds; acceptance, distribution overlap, timing and speedup with bootstrap CIs."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from specctl.core.data import data_dir
+from specctl.core.errors import SpecctlError
+from specctl.core.files import write_csv
+from specctl.core.llm.draft import Draft, build_draft, load_draft, resolve_draft
+from specctl.core.llm.lm import LM, load_lm
+from specctl.core.llm.speculative import Decoder, Sampling, new_cache, speculative, vanilla
+from specctl.core.llm.text import load_examples, prompt_ids, resolve_text_file
+from specctl.core.rundir import RunDir
+from specctl.core.runtime import synchronize, time_call
+from specctl.core.schema import Profile
+
+# metric: (numerator, denominator) summed over prompts; bootstrap resamples prompts and recomputes the ratio
+RATIOS = {
+    "acceptance_rate": ("accepted", "proposed"),
+    "alpha_hat": ("accepted", "evaluated"),
+    "mean_accepted": ("accepted", "rounds"),
+    "overlap": ("overlap_sum", "overlap_n"),
+    "tokens_per_target_call": ("spec_tokens", "target_calls"),
+    "tok_s_vanilla": ("vanilla_tokens", "vanilla_seconds"),
+    "tok_s_spec": ("spec_tokens", "spec_seconds"),
+}
+DEFINITIONS = {
+    "proposed / accepted": "draft tokens proposed / accepted, summed over rounds and prompts",
+    "acceptance_rate": "accepted / proposed",
+    "alpha_hat": "accepted / evaluated; evaluated = positions tested up to and including the first rejection",
+    "mean_accepted": "E[accepted] per round (0..gamma)",
+    "position_acceptance": "P(accept at draft position i | position i was tested), i = 1..gamma",
+    "overlap": "E[sum_v min(p(v), q(v))] over every drafted position (p target, q draft, after sampling filters)",
+    "tv": "1 - overlap (total variation distance)",
+    "tokens_per_target_call": "tokens emitted / target forward calls (tau; prefill counts as one call)",
+    "target_calls_per_token": "1 / tokens_per_target_call",
+    "tok_s_vanilla / tok_s_spec": "new tokens / wall seconds, summed over prompts (warm, synchronised)",
+    "speedup": "tok_s_spec / tok_s_vanilla (same prompts, device and process)",
+    "c_hat": "median draft decode-step time / median target decode-step time (one token, KV cache)",
+    "predicted_speedup": "(1 - a^(g+1)) / ((1 - a)(g c + 1)) with a = alpha_hat, c = c_hat, g = gamma",
+    "identical_fraction": "greedy only: fraction of prompts where speculative output == vanilla output",
+    "peak_mem_gb": "torch.cuda.max_memory_allocated over the run (None on CPU)",
+    "ci": "bootstrap percentile interval across prompts",
+}
+
+
+@dataclass
+class Setup:
+    lm: LM
+    draft: Draft
+    prompts: list[list[int]]
+    sampling: Sampling
+    eos: frozenset[int]
+
+
+def eos_ids(lm: LM) -> frozenset[int]:
+    ids = lm.model.generation_config.eos_token_id
+    ids = ids if isinstance(ids, list) else [ids]
+    return frozenset(i for i in [*ids, lm.tokenizer.eos_token_id] if i is not None)
+
+
+def load_prompts(profile: Profile, tokenizer) -> list[list[int]]:
+    """A fixed prompt set: n_prompts examples of the prompts file, sampled with the profile seed."""
+    spec = profile.llm.spec
+    examples = load_examples(resolve_text_file(spec.prompts, data_dir(profile.data)))
+    if spec.n_prompts < len(examples):
+        examples = random.Random(profile.seed).sample(examples, spec.n_prompts)
+    return [prompt_ids(e, tokenizer, spec.max_prompt_tokens) for e in examples]
+
+
+def setup(profile: Profile, device: torch.device) -> Setup:
+    llm, spec = profile.llm, profile.llm.spec
+    lm = load_lm(llm.target, device, llm.tokenizer, llm.dtype)
+    if spec.draft:
+        draft = load_draft(resolve_draft(spec.draft, llm.exit_layer), lm)
+    else:
+        draft = build_draft(lm, llm.exit_layer)
+    if spec.share_cache and draft.tune_block:
+        raise SpecctlError("llm.spec.share_cache needs a draft that shares block l with the target "
+                           "(this draft was trained with tune_block = true)")
+    sampling = Sampling(spec.temperature, spec.top_k, spec.top_p)
+    eos = eos_ids(lm) if spec.stop_at_eos else frozenset()
+    return Setup(lm, draft, load_prompts(profile, lm.tokenizer), sampling, eos)
+
+
+def timed(fn, device: torch.device):
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def step_seconds(model, prompt: list[int], device: torch.device, repeats: int) -> float:
+    """Median time of one cached decode step after the prompt (the step is undone after each call)."""
+    dec = Decoder(model, new_cache(model))
+    seq = torch.tensor(prompt + [prompt[-1]], device=device)
+    with torch.no_grad():
+        dec.feed(seq[:-1], 1)
+
+        def step() -> None:
+            dec.feed(seq, 1)
+            dec.truncate(len(prompt))
+
+        return time_call(step, device, repeats, warmup=2).median
+
+
+def run_prompt(s: Setup, profile: Profile, index: int, device: torch.device) -> dict:
+    """Vanilla and speculative decoding of one prompt with fixed seeds; one row of per-prompt sums."""
+    spec, prompt = profile.llm.spec, s.prompts[index]
+    seed = profile.seed + index
+    gen = lambda: torch.Generator(device).manual_seed(seed)  # noqa: E731
+    base, t_van = timed(lambda: vanilla(s.lm.model, prompt, spec.max_new_tokens, s.sampling, gen(), s.eos), device)
+    fast, t_spec = timed(lambda: speculative(s.lm.model, s.draft.model, prompt, spec.max_new_tokens, spec.gamma,
+                                             s.sampling, gen(), s.eos, spec.share_cache), device)
+    accepted = [a for _, a in fast.rounds]
+    return {
+        "prompt": index, "prompt_tokens": len(prompt),
+        "vanilla_tokens": len(base.tokens), "vanilla_seconds": t_van,
+        "spec_tokens": len(fast.tokens), "spec_seconds": t_spec, "target_calls": fast.target_calls,
+        "rounds": len(fast.rounds), "proposed": sum(g for g, _ in fast.rounds), "accepted": sum(accepted),
+        "evaluated": sum(min(a + 1, g) for g, a in fast.rounds),
+        "overlap_sum": sum(fast.overlaps), "overlap_n": len(fast.overlaps),
+        "identical": base.tokens == fast.tokens,
+        "accepted_per_round": accepted, "drafted_per_round": [g for g, _ in fast.rounds],
+        "vanilla_ids": base.tokens, "spec_ids": fast.tokens,
+    }
+
+
+def ratios(rows: list[dict]) -> dict[str, float]:
+    out = {}
+    for name, (num, den) in RATIOS.items():
+        d = sum(r[den] for r in rows)
+        out[name] = sum(r[num] for r in rows) / d if d else float("nan")
+    out["speedup"] = out["tok_s_spec"] / out["tok_s_vanilla"]
+    return out
+
+
+def bootstrap(rows: list[dict], n: int, level: float, seed: int) -> dict[str, list[float]]:
+    """Percentile intervals of every ratio metric, resampling prompts with replacement."""
+    if n == 0 or len(rows) < 2:
+        return {}
+    rng = np.random.default_rng(seed)
+    draws = [ratios([rows[i] for i in rng.integers(0, len(rows), len(rows))]) for _ in range(n)]
+    tail = (1 - level) / 2 * 100
+    return {k: [float(np.nanpercentile([d[k] for d in draws], tail)),
+                float(np.nanpercentile([d[k] for d in draws], 100 - tail))] for k in draws[0]}
+
+
+def position_acceptance(rows: list[dict], gamma: int) -> list[float]:
+    """P(accept at position i | tested at i), from the per-round (drafted, accepted) pairs."""
+    pairs = [(g, a) for r in rows for g, a in zip(r["drafted_per_round"], r["accepted_per_round"])]
+    out = []
+    for i in range(gamma):
+        tested = sum(1 for g, a in pairs if g > i and a >= i)
+        out.append(sum(1 for g, a in pairs if g > i and a > i) / tested if tested else float("nan"))
+    return out
+
+
+def predicted_speedup(alpha: float, gamma: int, c: float) -> float:
+    if alpha >= 1.0:
+        return (gamma + 1) / (gamma * c + 1)
+    return (1 - alpha ** (gamma + 1)) / ((1 - alpha) * (gamma * c + 1))  # Leviathan et al., eq. for walltime
+
+
+def run_llm_spec_test(profile: Profile, device: torch.device, run: RunDir, progress=None) -> dict:
+    """Run vanilla and speculative decoding on the profile's prompts; write per_prompt.csv and samples.json."""
+    spec = profile.llm.spec
+    s = setup(profile, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(spec.warmup):
+        run_prompt(s, profile, 0, device)
+    task = progress.add_task("spec-test", total=len(s.prompts), info="") if progress is not None else None
+    rows = []
+    for i in range(len(s.prompts)):
+        rows.append(run_prompt(s, profile, i, device))
+        if progress is not None:
+            progress.update(task, advance=1, info=f"accepted {ratios(rows)['mean_accepted']:.2f}/round")
+    c_hat = (step_seconds(s.draft.model, s.prompts[0], device, spec.step_repeats)
+             / step_seconds(s.lm.model, s.prompts[0], device, spec.step_repeats))
+    metrics = ratios(rows)
+    metrics.update(
+        proposed=sum(r["proposed"] for r in rows), accepted=sum(r["accepted"] for r in rows),
+        tv=1 - metrics["overlap"], target_calls_per_token=1 / metrics["tokens_per_target_call"],
+        position_acceptance=position_acceptance(rows, spec.gamma), c_hat=c_hat,
+        predicted_speedup=predicted_speedup(metrics["alpha_hat"], spec.gamma, c_hat),
+        peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        identical_fraction=sum(r["identical"] for r in rows) / len(rows) if s.sampling.greedy else None,
+        ci=bootstrap(rows, spec.bootstrap, spec.ci, profile.seed),
+        n_prompts=len(rows), gamma=spec.gamma, exit_layer=s.draft.layer, target_layers=s.lm.n_layers,
+        temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, max_new_tokens=spec.max_new_tokens,
+        share_cache=spec.share_cache, draft=spec.draft or "untuned head copy", target=s.lm.path,
+        definitions=DEFINITIONS,
+    )
+    scalar = [k for k in rows[0] if not isinstance(rows[0][k], list)]
+    write_csv(run.path / "per_prompt.csv", rows, scalar)
+    run.write_json("samples.json", [{"prompt": s.lm.tokenizer.decode(s.prompts[r["prompt"]]),
+                                     "vanilla": s.lm.tokenizer.decode(r["vanilla_ids"]),
+                                     "speculative": s.lm.tokenizer.decode(r["spec_ids"])} for r in rows[:5]])
+    if progress is not None:
+        progress.remove_task(task)
+    return metrics

@@ -1,0 +1,130 @@
+"""End-to-end commands and bad input: one clear line, exit 2, no traceback, nothing that looks finished."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from specctl.cli import app
+
+runner = CliRunner()
+FAST = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=5", "--set", "data.max_eval_windows=16",
+        "--set", "data.synthetic.length=3000"]
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args))
+
+
+def assert_clean_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+    assert not list(Path("runs").rglob("metrics.json")), "a failed run must not leave a finished result"
+
+
+def test_help_lists_working_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0 and "pretrain" in result.output and "spec-test" in result.output
+
+
+def test_pretrain_quickstart_end_to_end_and_resume():
+    result = invoke("pretrain", "--profile", "quickstart/target", *FAST, "--set", "train.epochs=2", "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output[result.output.index("{"):])
+    assert metrics["epochs"] == 2 and {h["horizon"] for h in metrics["horizons"]} == {32, 64}
+    assert metrics["average"]["cached"]["mse"] < 1.0
+    run = next(Path("runs/pretrain").iterdir())
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["seed"] == 0 and "torch" in manifest["versions"]
+    assert (run / "profile.toml").is_file() and (run / "checkpoints/best/model.safetensors").is_file()
+    assert (Path("artifacts/quickstart/target") / "config.json").is_file()
+    resumed = invoke("pretrain", "--profile", "quickstart/target", *FAST, "--set", "train.epochs=3", "--resume", "--json")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.output[resumed.output.index("{"):])["epochs"] == 3
+
+
+def test_dry_run_prints_resolved_profile():
+    result = invoke("pretrain", "--profile", "etth1/draft-025", "--dry-run")
+    assert result.exit_code == 0 and "scale_d_model = 0.25" in result.output and not Path("runs").exists()
+
+
+def test_spec_test_quickstart_trains_missing_checkpoints(tmp_path):
+    result = invoke("spec-test", "--profile", "quickstart", *FAST, "--set", "spec.max_windows=16",
+                    "--set", "spec.repeats=1", "--debug-csv", "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output[result.output.index("{"):])
+    assert 0 <= metrics["acceptance_rate"] <= 1 and metrics["speedup"] > 0 and metrics["windows"] == 16
+    run = next(p for p in Path("runs/spec-test").iterdir() if p.is_dir())
+    assert (run / "debug.csv").stat().st_size > 0
+    assert "acceptance=" in Path("runs/spec-test/results.log").read_text()
+
+
+def test_missing_profile():
+    assert_clean_error(invoke("pretrain", "--profile", "nope.toml"), "profile not found")
+
+
+def test_toml_syntax_error(tmp_path):
+    (tmp_path / "bad.toml").write_text("[train\nlr = 1\n")
+    assert_clean_error(invoke("pretrain", "--profile", str(tmp_path / "bad.toml")), "TOML syntax error", "line 1")
+
+
+def test_unknown_key_and_wrong_type():
+    assert_clean_error(invoke("pretrain", "--profile", "quickstart/target", "--set", "train.epoch=3"),
+                       "unknown key 'train.epoch'", "did you mean 'train.epochs'")
+    assert_clean_error(invoke("pretrain", "--profile", "quickstart/target", "--set", "train.epochs=many"),
+                       "train.epochs")
+
+
+def test_missing_data_file_says_where_it_looked(tmp_path):
+    assert_clean_error(invoke("pretrain", "--profile", "etth1/target", "--set", f'data.dir="{tmp_path}"'),
+                       "ETTh1", str(tmp_path))
+
+
+def csv_file(tmp_path, rows, text_column=False):
+    path = tmp_path / "series.csv"
+    data = np.random.default_rng(0).normal(size=(rows, 2))
+    lines = ["date,a,b" + (",c" if text_column else "")]
+    for i, (a, b) in enumerate(data):
+        lines.append(f"2020-01-01 {i},{a},{b}" + (",x" if text_column else ""))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_csv_with_non_numeric_column(tmp_path):
+    path = csv_file(tmp_path, 400, text_column=True)
+    assert_clean_error(invoke("pretrain", "--profile", "quickstart/target", "--set", f'data.path="{path}"'),
+                       "non-numeric", "c")
+
+
+def test_csv_too_short_for_lookback_and_horizon(tmp_path):
+    path = csv_file(tmp_path, 100)
+    assert_clean_error(invoke("pretrain", "--profile", "quickstart/target", "--set", f'data.path="{path}"'), "rows")
+
+
+def test_lookback_not_a_multiple_of_patch():
+    assert_clean_error(invoke("pretrain", "--profile", "quickstart/target", "--set", "data.lookback=100"),
+                       "not a multiple of model.patch_len")
+
+
+def test_checkpoint_that_does_not_match_profile():
+    first = invoke("pretrain", "--profile", "quickstart/draft", *FAST, "--set", 'train.save_to="artifacts/small"')
+    assert first.exit_code == 0, first.output
+    for metrics in Path("runs").rglob("metrics.json"):
+        metrics.unlink()
+    assert_clean_error(invoke("pretrain", "--profile", "quickstart/target", *FAST,
+                              "--set", 'train.init_from="artifacts/small"'), "does not match the profile", "d_model")
+
+
+def test_missing_checkpoint_for_spec_test():
+    assert_clean_error(invoke("spec-test", "--profile", "quickstart", "--set", 'spec.target="nowhere"',
+                              "--set", 'spec.target_profile=""'), "checkpoint not found")
+
+
+@pytest.mark.parametrize("override, fragment", [("spec.k=0", "spec.k"), ("spec.sigma=-1", "spec.sigma"),
+                                                ("spec.bias=0.9", "spec.bias"), ("spec.horizon=0", "spec.horizon")])
+def test_impossible_spec_settings(override, fragment):
+    assert_clean_error(invoke("spec-test", "--profile", "quickstart", "--set", override), fragment)

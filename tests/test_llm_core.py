@@ -1,0 +1,196 @@
+"""Early-exit drafts and speculative sampling on tiny random Llama targets (CPU, fp32)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from torch import nn
+
+from specctl.core.errors import SpecctlError
+from specctl.core.llm.config import ArchConfig
+from specctl.core.llm.draft import build_draft, load_draft
+from specctl.core.llm.finetune import TextSets, checksum, evaluate, train_draft
+from specctl.core.llm.lm import LM, find_parts, load_lm
+from specctl.core.llm.pretrain import llama_config, train_bpe
+from specctl.core.llm.speculative import Sampling, distribution, speculative, vanilla, verify
+from specctl.core.profile import load_profile
+
+WORDS = "the cat sat on a mat and then the dog ran to the park where birds sing all day long".split()
+TEXTS = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12)) for i in range(60)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_target(folder, vocab: int, layers: int = 3, seed: int = 0):
+    """A random tiny Llama with a BPE tokenizer, saved as a Hugging Face folder and loaded as a target."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = train_bpe(TEXTS, vocab)
+    torch.manual_seed(seed)
+    arch = ArchConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                      initializer_range=0.2)
+    LlamaForCausalLM(llama_config(arch, tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return load_lm(str(folder), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return make_target(tmp_path_factory.mktemp("target"), 300)
+
+
+def tiny_model(vocab: int, layers: int = 3, seed: int = 0) -> LM:
+    """A random tiny Llama without tokenizer (for sampling statistics over a small vocabulary)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, initializer_range=0.3)
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    return LM(model, None, "memory", find_parts(model))
+
+
+def sets_for(lm: LM, n: int = 24) -> TextSets:
+    seqs = [lm.tokenizer(t)["input_ids"] for t in TEXTS[:n]]
+    return TextSets(train=seqs[: n // 2], held_out={"val": seqs[n // 2:]})
+
+
+def test_exit_layer_out_of_range(lm):
+    with pytest.raises(SpecctlError, match=r"exit layer 3 out of range.*3 decoder layers.*0\.\.2"):
+        build_draft(lm, 3)
+
+
+def test_model_without_decoder_layers_says_what_it_found():
+    class Toy(nn.Module):
+        base_model_prefix = "model"
+
+        def __init__(self):
+            super().__init__()
+            self.model = nn.Sequential(nn.Embedding(4, 4), nn.Linear(4, 4))
+
+    with pytest.raises(SpecctlError, match=r"no recognisable decoder-layer list.*found 0 \(Embedding\), 1 \(Linear\)"):
+        find_parts(Toy())
+
+
+def test_draft_shares_blocks_and_owns_an_untied_head(lm):
+    draft = build_draft(lm, 1)
+    layers = draft.model.model.layers
+    assert len(layers) == 2 and layers[1] is lm.parts.layers[1]
+    assert draft.model.lm_head.weight.data_ptr() != lm.parts.head.weight.data_ptr()
+    assert set(draft.trainable()) == {"lm_head.weight"}
+    tuned = build_draft(lm, 1, tune_block=True)
+    assert tuned.model.model.layers[1] is not lm.parts.layers[1]
+    assert all(p.requires_grad for p in tuned.model.model.layers[1].parameters())
+    assert not any(p.requires_grad for p in lm.model.parameters())
+
+
+def test_last_layer_with_target_head_has_zero_kl_and_full_acceptance(lm):
+    draft = build_draft(lm, lm.n_layers - 1)
+    profile = load_profile("", ["llm.kl_temperature=2.0"])
+    metrics = evaluate(draft, sets_for(lm).held_out["val"], profile, torch.device("cpu"))
+    assert metrics["kl"] == pytest.approx(0, abs=1e-6) and metrics["kl_t1"] == pytest.approx(0, abs=1e-6)
+    assert metrics["top1"] == metrics["target_top1"] and metrics["ce"] == pytest.approx(metrics["target_ce"])
+    prompt = lm.tokenizer(TEXTS[0])["input_ids"][:6]
+    out = speculative(lm.model, draft.model, prompt, 20, 4, Sampling(1.0), torch.Generator().manual_seed(0))
+    assert sum(a for _, a in out.rounds) == sum(g for g, _ in out.rounds)
+    assert min(out.overlaps) > 1 - 1e-4
+
+
+def test_finetuning_never_changes_the_target_and_reloads(lm, tmp_path):
+    profile = load_profile("", ["train.epochs=2", "train.batch_size=4", "train.lr=1e-2", "train.max_steps_per_epoch=3",
+                                "llm.ce_weight=0.5", "llm.kl_temperature=2.0"])
+    before = checksum(lm.model)
+    draft = build_draft(lm, 1, tune_block=True)
+    head_before = draft.model.lm_head.weight.clone()
+    result = train_draft(draft, sets_for(lm), profile, torch.device("cpu"), tmp_path / "ckpt")
+    assert checksum(lm.model) == before
+    assert not torch.equal(draft.model.lm_head.weight, head_before)
+    assert result.epochs_done == 2 and (tmp_path / "ckpt" / "best" / "model.safetensors").is_file()
+    again = load_draft(tmp_path / "ckpt" / "best", lm)
+    assert again.layer == 1 and again.tune_block
+    assert torch.equal(again.model.lm_head.weight, draft.model.lm_head.weight)
+
+
+def test_draft_for_another_vocabulary_is_refused(lm, tmp_path):
+    draft = build_draft(lm, 0)
+    train_draft(draft, sets_for(lm), load_profile("", ["train.epochs=1", "train.max_steps_per_epoch=1"]),
+                torch.device("cpu"), tmp_path / "ckpt")
+    other = make_target(tmp_path / "other", 280)
+    with pytest.raises(SpecctlError, match="tokenizer/vocab mismatch between target and draft"):
+        load_draft(tmp_path / "ckpt" / "best", other)
+
+
+@pytest.mark.parametrize("layer,share", [(0, False), (1, False), (1, True)])
+def test_greedy_speculative_equals_vanilla_greedy(lm, layer, share):
+    draft = build_draft(lm, layer)
+    seen, rejected = set(), 0
+    for text in TEXTS[:3]:
+        prompt = lm.tokenizer(text)["input_ids"][:5]
+        gen = torch.Generator().manual_seed(0)
+        base = vanilla(lm.model, prompt, 24, Sampling(0.0), gen)
+        fast = speculative(lm.model, draft.model, prompt, 24, 3, Sampling(0.0), gen, share_cache=share)
+        assert fast.tokens == base.tokens
+        seen |= set(base.tokens)
+        rejected += sum(a < g for g, a in fast.rounds)
+    assert len(seen) > 3 and rejected > 0  # non-degenerate outputs, and the rejection path was taken
+
+
+def test_top_k_top_p_filter():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    assert (distribution(logits, Sampling(1.0, top_k=2))[0, 2:] == 0).all()
+    probs = logits.softmax(-1)[0]
+    kept = distribution(logits, Sampling(1.0, top_p=float(probs[0]) + 1e-3))
+    assert (kept[0, 2:] == 0).all() and kept[0, 1] > 0
+
+
+def pooled_chisquare(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Chi-square p-value, pooling cells with expected count < 5 into one."""
+    expected = probs.double() * counts.sum()
+    small = expected < 5
+    obs, exp = counts[~small].double(), expected[~small]
+    if small.any():
+        obs, exp = torch.cat([obs, counts[small].double().sum()[None]]), torch.cat([exp, expected[small].sum()[None]])
+    return chisquare(obs.numpy(), (exp * obs.sum() / exp.sum()).numpy()).pvalue
+
+
+def test_verify_output_is_distributed_as_the_target():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(3, 6, generator=gen) * 2, -1)
+    q = torch.softmax(torch.randn(2, 6, generator=gen) * 2, -1)
+    counts = torch.zeros(6)
+    for _ in range(4000):
+        drafts = torch.multinomial(q, 1, generator=gen)[:, 0]
+        n, token = verify(p, q, drafts, Sampling(1.0), gen)
+        counts[drafts[0] if n > 0 else token[0]] += 1  # the first emitted token
+    assert pooled_chisquare(counts, p[0]) > 1e-3
+    assert pooled_chisquare(counts, q[0]) < 1e-6  # the test can tell p from q
+
+
+def test_speculative_sampling_matches_the_target_distribution():
+    lm = tiny_model(vocab=12)
+    draft = build_draft(lm, 0)
+    prompt = [1, 2, 3]
+    gen = torch.Generator().manual_seed(0)
+    first, second = torch.zeros(12), torch.zeros(12)
+    for _ in range(600):
+        tokens = speculative(lm.model, draft.model, prompt, 3, 2, Sampling(1.0), gen).tokens
+        first[tokens[0]] += 1
+        second[tokens[1]] += 1
+    with torch.no_grad():
+        p1 = lm.model(torch.tensor([prompt])).logits[0, -1].softmax(-1)
+        q1 = draft.model(torch.tensor([prompt])).logits[0, -1].softmax(-1)
+        rows = torch.tensor([prompt + [t] for t in range(12)])
+        p2 = (p1[:, None] * lm.model(rows).logits[:, -1].softmax(-1)).sum(0)  # sum_t1 p(t1) p(t2 | t1)
+    assert pooled_chisquare(first, p1) > 1e-3 and pooled_chisquare(second, p2) > 1e-3
+    assert pooled_chisquare(first, q1) < 1e-6

@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from specctl.core.forecast import Norm, forecast_cached, forecast_recompute, forecast_sliding, next_patch_loss, times_for
+from specctl.core.model import TimerXL, count_parameters, scaled_config
+from specctl.core.schema import ModelConfig
+from tests.helpers import smooth_series, tiny_timer
+
+
+@pytest.mark.parametrize("n_vars", [1, 7])
+def test_cached_decoding_equals_full_forward(n_vars):
+    model = tiny_timer(n_vars=n_vars)
+    context = smooth_series(3, 32, n_vars)
+    cached = forecast_cached(model, context, horizon=37)
+    full = forecast_recompute(model, context, horizon=37)
+    assert cached.shape == (3, 37, n_vars)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+
+
+def test_outputs_at_time_n_ignore_later_inputs():
+    model = tiny_timer(n_vars=3)
+    x = smooth_series(2, 48, 3)
+    tokens = Norm.fit(x[:, :16]).tokens(x, 8)
+    changed = tokens.clone()
+    changed[:, :, 4:] += 5.0
+    times = times_for(2, 0, tokens.shape[2], x.device)
+    before, _ = model(tokens, times)
+    after, _ = model(changed, times)
+    torch.testing.assert_close(before[:, :, :4], after[:, :, :4])
+    assert not torch.allclose(before[:, :, 4:], after[:, :, 4:])
+
+
+def test_variables_see_each_other_within_a_time_step():
+    model = tiny_timer(n_vars=2)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.var_bias.fill_(0.5)
+    tokens = torch.randn(1, 2, 3, 8)
+    times = times_for(1, 0, 3, tokens.device)
+    base, _ = model(tokens, times)
+    other = tokens.clone()
+    other[:, 1, 0] += 3.0  # variable 1 at time 0 changes variable 0's output at time 0
+    moved, _ = model(other, times)
+    assert not torch.allclose(base[:, 0, 0], moved[:, 0, 0])
+
+
+def test_sliding_forecast_shape_and_window():
+    model = tiny_timer(n_vars=3)
+    out = forecast_sliding(model, smooth_series(2, 32, 3), horizon=20)
+    assert out.shape == (2, 20, 3) and torch.isfinite(out).all()
+
+
+def test_draft_scaling_keeps_rope_compatible_heads():
+    base = ModelConfig(d_model=1024, n_heads=8, d_ff=2048, e_layers=8)
+    target = scaled_config(base, n_vars=7)
+    assert count_parameters(TimerXL(target)) == pytest.approx(67.4e6, rel=0.01)
+    for scale, layers in ((0.25, 2), (0.5, 4)):
+        cfg = scaled_config(base.model_copy(update={f"scale_{k}": scale for k in ("d_model", "n_heads", "d_ff", "e_layers")}), 7)
+        assert cfg.d_model == int(1024 * scale) and cfg.e_layers == layers and cfg.d_ff == int(2048 * scale)
+        assert cfg.head_dim % 4 == 0 and cfg.d_model == cfg.head_dim * cfg.n_heads
+        assert count_parameters(TimerXL(cfg)) < count_parameters(TimerXL(target)) * scale
+
+
+def test_odd_scales_round_to_valid_heads():
+    cfg = scaled_config(ModelConfig(d_model=1024, n_heads=8, scale_d_model=0.7, scale_n_heads=0.7), 7)
+    assert cfg.head_dim % 4 == 0 and cfg.d_model % cfg.n_heads == 0
+
+
+def test_stochastic_head_bounds_log_variance():
+    model = tiny_timer(stochastic=True)
+    mean, logvar = model(torch.randn(2, 3, 4, 8) * 100, times_for(2, 0, 4, "cpu"))
+    assert mean.shape == logvar.shape == (2, 3, 4, 8)
+    assert (logvar >= model.cfg.logvar_min).all() and (logvar <= model.cfg.logvar_max).all()
+
+
+def test_next_patch_loss_trains_every_position():
+    model = tiny_timer(n_vars=2)
+    window = smooth_series(4, 64, 2)
+    loss = next_patch_loss(model, window, lookback=32)
+    loss.backward()
+    assert loss.item() > 0 and model.embed.weight.grad is not None

@@ -1,0 +1,66 @@
+"""Sweep figures: every plot written as non-empty PNG and PDF; plots without their columns are skipped."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pandas as pd
+import typer
+from typer.testing import CliRunner
+
+from specctl.commands.plot import plot as plot_cmd
+from specctl.core.plots import PLOTS, render
+
+SEED_PLOTS = {"acceptance_vs_mse", "acceptance_heatmap", "mse_heatmap", "k_effect", "pareto_frontier",
+              "speedup_vs_predicted"}
+
+
+def grid_results() -> pd.DataFrame:
+    """A 2 sigma x 2 bias x 2 K sweep with plausible metrics."""
+    rows = []
+    for i, (sigma, bias, k) in enumerate(itertools.product([0.25, 0.5], [1.0, 2.0], [2, 4])):
+        acceptance = min(1.0, sigma * bias)
+        rows.append({"trial_id": f"t{i}", "spec.sigma": sigma, "spec.bias": bias, "spec.k": k,
+                     "acceptance_rate": acceptance, "mean_accepted": acceptance * k, "mse": 0.45 + 0.02 * bias * sigma,
+                     "mse_target": 0.45, "speedup": 1 + acceptance * k / 5, "predicted_speedup": 1.1 + acceptance * k / 5,
+                     "wall_s": 1.0, "status": "ok", "error": ""})
+    return pd.DataFrame(rows)
+
+
+def cli(*args: str):
+    app = typer.Typer()
+    app.command()(plot_cmd)
+    return CliRunner().invoke(app, list(args))
+
+
+def test_every_plot_is_written_as_png_and_pdf(tmp_path):
+    assert SEED_PLOTS <= set(PLOTS)
+    written, skipped = render(grid_results(), tmp_path / "plots")
+    assert skipped == {}
+    assert {p.name for p in written} == {f"{n}.{f}" for n in PLOTS for f in ("png", "pdf")}
+    for path in written:
+        head = path.read_bytes()[:8]
+        assert path.stat().st_size > 1000 and head.startswith(b"\x89PNG" if path.suffix == ".png" else b"%PDF")
+
+
+def test_plots_whose_columns_were_not_swept_are_skipped_with_a_note(tmp_path):
+    frame = grid_results().query("`spec.bias` == 1.0").drop(columns=["speedup"])
+    frame.to_csv(tmp_path / "results.csv", index=False)
+    result = cli(str(tmp_path / "results.csv"), "--out", str(tmp_path / "figs"))
+    assert result.exit_code == 0, result.output
+    assert "skipped acceptance_heatmap: spec.bias not swept" in result.output
+    assert "skipped speedup_vs_predicted: no speedup column" in result.output
+    assert (tmp_path / "figs" / "k_effect.pdf").stat().st_size > 0
+    assert not (tmp_path / "figs" / "mse_heatmap.png").exists()
+
+
+def test_plot_only_one_and_default_folder_beside_the_csv(tmp_path):
+    grid_results().to_csv(tmp_path / "results.csv", index=False)
+    result = cli(str(tmp_path / "results.csv"), "--only", "pareto_frontier", "--json")
+    assert result.exit_code == 0, result.output
+    files = json.loads(result.output)["files"]
+    assert sorted(Path(f).name for f in files) == ["pareto_frontier.pdf", "pareto_frontier.png"]
+    assert Path(files[0]).parent == tmp_path / "plots"
+    assert cli(str(tmp_path / "results.csv"), "--only", "nope").exit_code == 2

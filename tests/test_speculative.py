@@ -1,0 +1,123 @@
+"""Invariants of the speculative engine on tiny models (CPU, fp32)."""
+
+import math
+
+import pytest
+import torch
+
+from specctl.core.errors import SpecctlError
+from specctl.core.forecast import Norm, forecast_cached, times_for
+from specctl.core.model import init_logvar_head
+from specctl.core.rng import series_seeds
+from specctl.core.schema import SpecConfig
+from specctl.core.speculative import flat, speculative_forecast
+from tests.helpers import smooth_series, tiny_timer
+
+H = 40  # 5 patches of 8
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_timer(d_model=32, e_layers=2, seed=0), tiny_timer(d_model=16, e_layers=1, seed=1)
+
+
+def run(models, context, **spec):
+    target, draft = models
+    seeds = series_seeds(0, torch.arange(context.shape[0]))
+    return speculative_forecast(target, draft, context, H, SpecConfig(**spec), seeds)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_tolerance_zero_is_target_only(models, k):
+    context = smooth_series(4, 32, 3)
+    result = run(models, context, rule="tolerance", tol=0.0, k=k)
+    torch.testing.assert_close(result.forecast, forecast_cached(models[0], context, H), atol=1e-5, rtol=0)
+    assert int(result.accepted.sum()) == 0
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_tolerance_infinite_with_draft_mean_is_draft_only(models, k):
+    context = smooth_series(4, 32, 3)
+    result = run(models, context, rule="tolerance", tol=1e9, k=k, emit="draft_mean")
+    torch.testing.assert_close(result.forecast, forecast_cached(models[1], context, H), atol=1e-5, rtol=0)
+    assert int(result.accepted.sum()) == int(result.proposed.sum())
+
+
+def test_verification_pass_equals_step_by_step_decoding(models):
+    target, _ = models
+    context = smooth_series(2, 32, 3)
+    norm = Norm.fit(context)
+    tokens = norm.tokens(context, 8)
+    proposals = torch.randn(2, 3, 3, 8)  # K = 3 arbitrary draft tokens
+    sequence = torch.cat([tokens, proposals], dim=2)
+    cache = target.new_cache(2, 16)
+    target(tokens[:, :, :-1], times_for(2, 0, 3, "cpu"), cache)
+    one_pass, _ = target(sequence[:, :, 3:], times_for(2, 3, 4, "cpu"), cache)  # [last, d1, d2, d3]
+    step_cache = target.new_cache(2, 16)
+    target(tokens[:, :, :-1], times_for(2, 0, 3, "cpu"), step_cache)
+    steps = [target(sequence[:, :, n : n + 1], times_for(2, n, 1, "cpu"), step_cache)[0] for n in range(3, 7)]
+    torch.testing.assert_close(one_pass, torch.cat(steps, dim=2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("spec", [
+    dict(rule="tolerance", tol=0.5, k=3),
+    dict(rule="gaussian", sigma=2.5, k=3),
+    dict(rule="exact", sigma=2.5, k=2, emit="sample"),
+])
+def test_mixed_acceptance_in_a_batch_matches_batch_of_one(models, spec):
+    context = smooth_series(5, 32, 3, seed=3)
+    target, draft = models
+    seeds = series_seeds(7, torch.arange(5))
+    batch = speculative_forecast(target, draft, context, H, SpecConfig(**spec), seeds)
+    assert len(set(batch.accepted.tolist())) > 1, "the test needs series that accept different counts"
+    for b in range(5):
+        alone = speculative_forecast(target, draft, context[b : b + 1], H, SpecConfig(**spec), seeds[b : b + 1])
+        torch.testing.assert_close(batch.forecast[b : b + 1], alone.forecast, atol=1e-5, rtol=0)
+        assert int(alone.accepted) == int(batch.accepted[b])
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_exact_rule_reproduces_target_distribution(stochastic):
+    """Many series with one context: the first emitted token must be distributed as N(t_1, sigma^2)."""
+    target = tiny_timer(n_vars=1, d_model=32, e_layers=1, seed=0)
+    draft = tiny_timer(n_vars=1, d_model=16, e_layers=1, seed=1, stochastic=stochastic)
+    init_logvar_head(draft, math.log(1.5))  # a learned std of the same order as sigma, but not equal to it
+    with torch.no_grad():
+        draft.head.weight[8:].mul_(0.05)
+    n, sigma = 4000, 1.0
+    context = smooth_series(1, 32, 1).expand(n, -1, -1).contiguous()
+    spec = SpecConfig(rule="exact", sigma=sigma, k=2, emit="sample", exact_max_tries=200)
+    result = speculative_forecast(target, draft, context, 8, spec, series_seeds(11, torch.arange(n)))
+    t1 = forecast_cached(target, context[:1], 8)[0]  # the target's mean for the first forecast token [8, 1]
+    first = result.forecast[:, :8, 0]
+    accepted = result.accepted.sum().item() / result.proposed.sum().item()
+    assert 0.05 < accepted < 0.95, "the test needs both accepts and rejects"
+    z = (first.mean(0) - t1[:, 0]) / (sigma / math.sqrt(n))
+    assert z.abs().max() < 4.5
+    torch.testing.assert_close(first.std(0), torch.full((8,), sigma), atol=0.04, rtol=0)
+    assert int(result.cap_hits.sum()) == 0
+
+
+def test_equal_variance_acceptance_matches_closed_form():
+    """gaussian rule, deterministic draft, first round: P(accept d_1) = 2 Phi(-Delta/2)."""
+    target = tiny_timer(n_vars=1, d_model=32, e_layers=1, seed=0)
+    draft = tiny_timer(n_vars=1, d_model=16, e_layers=1, seed=1)
+    n, sigma = 6000, 1.5
+    context = smooth_series(1, 32, 1).expand(n, -1, -1).contiguous()
+    result = speculative_forecast(target, draft, context, 8, SpecConfig(rule="gaussian", sigma=sigma, k=1),
+                                  series_seeds(3, torch.arange(n)))
+    t1, d1 = forecast_cached(target, context[:1], 8), forecast_cached(draft, context[:1], 8)
+    delta = (t1 - d1).norm() / sigma
+    expected = math.erfc(delta.item() / (2 * math.sqrt(2)))
+    assert result.accepted.float().mean().item() == pytest.approx(expected, abs=0.02)
+
+
+def test_incompatible_draft_is_rejected():
+    with pytest.raises(SpecctlError, match="n_vars"):
+        speculative_forecast(tiny_timer(n_vars=3), tiny_timer(n_vars=2), smooth_series(1, 32, 3), H,
+                             SpecConfig(), series_seeds(0, torch.arange(1)))
+
+
+def test_flat_layout_round_trip():
+    x = torch.randn(2, 3, 4, 8)
+    assert flat(x).shape == (2, 4, 24)
