@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specctl.core.model import TimerXL
+from specctl.core.model import Stepper, TimerXL
 
 EPS = 1e-5
 
@@ -64,35 +64,22 @@ def next_patch_loss(model: TimerXL, window: torch.Tensor, lookback: int) -> torc
     return torch.mean((norm.series(mean) - window[:, P:]) ** 2)
 
 
-def prefill(model: TimerXL, tokens: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the lookback tokens [B, C, N0, P] into the cache; returns the prediction for time N0."""
-    mean, logvar = model(tokens, times_for(tokens.shape[0], 0, tokens.shape[2], tokens.device), cache)
-    return mean[:, :, -1], (None if logvar is None else logvar[:, :, -1])
-
-
-def decode_one(model: TimerXL, token: torch.Tensor, pos: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Feed one token [B, C, P] at times pos [B]; returns the prediction for pos + 1."""
-    mean, logvar = model(token[:, :, None], pos[:, None], cache)
-    return mean[:, :, 0], (None if logvar is None else logvar[:, :, 0])
-
-
 @torch.no_grad()
-def forecast_cached(model: TimerXL, context: torch.Tensor, horizon: int) -> torch.Tensor:
+def forecast_cached(model: TimerXL, context: torch.Tensor, horizon: int, stepper: Stepper | None = None) -> torch.Tensor:
     """Growing-context rolling forecast with a KV cache: one prefill, then one token per step."""
     P = model.cfg.patch_len
     steps = n_tokens(horizon, P)
     norm = Norm.fit(context)
     tokens = norm.tokens(context, P)
     B, _, n0, _ = tokens.shape
-    cache = model.new_cache(B, n0 + steps)
-    pred, _ = prefill(model, tokens, cache)
+    step = stepper or Stepper(model, B, n0 + steps)
+    mean, _ = step(tokens, times_for(B, 0, n0, context.device))
+    pred = mean[:, :, -1:]
     out = [pred]
-    pos = torch.full((B,), n0, device=context.device)
-    for _ in range(steps - 1):
-        pred, _ = decode_one(model, pred, pos, cache)
+    for i in range(steps - 1):
+        pred, _ = step(pred, times_for(B, n0 + i, 1, context.device))
         out.append(pred)
-        pos = pos + 1
-    return norm.series(torch.stack(out, dim=2))[:, :horizon]
+    return norm.series(torch.cat(out, dim=2))[:, :horizon]
 
 
 @torch.no_grad()

@@ -221,3 +221,43 @@ def check_compatible(cfg: TimerConfig, other: TimerConfig, what: str) -> None:
     for key in ("patch_len", "n_vars"):
         if getattr(cfg, key) != getattr(other, key):
             raise SpecctlError(f"{what}: {key} {getattr(other, key)} does not match {getattr(cfg, key)}")
+
+
+class Stepper:
+    """A model with its own KV cache for a fixed batch size: `step(tokens, times) -> (mean, logvar)`.
+
+    With `graphs` on a CUDA device, each input shape is captured once as a CUDA graph and replayed, which
+    removes the per-kernel launch cost that dominates small-batch decoding. The cache is allocated once and
+    reused across forecasts: stale slots are never visible because the mask only admits times <= the query's.
+    """
+
+    def __init__(self, model: TimerXL, batch: int, max_len: int, graphs: bool = False) -> None:
+        self.model, self.batch, self.max_len = model, batch, max_len
+        self.cache = model.new_cache(batch, max_len)
+        self.graphs = graphs and self.cache.k.is_cuda
+        self.captured: dict[tuple, tuple] = {}
+
+    def __call__(self, tokens: torch.Tensor, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.graphs:
+            return self.model(tokens, times, self.cache)
+        key = (tuple(tokens.shape), tuple(times.shape))
+        if key not in self.captured:
+            self.captured[key] = self.capture(tokens, times)
+        graph, static_tokens, static_times, out = self.captured[key]
+        static_tokens.copy_(tokens)
+        static_times.copy_(times)
+        graph.replay()
+        return out[0].clone(), (None if out[1] is None else out[1].clone())
+
+    def capture(self, tokens: torch.Tensor, times: torch.Tensor) -> tuple:
+        static_tokens, static_times = tokens.clone(), times.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph, as CUDA graph capture requires
+            for _ in range(2):
+                self.model(static_tokens, static_times, self.cache)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.model(static_tokens, static_times, self.cache)
+        return graph, static_tokens, static_times, out

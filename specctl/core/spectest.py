@@ -23,12 +23,12 @@ from specctl.core.data import load_series
 from specctl.core.errors import SpecctlError
 from specctl.core.evaluate import window_starts
 from specctl.core.files import write_csv
-from specctl.core.forecast import Norm, decode_one, forecast_cached, forecast_sliding, prefill
-from specctl.core.model import TimerXL, load_timer
+from specctl.core.forecast import Norm, forecast_cached, forecast_sliding, times_for
+from specctl.core.model import Stepper, load_timer
 from specctl.core.rng import series_seeds
 from specctl.core.runtime import PhaseClock, Timing, time_call
 from specctl.core.schema import Profile
-from specctl.core.speculative import SpecResult, check_pair, speculative_forecast
+from specctl.core.speculative import SpecResult, cache_length, check_pair, speculative_forecast
 
 METRICS = {
     "proposed": "draft tokens proposed (K per round per active series), summed",
@@ -91,16 +91,14 @@ def measure(fn: Callable[[Window], Any], batches: list[Window], device, repeats:
     return outputs, timings
 
 
-def step_time(model: TimerXL, context: torch.Tensor, device, repeats: int = 20) -> float:
-    """Median time of one cached decode step at this batch size (for c_hat)."""
-    P = model.cfg.patch_len
-    tokens = Norm.fit(context).tokens(context, P)
-    n0 = tokens.shape[2]
-    cache = model.new_cache(context.shape[0], n0 + 1)
-    with torch.no_grad():
-        pred, _ = prefill(model, tokens, cache)
-        pos = torch.full((context.shape[0],), n0, device=device)
-        return time_call(lambda: decode_one(model, pred, pos, cache), device, repeats, 3).median
+@torch.no_grad()
+def step_time(step: Stepper, context: torch.Tensor, device, repeats: int = 20) -> float:
+    """Median time of one cached one-token decode step at this batch size (for c_hat)."""
+    tokens = Norm.fit(context).tokens(context, step.model.cfg.patch_len)
+    B, n0 = tokens.shape[0], tokens.shape[2]
+    step(tokens, times_for(B, 0, n0, device))
+    one, at = tokens[:, :, -1:], times_for(B, n0, 1, device)
+    return time_call(lambda: step(one, at), device, repeats, 3).median
 
 
 def errors(forecasts: list[torch.Tensor], truths: list[torch.Tensor]) -> tuple[float, float]:
@@ -138,19 +136,36 @@ class SpecTestSession:
             for chunk in np.array_split(starts, max(1, math.ceil(len(starts) / spec.batch_size)))
         ]
         self.truths = [b.truth for b in self.batches]
+        self.graphs = spec.cuda_graphs and device.type == "cuda"
+        self.steppers: dict[tuple[str, int], Stepper] = {}
         timed = lambda fn: Measured(*measure(fn, self.batches, device, spec.repeats, spec.warmup))  # noqa: E731
-        self.cached = timed(lambda b: forecast_cached(self.target, b.context, self.horizon))
+        cached = lambda which, b: forecast_cached(  # noqa: E731
+            getattr(self, which), b.context, self.horizon, self.stepper(which, len(b.ids), spec.k))
+        self.cached = timed(lambda b: cached("target", b))
         self.sliding = timed(lambda b: forecast_sliding(self.target, b.context, self.horizon)) if spec.sliding_baseline else None
-        self.draft_alone = timed(lambda b: forecast_cached(self.draft, b.context, self.horizon)) if spec.draft_only else None
-        first = self.batches[0].context
-        self.c_hat = step_time(self.draft, first, device) / step_time(self.target, first, device)
+        self.draft_alone = timed(lambda b: cached("draft", b)) if spec.draft_only else None
+        first = self.batches[0]
+        self.c_hat = (step_time(self.stepper("draft", len(first.ids), spec.k), first.context, device)
+                      / step_time(self.stepper("target", len(first.ids), spec.k), first.context, device))
+
+    def stepper(self, which: str, batch: int, k: int) -> Stepper:
+        """The model's cache (and CUDA graphs) for this batch size, long enough for speculation length k."""
+        model = getattr(self, which)
+        patch, lookback = model.cfg.patch_len, self.profile.data.lookback
+        step = self.steppers.get((which, batch))
+        if step is None or step.max_len < cache_length(lookback, self.horizon, patch, k):
+            step = Stepper(model, batch, cache_length(lookback, self.horizon, patch, max(k, 8)), self.graphs)
+            self.steppers[which, batch] = step
+        return step
 
     def compatible(self, profile: Profile) -> bool:
         return session_key(profile) == self.key
 
     def speculate(self, profile: Profile, batch: Window, debug: bool = False, clock: PhaseClock | None = None) -> SpecResult:
         seeds = series_seeds(profile.seed, torch.from_numpy(batch.ids).to(self.device))
-        return speculative_forecast(self.target, self.draft, batch.context, self.horizon, profile.spec, seeds, debug, clock)
+        k, B = profile.spec.k, len(batch.ids)
+        return speculative_forecast(self.stepper("target", B, k), self.stepper("draft", B, k), batch.context,
+                                    self.horizon, profile.spec, seeds, debug, clock)
 
     def run(self, profile: Profile, debug_csv: Path | None = None) -> dict[str, Any]:
         if not self.compatible(profile):
@@ -191,7 +206,7 @@ class SpecTestSession:
             "horizon": self.horizon, "wall_s_spec": spec_seconds, "wall_s_target": self.cached.seconds,
             "batch_ms_spec": [1e3 * t.median for t in timings],
             "batch_ms_spec_spread": [1e3 * (t.high - t.low) for t in timings],
-            "breakdown_s": clock.totals,
+            "breakdown_s": clock.totals, "cuda_graphs": self.graphs,
         }
         if self.sliding is not None:
             metrics["mse_sliding"], metrics["mae_sliding"] = errors(self.sliding.forecasts, self.truths)

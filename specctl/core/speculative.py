@@ -26,7 +26,7 @@ import torch
 from specctl.core import acceptance
 from specctl.core.errors import SpecctlError
 from specctl.core.forecast import Norm, n_tokens, times_for
-from specctl.core.model import TimerXL, check_compatible
+from specctl.core.model import Stepper, TimerXL, check_compatible
 from specctl.core.rng import normal, uniform
 from specctl.core.runtime import PhaseClock
 from specctl.core.schema import SpecConfig
@@ -70,6 +70,12 @@ class SpecResult:
         return rows
 
 
+def cache_length(lookback: int, horizon: int, patch_len: int, k: int) -> int:
+    """Cache slots a speculative forecast needs: a finished series rides along at p <= n0 + steps + K - 1
+    (static shapes) and writes K further slots."""
+    return lookback // patch_len + n_tokens(horizon, patch_len) + 2 * k + 1
+
+
 def check_pair(target: TimerXL, draft: TimerXL, lookback: int) -> None:
     check_compatible(target.cfg, draft.cfg, "draft")
     if lookback // target.cfg.patch_len < 2:
@@ -88,13 +94,23 @@ def unflat(values: torch.Tensor, n_vars: int) -> torch.Tensor:
 
 @torch.no_grad()
 def speculative_forecast(
-    target: TimerXL, draft: TimerXL, context: torch.Tensor, horizon: int, spec: SpecConfig,
+    target: TimerXL | Stepper, draft: TimerXL | Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig,
     seeds: torch.Tensor, debug: bool = False, clock: PhaseClock | None = None,
 ) -> SpecResult:
-    """Forecast `horizon` points for each series of `context` [B, L, C] with draft proposals verified by the target."""
-    check_pair(target, draft, context.shape[1])
-    P, C, K = target.cfg.patch_len, target.cfg.n_vars, spec.k
-    B, device = context.shape[0], context.device
+    """Forecast `horizon` points for each series of `context` [B, L, C] with draft proposals verified by the target.
+
+    `target` and `draft` are models, or Steppers (model + reusable cache, optionally CUDA graphs) sized for
+    this batch and at least `cache_length` slots."""
+    B, L, device = context.shape[0], context.shape[1], context.device
+    need = cache_length(L, horizon, (target.model if isinstance(target, Stepper) else target).cfg.patch_len, spec.k)
+    tstep = target if isinstance(target, Stepper) else Stepper(target, B, need)
+    dstep = draft if isinstance(draft, Stepper) else Stepper(draft, B, need)
+    if min(tstep.max_len, dstep.max_len) < need or tstep.batch != B or dstep.batch != B:
+        raise SpecctlError(f"internal: steppers sized for batch {tstep.batch}/{dstep.batch} and {tstep.max_len} slots, "
+                           f"need batch {B} and {need}")
+    check_pair(tstep.model, dstep.model, L)
+    stochastic = dstep.model.cfg.stochastic
+    P, C, K = tstep.model.cfg.patch_len, tstep.model.cfg.n_vars, spec.k
     steps = n_tokens(horizon, P)
     norm = Norm.fit(context)
     tokens = norm.tokens(context, P)
@@ -105,19 +121,16 @@ def speculative_forecast(
     sampling = spec.rule in ("gaussian", "exact")
     feed_samples = sampling and spec.emit == "sample"
     residual_needed = feed_samples and spec.rule == "exact"
-    reflect = residual_needed and not draft.cfg.stochastic  # sigma_q = sigma: residual by reflection
+    reflect = residual_needed and not stochastic  # sigma_q = sigma: residual by reflection
     tries = 1 if reflect else spec.exact_max_tries
     D = C * P
     # counters per round: K draft noises, K accept uniforms, residual noises + uniforms, one bonus noise
     block = K * D + K + tries * D + tries + D
     ar_kd = torch.arange(K * D, device=device).view(1, K, D)
 
-    # a finished series rides along at p <= n0 + steps + K - 1 and writes K further slots
-    max_len = n0 + steps + 2 * K + 1
-    tcache, dcache = target.new_cache(B, max_len), draft.new_cache(B, max_len)
     warm = times_for(B, 0, n0 - 1, device)
-    target(tokens[:, :, : n0 - 1], warm, tcache)
-    draft(tokens[:, :, : n0 - 1], warm, dcache)
+    tstep(tokens[:, :, : n0 - 1], warm)
+    dstep(tokens[:, :, : n0 - 1], warm)
     prev, last = flat(tokens[:, :, n0 - 2]), flat(tokens[:, :, n0 - 1])  # [B, D] normalised
     p = torch.full((B,), n0 - 1, device=device)
     out = torch.zeros(B, steps + K + 1, D, device=device)
@@ -141,7 +154,7 @@ def speculative_forecast(
         mus, xs, feds, stds = [], [], [], []
         eps = normal(seeds, base[:, :, None] + ar_kd) if sampling else None  # [B, K, D]
         for i in range(K):
-            mean, logvar = draft(feed, feed_times, dcache)
+            mean, logvar = dstep(feed, feed_times)
             mu = flat(mean[:, :, -1]) * scale[:, 0] + shift[:, 0]  # scaled units
             std_q = (flat(logvar[:, :, -1]).mul(0.5).exp() * scale[:, 0]) if logvar is not None else spec.sigma
             x = mu + std_q * eps[:, i] if sampling else mu  # x ~ q = N(mu, std_q^2)
@@ -149,11 +162,11 @@ def speculative_forecast(
             mus.append(mu), xs.append(x), feds.append(fed), stds.append(std_q)
             feed, feed_times = unflat(((fed - shift[:, 0]) / scale[:, 0])[:, None], C), (p + i + 1)[:, None]
         mu, x, fed = torch.stack(mus, 1), torch.stack(xs, 1), torch.stack(feds, 1)  # [B, K, D]
-        std_q = torch.stack(stds, 1) if draft.cfg.stochastic else spec.sigma
+        std_q = torch.stack(stds, 1) if stochastic else spec.sigma
         mark("draft")
         # target verifies all K in one pass: t_i for positions p+1..p+K+1
         verify_in = torch.cat([last[:, None], (fed - shift) / scale], dim=1)  # [B, K+1, D] normalised
-        t_norm, _ = target(unflat(verify_in, C), p[:, None] + pos[None, : K + 1], tcache)
+        t_norm, _ = tstep(unflat(verify_in, C), p[:, None] + pos[None, : K + 1])
         t = flat(t_norm) * scale + shift  # [B, K+1, D]
         mark("verify")
         prob, log_ratio = acceptance.acceptance_probability(spec.rule, x, t, mu, std_q, spec.sigma, spec.bias, spec.tol)
