@@ -5,8 +5,11 @@ from __future__ import annotations
 import typer
 
 from specctl.commands import profiles
+from specctl.commands.analyze import analyze
+from specctl.commands.plot import plot
 from specctl.commands.pretrain import pretrain
 from specctl.commands.spec_test import spec_test
+from specctl.commands.sweep import sweep
 
 app = typer.Typer(
     name="specctl",
@@ -19,3 +22,6 @@ app = typer.Typer(
 app.add_typer(profiles.app, name="profiles")
 app.command("pretrain")(pretrain)
 app.command("spec-test")(spec_test)
+app.command("sweep")(sweep)
+app.command("analyze")(analyze)
+app.command("plot")(plot)

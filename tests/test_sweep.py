@@ -213,6 +213,8 @@ def test_a_killed_sweep_keeps_its_csv_and_the_rerun_runs_only_missing_trials(tmp
     child.send_signal(sig)
     code = child.wait(timeout=30)
     assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+    manifest = json.loads(next((tmp_path / "runs" / "sweep").glob("toy-*/manifest.json")).read_text())
+    assert manifest["status"] == ("interrupted" if sig == signal.SIGINT else "running")
     done = {r["trial_id"] for r in rows(out)}
     assert 2 <= len(done) < 8 and {r["status"] for r in rows(out)} == {"ok"}
     orphans = {e["pid"] for e in events(tmp_path)} - {child.pid}

@@ -4,7 +4,7 @@ swept key, and recommendations for the sweep guide's decision criteria. Pure dat
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,7 @@ class Criterion:
     mse_ratio: float | None = None
     min_acceptance: float | None = None
 
-    def describe(self, ok: pd.DataFrame) -> str:
+    def rule(self, ok: pd.DataFrame) -> str:
         parts = []
         if self.mse_ratio is not None:
             targets = ok["mse_target"].dropna().unique() if "mse_target" in ok else []
@@ -166,7 +166,7 @@ def recommend(ok: pd.DataFrame, criteria: list[Criterion]) -> list[Recommendatio
     for criterion in criteria:
         feasible = ok[criterion.feasible(ok)].sort_values([speed, "mse"], ascending=[False, True], kind="stable")
         best = records(feasible.head(1)[shown_columns(ok)])
-        recommendations.append(Recommendation(criterion.scenario, criterion.describe(ok), speed, len(feasible),
+        recommendations.append(Recommendation(criterion.scenario, criterion.rule(ok), speed, len(feasible),
                                               best[0] if best else None))
     return recommendations
 
@@ -181,7 +181,7 @@ class Report:
     top: dict[str, pd.DataFrame]
     pareto: dict[str, pd.DataFrame]
     effects: pd.DataFrame
-    recommendations: list[Recommendation] = field(default_factory=list)
+    recommendations: list[Recommendation]
 
 
 def analyze(frame: pd.DataFrame, sources: list[str], n: int = 5, criteria: list[Criterion] | None = None) -> Report:

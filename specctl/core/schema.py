@@ -140,3 +140,18 @@ class Profile(Strict):
     spec: SpecConfig = SpecConfig()
     llm: LLMConfig = LLMConfig()
     sweep: dict[str, list[Any]] = {}
+
+    @field_validator("sweep", mode="before")
+    @classmethod
+    def _dotted_sweep_keys(cls, table: Any) -> Any:
+        """`spec.sigma = [...]` written unquoted in [sweep] parses as a nested table; flatten it to dotted keys."""
+        if not isinstance(table, dict):
+            return table
+        flat: dict[str, Any] = {}
+        for key, value in table.items():
+            if isinstance(value, dict):
+                for sub, inner in cls._dotted_sweep_keys(value).items():
+                    flat[f"{key}.{sub}"] = inner
+            else:
+                flat[key] = value
+        return flat

@@ -1,0 +1,38 @@
+"""`specctl plot RESULTS.csv --out DIR`: the sweep figures, each as PNG and PDF."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from specctl.commands.common import JsonOpt, console, handle_errors
+from specctl.core.analysis import finished, load_results
+from specctl.core.errors import SpecctlError
+from specctl.core.plots import PLOTS, render
+
+
+@handle_errors
+def plot(
+    results: Annotated[list[Path], typer.Argument(help="Sweep results CSV(s); several are merged by trial id.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the figures (default: plots/ beside the first CSV).")] = None,
+    only: Annotated[Optional[list[str]], typer.Option("--only", help=f"Draw only this plot (repeatable): {', '.join(PLOTS)}.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Sweep figures as PNG and PDF; a plot whose columns were not swept is skipped, with a note."""
+    unknown = [name for name in only or [] if name not in PLOTS]
+    if unknown:
+        raise SpecctlError(f"unknown plot '{unknown[0]}' (known: {', '.join(PLOTS)})")
+    ok = finished(load_results(results, ("trial_id", "status")))  # each plot checks its own columns
+    if ok.empty:
+        raise SpecctlError(f"no finished trial in {', '.join(map(str, results))}: nothing to plot")
+    out_dir = out or results[0].parent / "plots"
+    written, skipped = render(ok, out_dir, only)
+    if json_out:
+        print(json.dumps({"out": str(out_dir), "files": [str(p) for p in written], "skipped": skipped}, indent=2))
+        return
+    for name, reason in skipped.items():
+        console.print(f"note: skipped {name}: {reason}")
+    console.print(f"{len(written)} files in {out_dir}: " + ", ".join(sorted({p.stem for p in written})))
