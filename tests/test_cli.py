@@ -121,7 +121,8 @@ def test_checkpoint_that_does_not_match_profile():
 
 def test_missing_checkpoint_for_spec_test():
     assert_clean_error(invoke("spec-test", "--profile", "quickstart", "--set", 'spec.target="nowhere"',
-                              "--set", 'spec.target_profile=""'), "checkpoint not found")
+                              "--set", 'spec.target_profile=""',
+                              "--set", 'spec.draft_profile=""'), "checkpoint not found")
 
 
 @pytest.mark.parametrize("override, fragment", [("spec.k=0", "spec.k"), ("spec.sigma=-1", "spec.sigma"),
