@@ -15,8 +15,8 @@ at the floor: a draft that fits its labels exactly settles at d = sqrt(2 var_reg
 penalty mean(-logvar) would instead inflate every variance by 1 / (1 - 2 var_reg) and never stop a collapse for
 var_reg < 0.5.) teacher_noise does the main work: the labels' own noise keeps s^2 >= teacher_noise^2.
 
-Acceptance estimate: on rolling test windows, per generated token (one time step: P*C values) with the same real
-context for both models, in the models' normalised token units (where the speculative decoder compares t and mu):
+Acceptance estimate: on rolling test windows, per generated token (one patch of every variable: P*C values) with
+the same real context for both models, in scaled data units (where the speculative engine applies spec.sigma):
 deterministic draft, q = N(mu, sigma^2 I): P(accept) = 2 Phi(-Delta/2), Delta = ||t - mu|| / sigma;
 stochastic draft, q = N(mu, s_q^2): P(accept) = E_{x~q} min(1, p(x)/q(x)) = 1 - TV(p, q), by Monte Carlo.
 """
@@ -49,12 +49,13 @@ MC_SAMPLES = 32  # proposals per token for a stochastic draft's acceptance estim
 DEFINITIONS = {
     "teacher_mse": "validation MSE between draft mean and target prediction, every position, scaled units",
     "truth_mse": "validation MSE between draft mean and the real next patch, every position, scaled units",
-    "std_mean/std_p05/std_p95": "predicted std exp(logvar/2) in normalised token units: mean, 5th, 95th percentile",
+    "std_mean/std_p05/std_p95": "predicted std in scaled units (as the gaussian rule sees it): mean, 5th, 95th "
+                                "percentile",
     "near_floor": f"share of log-variances within {COLLAPSE_MARGIN} of model.logvar_min",
     "draft_mse/target_mse/draft_target_mse": "test windows, generated positions, teacher forcing on real "
                                              "context, scaled units",
     "acceptance": "mean P(accept) per generated token (P*C values) under the gaussian rule with bias 1 at sigma, in "
-                  "normalised token units: 2 Phi(-||t - mu|| / (2 sigma)) for a deterministic draft, "
+                  "scaled units: 2 Phi(-||t - mu|| / (2 sigma)) for a deterministic draft, "
                   "E_{x~q} min(1, p(x)/q(x)) by Monte Carlo for a stochastic one",
 }
 
@@ -181,18 +182,17 @@ def distill_loss(cfg: DistillConfig, p: Pass, logvar_min: float, noise: float) -
     return loss + cfg.var_reg * collapse_penalty(p.logvar, logvar_min) if cfg.loss == "nll" else loss
 
 
-def spread(logvar: Tensor, logvar_min: float) -> dict[str, float]:
-    """Predicted std in token units, exp(logvar / 2): mean, 5th and 95th percentile; share near the floor."""
-    lv = logvar.double().cpu().numpy()
-    p05, p95 = np.exp(0.5 * np.percentile(lv, [5, 95]))
-    return {"std_mean": float(np.exp(0.5 * lv).mean()), "std_p05": float(p05), "std_p95": float(p95),
-            "near_floor": float(np.mean(lv < logvar_min + COLLAPSE_MARGIN))}
+def spread(std: Tensor, logvar: Tensor, logvar_min: float) -> dict[str, float]:
+    """Predicted std (scaled units): mean, 5th and 95th percentile; share of log-variances near the floor."""
+    p05, p95 = np.percentile(std.double().cpu().numpy(), [5, 95])
+    return {"std_mean": std.double().mean().item(), "std_p05": float(p05), "std_p95": float(p95),
+            "near_floor": (logvar < logvar_min + COLLAPSE_MARGIN).double().mean().item()}
 
 
 def validation_metrics(cfg: DistillConfig, draft: TimerXL, target: TimerXL, batches: Iterable[Tensor],
                        lookback: int) -> dict[str, float]:
     """val_loss (the distillation loss against the clean target), draft-vs-target and draft-vs-truth MSE."""
-    losses, vs_target, vs_truth, logvars = [], [], [], []
+    losses, vs_target, vs_truth, stds, logvars = [], [], [], [], []
     for window in batches:
         p = forward_pass(draft, target, window, lookback)
         mean = p.norm.series(p.mean)
@@ -200,10 +200,11 @@ def validation_metrics(cfg: DistillConfig, draft: TimerXL, target: TimerXL, batc
         vs_target.append(torch.mean((mean - p.norm.series(p.target)) ** 2).item())
         vs_truth.append(torch.mean((mean - p.truth) ** 2).item())
         if p.logvar is not None:
+            stds.append(p.norm.variance(p.logvar).sqrt().flatten())
             logvars.append(p.logvar.flatten())
     metrics = {"val_loss": float(np.mean(losses)), "teacher_mse": float(np.mean(vs_target)),
                "truth_mse": float(np.mean(vs_truth))}
-    return metrics | (spread(torch.cat(logvars), draft.cfg.logvar_min) if logvars else {})
+    return metrics | (spread(torch.cat(stds), torch.cat(logvars), draft.cfg.logvar_min) if logvars else {})
 
 
 def epoch_warnings(record: dict[str, float], profile: Profile) -> list[str]:
@@ -232,9 +233,9 @@ def token_acceptance(t: Tensor, mu: Tensor, std_q: Tensor | None, sigma: float, 
     return total / samples
 
 
-def as_tokens(x: Tensor) -> Tensor:
-    """[B, C, K, P] -> [B, K, C*P]: one generated token is one time step of every variable."""
-    return x.permute(0, 2, 1, 3).flatten(2)
+def as_tokens(series: Tensor, patch_len: int) -> Tensor:
+    """[B, K*P, C] -> [B, K, P*C]: one generated token is one patch of every variable."""
+    return series.reshape(series.shape[0], -1, patch_len * series.shape[2])
 
 
 @torch.no_grad()
@@ -252,15 +253,17 @@ def estimate_acceptance(profile: Profile, draft: TimerXL, target: TimerXL, test:
     accepted, tokens = dict.fromkeys(sigmas, 0.0), 0
     for window in torch.cat([context, future], dim=1).split(profile.spec.batch_size):
         p = forward_pass(draft, target, window.to(device), lookback)
-        mean, t = p.mean[:, :, n0 - 1:], p.target[:, :, n0 - 1:]  # predictions for tokens n0..N-1
+        mean = p.norm.series(p.mean[:, :, n0 - 1:])  # predictions for tokens n0..N-1, scaled [B, K*P, C]
+        t = p.norm.series(p.target[:, :, n0 - 1:])
         truth = p.truth[:, lookback - P:]
-        sq["draft"] += torch.sum((p.norm.series(mean) - truth) ** 2).item()
-        sq["target"] += torch.sum((p.norm.series(t) - truth) ** 2).item()
-        sq["between"] += torch.sum((p.norm.series(mean) - p.norm.series(t)) ** 2).item()
-        std_q = None if p.logvar is None else as_tokens(torch.exp(0.5 * p.logvar[:, :, n0 - 1:]))
+        sq["draft"] += torch.sum((mean - truth) ** 2).item()
+        sq["target"] += torch.sum((t - truth) ** 2).item()
+        sq["between"] += torch.sum((mean - t) ** 2).item()
+        std_q = None if p.logvar is None else as_tokens(p.norm.variance(p.logvar[:, :, n0 - 1:]).sqrt(), P)
         for s in sigmas:
-            accepted[s] += token_acceptance(as_tokens(t), as_tokens(mean), std_q, s, samples, generators[s]).sum().item()
-        tokens += t.shape[0] * t.shape[2]
+            accepted[s] += token_acceptance(as_tokens(t, P), as_tokens(mean, P), std_q, s, samples,
+                                            generators[s]).sum().item()
+        tokens += t.shape[0] * t.shape[1] // P
     values = len(context) * future.shape[1] * future.shape[2]
     return Estimate(len(context), tokens, sq["draft"] / values, sq["target"] / values, sq["between"] / values,
                     {s: accepted[s] / tokens for s in sigmas})

@@ -1,10 +1,10 @@
 """Speculative rolling forecasts with continuous patch tokens (SPEC section 4).
 
-State per series b: `last`, the newest token of the sequence at position p[b], and `prev` at p[b] - 1. Both
-caches hold every token before p - 1; feeding a token at a position already cached rewrites identical keys,
-so every call has a static shape:
-  draft:  [prev, last] at (p-1, p) -> mu_1; then x_i at p+i -> mu_{i+1}            (K calls)
-  target: [last, x_1..x_K] at p..p+K -> t_1..t_{K+1}                                  (1 call)
+State per series b: `hist`, the final values of the W = min(K+1, n0) newest tokens, at positions p-W+1..p.
+Each round re-feeds them (rewriting those cache slots with what was finally emitted there) before proposing,
+so every call has a static shape and the context is exactly the emitted forecast:
+  draft:  hist at p-W+1..p -> mu_1; then fed_i at p+i -> mu_{i+1}                    (K calls)
+  target: [hist, fed_1..fed_K] at p-W+1..p+K -> t_1..t_{K+1}                         (1 call)
 Acceptance scans i = 1..K and stops at the first rejection j; the fed sequence continues with x_1..x_{j-1} and
 a correction at j (residual sample for `exact`, t_j otherwise), or with the bonus t_{K+1} when all K pass.
 With `draft_mean` emission the bonus is not taken, so the forecast is the draft's wherever it was accepted.
@@ -128,17 +128,19 @@ def speculative_forecast(
     block = K * D + K + tries * D + tries + D
     ar_kd = torch.arange(K * D, device=device).view(1, K, D)
 
+    W = min(K + 1, n0)
     warm = times_for(B, 0, n0 - 1, device)
     tstep(tokens[:, :, : n0 - 1], warm)
     dstep(tokens[:, :, : n0 - 1], warm)
-    prev, last = flat(tokens[:, :, n0 - 2]), flat(tokens[:, :, n0 - 1])  # [B, D] normalised
+    hist = flat(tokens[:, :, n0 - W :])  # [B, W, D] normalised: final values at p-W+1..p
     p = torch.full((B,), n0 - 1, device=device)
+    back = torch.arange(-(W - 1), K + 1, device=device)  # offsets p-W+1..p+K
     out = torch.zeros(B, steps + K + 1, D, device=device)
     n_out = torch.zeros(B, dtype=torch.long, device=device)
     zeros = lambda: torch.zeros(B, dtype=torch.long, device=device)  # noqa: E731
     res = SpecResult(torch.empty(0), zeros(), zeros(), zeros(), zeros(), zeros(), zeros(),
                      torch.zeros(K + 1, dtype=torch.long, device=device))
-    pos = torch.arange(K + 2, device=device)
+    pos = torch.arange(K + W, device=device)
     mark = clock.mark if clock is not None else (lambda phase: None)
     if clock is not None:
         clock.start()
@@ -149,8 +151,7 @@ def speculative_forecast(
             break
         base = (r * block + torch.zeros(B, 1, dtype=torch.long, device=device))
         # draft proposes K tokens autoregressively
-        feed = unflat(torch.stack([prev, last], dim=1), C)
-        feed_times = torch.stack([p - 1, p], dim=1)
+        feed, feed_times = unflat(hist, C), p[:, None] + back[None, :W]
         mus, xs, feds, stds = [], [], [], []
         eps = normal(seeds, base[:, :, None] + ar_kd) if sampling else None  # [B, K, D]
         for i in range(K):
@@ -165,9 +166,9 @@ def speculative_forecast(
         std_q = torch.stack(stds, 1) if stochastic else spec.sigma
         mark("draft")
         # target verifies all K in one pass: t_i for positions p+1..p+K+1
-        verify_in = torch.cat([last[:, None], (fed - shift) / scale], dim=1)  # [B, K+1, D] normalised
-        t_norm, _ = tstep(unflat(verify_in, C), p[:, None] + pos[None, : K + 1])
-        t = flat(t_norm) * scale + shift  # [B, K+1, D]
+        verify_in = torch.cat([hist, (fed - shift) / scale], dim=1)  # [B, W+K, D] normalised
+        t_norm, _ = tstep(unflat(verify_in, C), p[:, None] + back[None, :])
+        t = flat(t_norm[:, :, W - 1 :]) * scale + shift  # [B, K+1, D]: predictions for p+1..p+K+1
         mark("verify")
         prob, log_ratio = acceptance.acceptance_probability(spec.rule, x, t, mu, std_q, spec.sigma, spec.bias, spec.tol)
         u = uniform(seeds, base + K * D + torch.arange(K, device=device))
@@ -200,13 +201,10 @@ def speculative_forecast(
         write = (pos[None, : K + 1] < n_new[:, None]) & active[:, None]
         slots = (n_out[:, None] + pos[None, : K + 1]).clamp(max=out.shape[1] - 1)[:, :, None].expand(B, K + 1, D)
         out.scatter_(1, slots, torch.where(write[:, :, None], emitted, out.gather(1, slots)))
-        # advance: the fed sequence is [last, fed_1..fed_K] with the correction at n_acc + 1
-        seq = torch.cat([last[:, None], (fed - shift) / scale, torch.zeros_like(last)[:, None]], dim=1)  # [B, K+2, D]
-        seq.scatter_(1, (n_acc + 1)[:, None, None].expand(B, 1, D), ((correction - shift[:, 0]) / scale[:, 0])[:, None])
-        new_last = seq.gather(1, n_new[:, None, None].expand(B, 1, D)).squeeze(1)
-        new_prev = seq.gather(1, (n_new - 1)[:, None, None].expand(B, 1, D)).squeeze(1)
-        keep = active[:, None]
-        last, prev = torch.where(keep, new_last, last), torch.where(keep, new_prev, prev)
+        # advance: the newest W final values are the old ones followed by this round's emitted tokens
+        seq = torch.cat([hist, (emitted - shift) / scale], dim=1)  # [B, W+K+1, D]
+        newest = (n_new[:, None] + pos[None, :W])[:, :, None].expand(B, W, D)
+        hist = torch.where(active[:, None, None], seq.gather(1, newest), hist)
         p = torch.where(active, p + n_new, p)
         n_out = n_out + n_new * active
         act = active.long()

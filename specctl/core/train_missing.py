@@ -19,17 +19,19 @@ def ensure_checkpoint(ref: str | None, builder: str | None, device: torch.device
     profile = load_profile(builder)
     say(f"checkpoint {ref} is missing: training it first with profile '{builder}'")
     if profile.distill.target:
-        from specctl.core.distill import run_distill
+        from specctl.core.distill import distill, prepare
 
         ensure_checkpoint(profile.distill.target, profile.spec.target_profile, device, say)
-        run = RunDir.create(profile, "distill", str(device))
-        run_distill(profile, device, run, resume=False)
+        ensure_checkpoint(profile.train.init_from, profile.spec.draft_profile, device, say)
+        with RunDir.create(profile, "distill", str(device)) as run:
+            distill(profile, prepare(profile, device), device, run, resume=False)
+            run.finish()
     else:
         from specctl.core.pretrain import pretrain
 
-        run = RunDir.create(profile, "pretrain", str(device))
-        pretrain(profile, device, run, resume=False)
-    run.finish()
+        with RunDir.create(profile, "pretrain", str(device)) as run:
+            pretrain(profile, device, run, resume=False)
+            run.finish()
 
 
 def ensure_checkpoints(profile: Profile, device: torch.device, say: Callable[[str], None]) -> None:

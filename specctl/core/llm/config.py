@@ -47,7 +47,7 @@ class LLMSpecConfig(_Strict):
     stop_at_eos: bool = True
     share_cache: bool = False  # self-speculation: the draft reads/writes the target's KV cache for layers <= l
     warmup: int = Field(1, ge=0)  # untimed prompts before timing
-    step_repeats: int = Field(20, ge=1)  # decode steps timed for c_hat
+    step_repeats: int = Field(50, ge=1)  # decode steps timed for c_hat
     bootstrap: int = Field(1000, ge=0)  # resamples for the confidence intervals across prompts
     ci: float = Field(0.95, gt=0.0, lt=1.0)
 

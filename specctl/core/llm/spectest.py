@@ -102,24 +102,30 @@ def step_seconds(model, prompt: list[int], device: torch.device, repeats: int) -
     """Median time of one cached decode step after the prompt (the step is undone after each call)."""
     dec = Decoder(model, new_cache(model))
     seq = torch.tensor(prompt + [prompt[-1]], device=device)
-    with torch.no_grad():
+    with torch.inference_mode():
         dec.feed(seq[:-1], 1)
 
         def step() -> None:
             dec.feed(seq, 1)
             dec.truncate(len(prompt))
 
-        return time_call(step, device, repeats, warmup=2).median
+        return time_call(step, device, repeats, warmup=5).median
 
 
 def run_prompt(s: Setup, profile: Profile, index: int, device: torch.device) -> dict:
-    """Vanilla and speculative decoding of one prompt with fixed seeds; one row of per-prompt sums."""
+    """Vanilla and speculative decoding of one prompt with fixed seeds (which runs first alternates between
+    prompts); one row of per-prompt sums."""
     spec, prompt = profile.llm.spec, s.prompts[index]
-    seed = profile.seed + index
-    gen = lambda: torch.Generator(device).manual_seed(seed)  # noqa: E731
-    base, t_van = timed(lambda: vanilla(s.lm.model, prompt, spec.max_new_tokens, s.sampling, gen(), s.eos), device)
-    fast, t_spec = timed(lambda: speculative(s.lm.model, s.draft.model, prompt, spec.max_new_tokens, spec.gamma,
-                                             s.sampling, gen(), s.eos, spec.share_cache), device)
+    gen = torch.Generator(device)
+    runs = {
+        "vanilla": lambda: vanilla(s.lm.model, prompt, spec.max_new_tokens, s.sampling,
+                                   gen.manual_seed(profile.seed + index), s.eos),
+        "spec": lambda: speculative(s.lm.model, s.draft.model, prompt, spec.max_new_tokens, spec.gamma, s.sampling,
+                                    gen.manual_seed(profile.seed + index), s.eos, spec.share_cache),
+    }
+    order = list(runs) if index % 2 == 0 else list(runs)[::-1]
+    done = {name: timed(runs[name], device) for name in order}
+    (base, t_van), (fast, t_spec) = done["vanilla"], done["spec"]
     accepted = [a for _, a in fast.rounds]
     return {
         "prompt": index, "prompt_tokens": len(prompt),

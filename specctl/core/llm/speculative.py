@@ -112,7 +112,7 @@ class Generation:
     overlaps: list[float] = field(default_factory=list)  # sum_v min(p, q) at every drafted position
 
 
-def cut_at_eos(tokens: list[int], eos: set[int]) -> tuple[list[int], bool]:
+def cut_at_eos(tokens: list[int], eos: frozenset[int]) -> tuple[list[int], bool]:
     for i, t in enumerate(tokens):
         if t in eos:
             return tokens[: i + 1], True
@@ -125,7 +125,7 @@ def buffer(prompt: list[int], extra: int, device: torch.device) -> torch.Tensor:
     return seq
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def vanilla(target, prompt: list[int], max_new: int, s: Sampling, gen: torch.Generator,
             eos: frozenset[int] = frozenset()) -> Generation:
     """Target-only decoding with a KV cache: one target call per token."""
@@ -142,15 +142,14 @@ def vanilla(target, prompt: list[int], max_new: int, s: Sampling, gen: torch.Gen
     return Generation(torch.stack(out).tolist(), target_calls=len(out))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def speculative(target, draft, prompt: list[int], max_new: int, gamma: int, s: Sampling, gen: torch.Generator,
                 eos: frozenset[int] = frozenset(), share_cache: bool = False) -> Generation:
     """Speculative sampling from `target` with `draft` proposing up to `gamma` tokens per round."""
     device = next(target.parameters()).device
     seq, n = buffer(prompt, max_new + gamma + 1, device), len(prompt)
     tgt = Decoder(target, new_cache(target))
-    n_draft_layers = draft.config.num_hidden_layers
-    drf = Decoder(draft, shared_cache(tgt.cache, n_draft_layers) if share_cache else new_cache(draft))
+    drf = Decoder(draft, shared_cache(tgt.cache, draft.config.num_hidden_layers) if share_cache else new_cache(draft))
     result = Generation([], target_calls=0)
     if n > 1:
         tgt.feed(seq[: n - 1], 1)  # prefill all but the pending token

@@ -1,0 +1,43 @@
+"""`specctl finetune-head`: early-exit drafts for a causal LM, distilled with KL toward the full model."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from specctl.commands.common import (
+    DeviceOpt, DryRunOpt, JsonOpt, ProfileOpt, SeedOpt, SetOpt, VerboseOpt, console, handle_errors, open_session,
+)
+from specctl.core.rundir import RunDir
+
+EvalOnlyOpt = Annotated[Optional[str], typer.Option(
+    "--eval-only", help="Evaluate draft checkpoints matching this glob instead of training (= llm.eval_only).")]
+
+
+@handle_errors
+def finetune_head(
+    profile: ProfileOpt, set_: SetOpt = None, eval_only: EvalOnlyOpt = None, dry_run: DryRunOpt = False,
+    json_out: JsonOpt = False, device: DeviceOpt = None, seed: SeedOpt = None, verbose: VerboseOpt = False,
+) -> None:
+    """Train the LM head (option: + block l) of early-exit drafts at llm.exit_layers; report held-out KL,
+    perplexity and top-k accuracy per exit layer (results.csv)."""
+    from specctl.core.llm.finetune import finetune_heads
+    from specctl.core.llm.report import results_table
+
+    sets = [*(set_ or []), *([f"llm.eval_only={json.dumps(eval_only)}"] if eval_only else [])]
+    session = open_session(profile, sets, device, seed, json_out, dry_run, verbose)
+    p = session.profile
+    run = RunDir.create(p, "finetune-head", str(session.device))
+    session.say(f"run directory: {run.path}")
+    try:
+        with session.progress() as progress:
+            result = finetune_heads(p, session.device, run, progress, session.say)
+    except KeyboardInterrupt:
+        run.finish("interrupted")
+        raise
+    run.write_json("metrics.json", result)
+    run.finish()
+    session.out(result, lambda: console.print(results_table(result["rows"], f"{p.name}: early-exit drafts "
+                                                            f"(held-out, token-weighted)")))
