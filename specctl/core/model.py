@@ -9,6 +9,7 @@ statistics come from the real lookback and stay frozen while generating (see `fo
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -242,7 +243,12 @@ class Stepper:
             return self.model(tokens, times, self.cache)
         key = (tuple(tokens.shape), tuple(times.shape))
         if key not in self.captured:
-            self.captured[key] = self.capture(tokens, times)
+            try:
+                self.captured[key] = self.capture(tokens, times)
+            except RuntimeError as e:  # keep going without graphs, and say so
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}")
+                self.graphs = False
+                return self.model(tokens, times, self.cache)
         graph, static_tokens, static_times, out = self.captured[key]
         static_tokens.copy_(tokens)
         static_times.copy_(times)
