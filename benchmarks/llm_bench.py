@@ -33,8 +33,8 @@ import torch  # noqa: E402
 
 from specctl.core.llm.draft import load_draft, resolve_draft  # noqa: E402
 from specctl.core.llm.finetune import finetune_heads  # noqa: E402
-from specctl.core.llm.lm import load_lm  # noqa: E402
-from specctl.core.llm.pretrain import autocast, llama_config, pretrain_lm  # noqa: E402
+from specctl.core.llm.lm import autocast, load_lm  # noqa: E402
+from specctl.core.llm.pretrain import llama_config, pretrain_lm  # noqa: E402
 from specctl.core.llm.spectest import load_prompts, run_llm_spec_test  # noqa: E402
 from specctl.core.profile import load_profile, with_overrides  # noqa: E402
 from specctl.core.rundir import RunDir  # noqa: E402

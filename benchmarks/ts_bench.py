@@ -48,11 +48,13 @@ def header(title: str) -> list[str]:
             f"- torch {torch.__version__}", ""]
 
 
-def train(out: Path, quick: bool, extra: list[str]) -> None:
+def train(out: Path, quick: bool, extra: list[str], only: list[str]) -> None:
     lines = header("Training: ETTh1 targets and drafts")
     lines += ["| command | seconds | test MSE avg (cached / sliding) | MAE avg (cached / sliding) | notes |",
               "|---|---|---|---|---|"]
     for command, profile in TRAIN["quick" if quick else "full"]:
+        if only and profile not in only:
+            continue
         argv = ["specctl", command, "--profile", profile, "--json", *extra]  # run as `python -m specctl`
         started = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True)
@@ -98,27 +100,28 @@ def search_grid(quick: bool) -> list[dict]:
     return grid[:4] if quick else grid
 
 
-def spec(out: Path, quick: bool, profile_name: str, device: torch.device) -> None:
+def spec(out: Path, quick: bool, profile_name: str, device: torch.device, configs: list[str]) -> None:
     base = load_profile(profile_name, ["spec.repeats=1", "spec.warmup=1", "spec.emit=\"target_mean\""])
     lines = header(f"Speculative decoding: {base.name} ({base.data.name}, lookback {base.data.lookback})")
     lines += [f"- target `{base.spec.target}`, draft `{base.spec.draft}`, emission `target_mean`", "",
               f"## Quality search (batch {base.spec.batch_size}, fp32, all test windows)", "", ROW, "|" + "---|" * 19]
-    session = SpecTestSession(base, device)
     found = []
-    for cfg in search_grid(quick):
+    fixed = [json.loads(c) for c in configs]
+    session = None if fixed else SpecTestSession(base, device)
+    for cfg in [] if fixed else search_grid(quick):
         m = session.run(with_overrides(base, cfg))
         log(out, "spec", {"stage": "search", "cfg": cfg, "metrics": m})
         found.append((cfg, m))
         lines.append(row(base.spec.batch_size, "fp32", m, cfg))
         (out / "spec.md").write_text("\n".join(lines) + "\n")
     ok = [(c, m) for c, m in found if m["delta_mse_pct"] <= 1.0] or found
-    best = sorted(ok, key=lambda cm: -cm[1]["predicted_speedup"])[:2]
-    lines += ["", f"Chosen for timing (highest predicted speedup with ΔMSE ≤ 1%): "
-              + "; ".join(json.dumps(c) for c, _ in best), ""]
+    best = [(c, None) for c in fixed] or sorted(ok, key=lambda cm: -cm[1]["predicted_speedup"])[:2]
+    lines += ["", "Timed settings" + (" (given with --config)" if fixed else
+              " (highest predicted speedup with ΔMSE ≤ 1%)") + ": " + "; ".join(json.dumps(c) for c, _ in best), ""]
     lines += ["## Timing (median of repeats per batch, warm-up excluded, synchronised, one process)", "", ROW,
               "|" + "---|" * 19]
-    settings = [(1, "fp32", 64, None), (1, "bf16", 64, None), (32, "fp32", 512, None), (32, "bf16", 512, None),
-                (256, "fp32", None, None), (256, "bf16", None, None), (1, "fp32", 32, 1440)]
+    settings = [(1, "fp32", 64, None), (1, "bf16", 64, None), (1, "fp32", 32, 1440), (32, "fp32", 256, None),
+                (256, "fp32", None, None), (256, "bf16", None, None)]
     if quick:
         settings = [(1, "fp32", 8, None), (16, "fp32", 32, None)]
     for batch, dtype, windows, horizon in settings:
@@ -148,14 +151,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--profile", default=None, help="spec-test profile (default etth1/spec-test)")
     parser.add_argument("--set", action="append", default=[], help="extra --set for the training commands")
+    parser.add_argument("--config", action="append", default=[], help='time this setting instead of searching, '
+                        'e.g. \'{"spec.rule": "tolerance", "spec.tol": 0.2, "spec.k": 3}\'')
+    parser.add_argument("--only", action="append", default=[], help="train only these profiles")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = resolve_device("auto")
     if args.stage == "train":
-        train(args.out, args.quick, [x for s in args.set for x in ("--set", s)])
+        train(args.out, args.quick, [x for s in args.set for x in ("--set", s)], args.only)
     else:
         default = "quickstart/spec-test" if args.quick else "etth1/spec-test"
-        spec(args.out, args.quick, args.profile or default, device)
+        spec(args.out, args.quick, args.profile or default, device, args.config)
 
 
 if __name__ == "__main__":

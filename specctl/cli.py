@@ -7,6 +7,7 @@ import typer
 from specctl.commands import profiles
 from specctl.commands.analyze import analyze
 from specctl.commands.distill import distill
+from specctl.commands.finetune_head import finetune_head
 from specctl.commands.plot import plot
 from specctl.commands.pretrain import pretrain
 from specctl.commands.spec_test import spec_test
@@ -23,6 +24,7 @@ app = typer.Typer(
 app.add_typer(profiles.app, name="profiles")
 app.command("pretrain")(pretrain)
 app.command("distill")(distill)
+app.command("finetune-head")(finetune_head)
 app.command("spec-test")(spec_test)
 app.command("sweep")(sweep)
 app.command("analyze")(analyze)

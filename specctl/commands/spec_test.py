@@ -32,7 +32,9 @@ def spec_test(
             metrics = run_llm_spec_test(p, session.device, run, progress)
             run.write_json("metrics.json", metrics)
             run.finish()
-        session.out(metrics, lambda: console.print(metrics))
+        from specctl.core.llm.report import spec_table
+
+        session.out(metrics, lambda: console.print(spec_table(metrics, p.name)))
         return
     from specctl.core.spectest import METRICS, SpecTestSession, append_results_log, summary_line
     from specctl.core.train_missing import ensure_checkpoints

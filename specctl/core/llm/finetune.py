@@ -22,9 +22,9 @@ from specctl.core.errors import SpecctlError
 from specctl.core.files import write_csv
 from specctl.core.llm.draft import Draft, build_draft, load_draft, pair_logits
 from specctl.core.llm.kl import HeldOut, distill_loss
-from specctl.core.llm.lm import LM, load_lm
-from specctl.core.llm.pretrain import autocast, log_epoch, read_examples
-from specctl.core.llm.text import batches, encode, load_examples, resolve_text_file, split
+from specctl.core.llm.lm import LM, autocast, load_lm
+from specctl.core.llm.pretrain import log_epoch
+from specctl.core.llm.text import batches, encode, read_files, split
 from specctl.core.pretrain import export
 from specctl.core.rundir import RunDir
 from specctl.core.schema import Profile
@@ -43,10 +43,11 @@ def load_sets(profile: Profile, tokenizer) -> TextSets:
     def enc(examples) -> list[list[int]]:
         return [ids for ids in (encode(e, tokenizer, llm.max_len) for e in examples) if len(ids) >= 3]
 
-    train, val = split(read_examples(profile, llm.train_files, llm.max_examples), llm.val_fraction, profile.seed)
+    folder = data_dir(profile.data)
+    train, val = split(read_files(llm.train_files, folder, llm.max_examples), llm.val_fraction, profile.seed)
     held_out = {"val": enc(val[: llm.max_eval_examples])}
     for name in llm.eval_files:
-        examples = load_examples(resolve_text_file(name, data_dir(profile.data)))
+        examples = read_files([name], folder)
         rng = random.Random(profile.seed)
         held_out[Path(name).stem] = enc(rng.sample(examples, min(llm.max_eval_examples, len(examples))))
     sets = TextSets(enc(train), held_out)

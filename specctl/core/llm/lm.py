@@ -53,6 +53,11 @@ class LM:
         return self.parts.head.weight.device
 
 
+def autocast(device: torch.device, dtype: str):
+    """Mixed precision at llm.dtype (off for fp32)."""
+    return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+
+
 def _children(module: nn.Module) -> str:
     return ", ".join(f"{n} ({type(c).__name__})" for n, c in module.named_children()) or "no submodules"
 

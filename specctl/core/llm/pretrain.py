@@ -19,9 +19,9 @@ from specctl.core.checkpoint import load_weights
 from specctl.core.data import data_dir
 from specctl.core.errors import SpecctlError
 from specctl.core.llm.config import ArchConfig
-from specctl.core.llm.lm import DTYPES, check_vocab, load_tokenizer, quiet_transformers
+from specctl.core.llm.lm import autocast, load_lm, load_tokenizer, quiet_transformers
 from specctl.core.llm.text import (
-    ROLE_TAGS, SIMPLE_TEMPLATE, Example, contents, encode, load_examples, resolve_text_file, split,
+    ROLE_TAGS, SIMPLE_TEMPLATE, Example, contents, encode, read_files, resolve_text_file, split,
 )
 from specctl.core.rundir import RunDir
 from specctl.core.schema import Profile
@@ -108,10 +108,6 @@ def unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def autocast(device: torch.device, dtype: str):
-    return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
-
-
 def mean_ce(model, blocks: torch.Tensor, batch_size: int, device: torch.device, dtype: str,
             max_batches: int | None = None) -> float:
     """Token-mean next-token cross-entropy over blocks (nats)."""
@@ -134,11 +130,6 @@ def unigram_ce(train: torch.Tensor, held_out: torch.Tensor, vocab: int) -> float
     return float(-log_p[held_out[:, 1:].flatten()].mean())
 
 
-def read_examples(profile: Profile, files: list[str], limit: int | None) -> list[Example]:
-    folder = data_dir(profile.data)
-    return [e for f in files for e in load_examples(resolve_text_file(f, folder), limit)]
-
-
 def log_epoch(say: Callable[[str], None] | None):
     """An on_epoch_end callback printing one line per epoch (or None)."""
     if say is None:
@@ -149,26 +140,23 @@ def log_epoch(say: Callable[[str], None] | None):
 
 def pretrain_lm(profile: Profile, device: torch.device, run: RunDir, resume: bool, progress,
                 say: Callable[[str], None] | None = None) -> dict:
-    """Train a Llama LM from scratch (or from train.init_from); save it as a Hugging Face folder; return metrics."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    """Train a Llama LM from scratch (or continue a causal LM from train.init_from); save it as a Hugging Face
+    folder (train.save_to, else <run>/model) with its tokenizer; return metrics with a unigram baseline."""
+    from transformers import LlamaForCausalLM
 
     quiet_transformers()
     llm, cfg = profile.llm, profile.train
-    train_ex, val_ex = split(read_examples(profile, llm.train_files, llm.max_examples), llm.val_fraction, profile.seed)
+    folder = data_dir(profile.data)
+    train_ex, val_ex = split(read_files(llm.train_files, folder, llm.max_examples), llm.val_fraction, profile.seed)
+    start = load_lm(cfg.init_from, device) if cfg.init_from else None
     tok_dir = run.path / "tokenizer"
     if resume and tok_dir.is_dir():
         tokenizer = load_tokenizer(str(tok_dir))
-    elif cfg.init_from:
-        tokenizer = load_tokenizer(cfg.init_from)
     else:
-        tokenizer = build_tokenizer(profile, train_ex)
-    tokenizer.save_pretrained(tok_dir)
+        tokenizer = start.tokenizer if start else build_tokenizer(profile, train_ex)
+        tokenizer.save_pretrained(tok_dir)
     train_blocks, val_blocks = pack(train_ex, tokenizer, llm.max_len), pack(val_ex, tokenizer, llm.max_len)
-    if cfg.init_from:
-        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
-        check_vocab(tokenizer, model.get_output_embeddings().weight.shape[0], f"model {cfg.init_from}")
-    else:
-        model = LlamaForCausalLM(llama_config(llm.arch, tokenizer))
+    model = start.model.requires_grad_(True) if start else LlamaForCausalLM(llama_config(llm.arch, tokenizer))
     model.to(device)
 
     def train_loss(ids: torch.Tensor) -> torch.Tensor:
@@ -192,11 +180,12 @@ def pretrain_lm(profile: Profile, device: torch.device, run: RunDir, resume: boo
     out = Path(cfg.save_to) if cfg.save_to else run.path / "model"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    eval_sets = {Path(f).stem: pack(read_files([f], folder, llm.max_eval_examples), tokenizer, llm.max_len)
+                 for f in llm.eval_files}
     with torch.no_grad():
         val_ce = mean_ce(model, val_blocks, cfg.batch_size, device, llm.dtype)
-        held_out = {Path(f).stem: math.exp(mean_ce(model, pack(read_examples(profile, [f], llm.max_eval_examples),
-                                                               tokenizer, llm.max_len),
-                                                    cfg.batch_size, device, llm.dtype)) for f in llm.eval_files}
+        held_out = {name: math.exp(mean_ce(model, blocks, cfg.batch_size, device, llm.dtype))
+                    for name, blocks in eval_sets.items()}
     unigram = unigram_ce(train_blocks, val_blocks, len(tokenizer))
     return {
         "model_dir": str(out), "parameters": sum(p.numel() for p in model.parameters()),

@@ -98,6 +98,11 @@ def load_examples(path: Path, limit: int | None = None) -> list[Example]:
     return examples
 
 
+def read_files(names: list[str], folder: Path | None, limit: int | None = None) -> list[Example]:
+    """The examples of several files (each capped at `limit`), in order."""
+    return [e for name in names for e in load_examples(resolve_text_file(name, folder), limit)]
+
+
 def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """A deterministic shuffle, then (train, held-out); the held-out part has at least one example."""
     order = list(examples)
