@@ -27,3 +27,14 @@ def data_dir() -> Path:
 def _isolated_runs(tmp_path, monkeypatch):
     """Every test runs in its own folder so run directories and artifacts never leak between tests."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids oversubscription."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

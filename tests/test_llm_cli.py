@@ -67,12 +67,7 @@ max_val_batches = 2
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny CPU models run far faster on one thread
 
 
 def invoke(*args: str):

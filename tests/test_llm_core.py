@@ -24,12 +24,7 @@ WORDS = "the cat sat on a mat and then the dog ran to the park where birds sing 
 TEXTS = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12)) for i in range(60)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny CPU models run far faster on one thread
 
 
 def make_target(folder, vocab: int, layers: int = 3, seed: int = 0):

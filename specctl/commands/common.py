@@ -27,6 +27,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda (overrides the profile).")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (overrides the profile).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail while running.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the latest run of this profile from its last finished epoch.")]
 
 console = Console()
 err_console = Console(stderr=True)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import typer
 from rich.columns import Columns
 from rich.table import Table
 
 from specctl.commands.common import (
-    DeviceOpt, DryRunOpt, JsonOpt, ProfileOpt, SeedOpt, SetOpt, VerboseOpt, console, err_console, handle_errors,
+    DeviceOpt, DryRunOpt, JsonOpt, ProfileOpt, ResumeOpt, SeedOpt, SetOpt, VerboseOpt, console, err_console, handle_errors,
     open_session,
 )
 from specctl.core.distill import DEFINITIONS, Estimate, distill as distill_draft, epoch_warnings, prepare
@@ -41,7 +40,7 @@ def estimate_tables(estimate: Estimate, spec_sigma: float) -> Columns:
 
 @handle_errors
 def distill(
-    profile: ProfileOpt, set_: SetOpt = None, resume: bool = typer.Option(False, "--resume", help="Continue the latest run of this profile from its last finished epoch."),
+    profile: ProfileOpt, set_: SetOpt = None, resume: ResumeOpt = False,
     dry_run: DryRunOpt = False, json_out: JsonOpt = False, device: DeviceOpt = None, seed: SeedOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:

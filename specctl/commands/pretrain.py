@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import typer
 
 from specctl.commands.common import (
-    DeviceOpt, DryRunOpt, JsonOpt, ProfileOpt, SeedOpt, SetOpt, VerboseOpt, console, handle_errors, open_session,
+    DeviceOpt, DryRunOpt, JsonOpt, ProfileOpt, ResumeOpt, SeedOpt, SetOpt, VerboseOpt, console, handle_errors, open_session,
 )
 from specctl.core.report import horizon_table, scores_to_dict
 from specctl.core.rundir import RunDir
@@ -13,7 +12,7 @@ from specctl.core.rundir import RunDir
 
 @handle_errors
 def pretrain(
-    profile: ProfileOpt, set_: SetOpt = None, resume: bool = typer.Option(False, "--resume", help="Continue the latest run of this profile from its last finished epoch."),
+    profile: ProfileOpt, set_: SetOpt = None, resume: ResumeOpt = False,
     dry_run: DryRunOpt = False, json_out: JsonOpt = False, device: DeviceOpt = None, seed: SeedOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
