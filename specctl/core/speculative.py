@@ -11,7 +11,7 @@ With `draft_mean` emission the bonus is not taken, so the forecast is the draft'
 Only `emit = "sample"` feeds the draft's samples x ~ q forward (the exact rule then reproduces p); the mean
 emissions feed the draft means and use the sample only in the accept test, which keeps the context free of
 sampling noise, and their correction is the target mean t_j.
-Nothing syncs with the host inside a round except the "is every series done" check.
+Nothing syncs with the host inside a round; the "is every series done" check runs only once a series could be.
 
 Acceptance works in the dataset's scaled space (where `sigma` and `tol` are meant), the models in
 instance-normalised units; tokens are flattened to D = C*P values for the rules.
@@ -144,10 +144,11 @@ def speculative_forecast(
     mark = clock.mark if clock is not None else (lambda phase: None)
     if clock is not None:
         clock.start()
+    sure_rounds = -(-steps // (K + 1))  # a round emits at most K+1 tokens: no series is done before this
     r = 0
     while True:
         active = n_out < steps
-        if not bool(active.any()):
+        if r >= sure_rounds and not bool(active.any()):  # the only host sync, skipped while surely active
             break
         base = (r * block + torch.zeros(B, 1, dtype=torch.long, device=device))
         # draft proposes K tokens autoregressively
