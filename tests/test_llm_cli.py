@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -141,3 +142,15 @@ def test_bad_input_is_one_line_and_exit_2(work, override, message):
     (work / "data" / "bad.jsonl").write_text(json.dumps({"foo": 1, "bar": "x"}) + "\n")
     result = runner.invoke(app, ["finetune-head", "-p", str(work / "tiny.toml"), "--set", override])
     assert result.exit_code == 2 and message in " ".join(result.output.split())
+
+
+def test_finetune_head_resumes_from_the_last_finished_epoch(work):
+    profile = str(work / "tiny.toml")
+    first = json.loads(invoke("finetune-head", "-p", profile, "--set", "train.epochs=1", "--set", "train.patience=5",
+                              "--set", "llm.eval_baseline=false", "--json").output)
+    assert [r["epochs"] for r in first["rows"]] == [1, 1]
+    more = invoke("finetune-head", "-p", profile, "--set", "train.epochs=2", "--set", "train.patience=5",
+                  "--set", "llm.eval_baseline=false", "--resume", "--json")
+    assert more.exit_code == 0, more.output
+    assert [r["epochs"] for r in json.loads(more.output)["rows"]] == [2, 2]
+    assert len(list(Path("runs/finetune-head").iterdir())) == 1  # the same run directory continued

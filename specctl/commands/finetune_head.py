@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from specctl.commands.common import (
-    DeviceOpt, DryRunOpt, JsonOpt, ProfileOpt, SeedOpt, SetOpt, VerboseOpt, console, handle_errors, open_session,
+    DeviceOpt, DryRunOpt, JsonOpt, ProfileOpt, ResumeOpt, SeedOpt, SetOpt, VerboseOpt, console, handle_errors, open_session,
 )
 from specctl.core.rundir import RunDir
 
@@ -18,7 +18,8 @@ EvalOnlyOpt = Annotated[Optional[str], typer.Option(
 
 @handle_errors
 def finetune_head(
-    profile: ProfileOpt, set_: SetOpt = None, eval_only: EvalOnlyOpt = None, dry_run: DryRunOpt = False,
+    profile: ProfileOpt, set_: SetOpt = None, eval_only: EvalOnlyOpt = None, resume: ResumeOpt = False,
+    dry_run: DryRunOpt = False,
     json_out: JsonOpt = False, device: DeviceOpt = None, seed: SeedOpt = None, verbose: VerboseOpt = False,
 ) -> None:
     """Train the LM head (option: + block l) of early-exit drafts at llm.exit_layers; report held-out KL,
@@ -29,11 +30,11 @@ def finetune_head(
     sets = [*(set_ or []), *([f"llm.eval_only={json.dumps(eval_only)}"] if eval_only else [])]
     session = open_session(profile, sets, device, seed, json_out, dry_run, verbose)
     p = session.profile
-    run = RunDir.create(p, "finetune-head", str(session.device))
+    run = RunDir.latest(p, "finetune-head") if resume else RunDir.create(p, "finetune-head", str(session.device))
     session.say(f"run directory: {run.path}")
     try:
         with session.progress() as progress:
-            result = finetune_heads(p, session.device, run, progress, session.say)
+            result = finetune_heads(p, session.device, run, progress, session.say, resume)
     except KeyboardInterrupt:
         run.finish("interrupted")
         raise

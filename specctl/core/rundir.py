@@ -77,11 +77,11 @@ class RunDir:
 
     @classmethod
     def latest(cls, profile: Profile, command: str) -> "RunDir":
-        """The newest run of this profile and command that left a resumable `checkpoints/last`."""
+        """The newest run of this profile and command that left a resumable checkpoint (`checkpoints/**/last`)."""
         root = Path(profile.run_root) / command
         own = re.compile(re.escape(profile.name.replace("/", "-")) + r"-\d{8}-\d{6}-\d{6}")  # not a longer name's runs
         runs = sorted(p for p in root.glob("*") if own.fullmatch(p.name)
-                      and (p / "checkpoints" / "last" / "state.json").is_file())
+                      and any((p / "checkpoints").glob("**/last/state.json")))
         if not runs:
             raise SpecctlError(f"--resume: no run of '{profile.name}' with a checkpoint under {root}")
         manifest = json.loads((runs[-1] / "manifest.json").read_text(encoding="utf-8"))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from specctl.core.checkpoint import CONFIG, load_weights
+from specctl.core.checkpoint import CONFIG, STATE, load_weights
 from specctl.core.data import data_dir
 from specctl.core.errors import SpecctlError
 from specctl.core.files import write_csv
@@ -88,7 +88,7 @@ def objective(metrics: dict[str, float], profile: Profile) -> float:
 
 
 def train_draft(draft: Draft, sets: TextSets, profile: Profile, device: torch.device, ckpt_dir: Path,
-                progress=None, on_epoch_end=None) -> FitResult:
+                progress=None, on_epoch_end=None, resume: bool = False) -> FitResult:
     """Distil the draft's trainable parts toward the target; the best checkpoint is loaded back."""
     llm, cfg, pad = profile.llm, profile.train, draft.target.tokenizer.pad_token_id
 
@@ -106,7 +106,8 @@ def train_draft(draft: Draft, sets: TextSets, profile: Profile, device: torch.de
               "ce_weight": llm.ce_weight, "train_files": llm.train_files, "max_len": llm.max_len}
     result = fit(draft.model, draft.trainable().values(), loss,
                  lambda epoch: batches(sets.train, cfg.batch_size, pad, "cpu", seed=profile.seed + epoch),
-                 validate, cfg, ckpt_dir, config, weights=draft.weights, progress=progress, on_epoch_end=on_epoch_end)
+                 validate, cfg, ckpt_dir, config, weights=draft.weights, resume=resume, progress=progress,
+                 on_epoch_end=on_epoch_end)
     draft.model.load_state_dict(load_weights(result.best_dir, device), strict=False)
     return result
 
@@ -130,8 +131,12 @@ def draft_folders(pattern: str) -> list[Path]:
     return folders
 
 
-def finetune_heads(profile: Profile, device: torch.device, run: RunDir, progress=None, say=print) -> dict:
-    """Train (or, with llm.eval_only, evaluate) early-exit drafts; write results.csv; return the rows."""
+def finetune_heads(profile: Profile, device: torch.device, run: RunDir, progress=None, say=print,
+                   resume: bool = False) -> dict:
+    """Train (or, with llm.eval_only, evaluate) early-exit drafts; write results.csv; return the rows.
+
+    With `resume`, each exit layer continues from its last finished epoch in this run's checkpoints, and a
+    layer whose training already ended is not trained again."""
     llm, cfg = profile.llm, profile.train
     lm: LM = load_lm(llm.target, device, llm.tokenizer)
     sets = load_sets(profile, lm.tokenizer)
@@ -148,8 +153,9 @@ def finetune_heads(profile: Profile, device: torch.device, run: RunDir, progress
         if llm.eval_baseline:
             rows.append(row(draft, sets, profile, device, "copy", checkpoint=""))
         started = time.perf_counter()
-        result = train_draft(draft, sets, profile, device, run.checkpoints / f"layer{layer}", progress,
-                             log_epoch(say))
+        ckpt = run.checkpoints / f"layer{layer}"
+        result = train_draft(draft, sets, profile, device, ckpt, progress, log_epoch(say),
+                             resume=resume and (ckpt / "last" / STATE).is_file())
         saved = export(result.best_dir, str(Path(cfg.save_to) / f"layer{layer}")) if cfg.save_to else result.best_dir
         rows.append(row(draft, sets, profile, device, "tuned", checkpoint=str(saved), epochs=result.epochs_done,
                         best_val_loss=result.best_val, train_seconds=time.perf_counter() - started))
