@@ -124,3 +124,14 @@ def test_all_failed_trials_is_an_error_not_an_empty_report(tmp_path):
     path = write(tmp_path, known_frame().assign(status="failed", error="boom"))
     with pytest.raises(SpecctlError, match="no finished trial.*boom"):
         analyze(load_results([path]), [str(path)])
+
+
+def test_text_and_list_columns_stay_out_of_the_metrics(tmp_path):
+    from specctl.core.analysis import load_results, metric_columns
+
+    path = tmp_path / "mixed.csv"
+    path.write_text("trial_id,status,acceptance_rate,mse,head,accepted_hist\n"
+                    'a,ok,0.5,0.4,tuned,"[1, 2]"\nb,ok,0.7,0.5,copy,"[0, 3]"\n')
+    frame = load_results([path])
+    assert list(frame["head"]) == ["tuned", "copy"]
+    assert metric_columns(frame) == ["acceptance_rate", "mse"]

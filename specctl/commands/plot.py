@@ -11,6 +11,7 @@ import typer
 from specctl.commands.common import JsonOpt, console, handle_errors
 from specctl.core.analysis import finished, load_results
 from specctl.core.errors import SpecctlError
+import specctl.core.llm.plots  # noqa: F401  (registers the LLM plots)
 from specctl.core.plots import PLOTS, render
 
 

@@ -27,6 +27,7 @@ from specctl.core.sweep import Results, Trial, TrialSession, exclusive, pending_
 
 # The trial session of each profile kind, "module:Class", imported when the first trial needs it.
 RUNNERS: dict[str, str] = {"timeseries": "specctl.core.spectest:SpecTestSession"}
+RUNNERS["llm"] = "specctl.core.llm.sweep:LLMSpecSession"
 
 
 def open_runner(runners: dict[str, str], profile: Profile, device: torch.device, progress: Any = None) -> TrialSession:

@@ -51,7 +51,9 @@ def load_results(paths: list[Path], required: tuple[str, ...] = REQUIRED) -> pd.
     frame = pd.concat([read_results(p, required) for p in paths], ignore_index=True)
     for column in frame.columns:
         if column not in TEXT_COLUMNS and not is_param(column):
-            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+            numbers = pd.to_numeric(frame[column], errors="coerce")
+            if numbers.notna().sum() == frame[column].notna().sum():  # a text column (e.g. `head`) stays text
+                frame[column] = numbers
     order = frame["status"].eq("ok").astype(int)
     frame = frame.loc[order.sort_values(kind="stable").index].drop_duplicates("trial_id", keep="last")
     return frame.sort_index().reset_index(drop=True)
@@ -67,7 +69,8 @@ def swept_keys(frame: pd.DataFrame) -> list[str]:
 
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:
-    return [c for c in frame.columns if c not in TEXT_COLUMNS and not is_param(c) and frame[c].notna().any()]
+    return [c for c in frame.columns if c not in TEXT_COLUMNS and not is_param(c) and frame[c].notna().any()
+            and pd.api.types.is_numeric_dtype(frame[c])]
 
 
 def shown_columns(frame: pd.DataFrame) -> list[str]:

@@ -115,7 +115,10 @@ def train_draft(draft: Draft, sets: TextSets, profile: Profile, device: torch.de
 def row(draft: Draft, sets: TextSets, profile: Profile, device: torch.device, head: str, **extra) -> dict:
     """One results.csv row: settings, then `<set>_<metric>` for every held-out set."""
     llm = profile.llm
-    out = {"exit_layer": draft.layer, "target_layers": draft.target.n_layers, "head": head,
+    checkpoint = Path(str(extra.get("checkpoint") or "")).name
+    # trial_id and status make this CSV readable by `specctl plot` / `analyze` like a sweep's
+    out = {"trial_id": "-".join(filter(None, (f"layer{draft.layer}", head, checkpoint))), "status": "ok",
+           "exit_layer": draft.layer, "target_layers": draft.target.n_layers, "head": head,
            "tune_block": draft.tune_block, "kl_temperature": llm.kl_temperature, "ce_weight": llm.ce_weight, **extra}
     for name, seqs in sets.held_out.items():
         out.update({f"{name}_{k}": v for k, v in evaluate(draft, seqs, profile, device).items()})

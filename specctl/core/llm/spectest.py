@@ -37,6 +37,7 @@ DEFINITIONS = {
     "alpha_hat": "accepted / evaluated; evaluated = positions tested up to and including the first rejection",
     "mean_accepted": "E[accepted] per round (0..gamma)",
     "position_acceptance": "P(accept at draft position i | position i was tested), i = 1..gamma",
+    "accepted_lengths": "fraction of rounds that accepted k draft tokens, k = 0..gamma",
     "overlap": "E[sum_v min(p(v), q(v))] over every drafted position (p target, q draft, after sampling filters)",
     "tv": "1 - overlap (total variation distance)",
     "tokens_per_target_call": "tokens emitted / target forward calls (tau; prefill counts as one call)",
@@ -75,13 +76,20 @@ def load_prompts(profile: Profile, tokenizer) -> list[list[int]]:
     return [prompt_ids(e, tokenizer, spec.max_prompt_tokens) for e in examples]
 
 
-def setup(profile: Profile, device: torch.device) -> Setup:
-    llm, spec = profile.llm, profile.llm.spec
-    lm = load_lm(llm.target, device, llm.tokenizer, llm.dtype)
-    if spec.draft:
-        draft = load_draft(resolve_draft(spec.draft, llm.exit_layer), lm)
-    else:
-        draft = build_draft(lm, llm.exit_layer)
+def load_target(profile: Profile, device: torch.device) -> LM:
+    llm = profile.llm
+    return load_lm(llm.target, device, llm.tokenizer, llm.dtype)
+
+
+def pick_draft(profile: Profile, lm: LM) -> Draft:
+    """The draft at llm.exit_layer: the llm.spec.draft checkpoint for that layer, else the untuned head copy."""
+    llm = profile.llm
+    return load_draft(resolve_draft(llm.spec.draft, llm.exit_layer), lm) if llm.spec.draft else build_draft(
+        lm, llm.exit_layer)
+
+
+def setup(profile: Profile, lm: LM, draft: Draft) -> Setup:
+    spec = profile.llm.spec
     if spec.share_cache and draft.tune_block:
         raise SpecctlError("llm.spec.share_cache needs a draft that shares block l with the target "
                            "(this draft was trained with tune_block = true)")
@@ -176,10 +184,15 @@ def predicted_speedup(alpha: float, gamma: int, c: float) -> float:
     return (1 - alpha ** (gamma + 1)) / ((1 - alpha) * (gamma * c + 1))  # Leviathan et al., eq. for walltime
 
 
-def run_llm_spec_test(profile: Profile, device: torch.device, run: RunDir, progress=None) -> dict:
-    """Run vanilla and speculative decoding on the profile's prompts; write per_prompt.csv and samples.json."""
+def accepted_lengths(rows: list[dict], gamma: int) -> list[float]:
+    """The fraction of rounds that accepted k draft tokens, k = 0..gamma."""
+    counts = np.bincount([a for r in rows for a in r["accepted_per_round"]], minlength=gamma + 1)
+    return (counts / max(1, counts.sum())).tolist()
+
+
+def measure(s: Setup, profile: Profile, device: torch.device, progress=None) -> tuple[dict, list[dict]]:
+    """Vanilla and speculative decoding of every prompt: the metrics and the per-prompt rows."""
     spec = profile.llm.spec
-    s = setup(profile, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(spec.warmup):
@@ -196,7 +209,8 @@ def run_llm_spec_test(profile: Profile, device: torch.device, run: RunDir, progr
     metrics.update(
         proposed=sum(r["proposed"] for r in rows), accepted=sum(r["accepted"] for r in rows),
         tv=1 - metrics["overlap"], target_calls_per_token=1 / metrics["tokens_per_target_call"],
-        position_acceptance=position_acceptance(rows, spec.gamma), c_hat=c_hat,
+        position_acceptance=position_acceptance(rows, spec.gamma),
+        accepted_lengths=accepted_lengths(rows, spec.gamma), c_hat=c_hat,
         predicted_speedup=predicted_speedup(metrics["alpha_hat"], spec.gamma, c_hat),
         peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         identical_fraction=sum(r["identical"] for r in rows) / len(rows) if s.sampling.greedy else None,
@@ -206,11 +220,19 @@ def run_llm_spec_test(profile: Profile, device: torch.device, run: RunDir, progr
         share_cache=spec.share_cache, draft=spec.draft or "untuned head copy", target=s.lm.path,
         definitions=DEFINITIONS,
     )
-    scalar = [k for k in rows[0] if not isinstance(rows[0][k], list)]
-    write_csv(run.path / "per_prompt.csv", rows, scalar)
-    run.write_json("samples.json", [{"prompt": s.lm.tokenizer.decode(s.prompts[r["prompt"]]),
-                                     "vanilla": s.lm.tokenizer.decode(r["vanilla_ids"]),
-                                     "speculative": s.lm.tokenizer.decode(r["spec_ids"])} for r in rows[:5]])
     if progress is not None:
         progress.remove_task(task)
+    return metrics, rows
+
+
+def run_llm_spec_test(profile: Profile, device: torch.device, run: RunDir, progress=None) -> dict:
+    """Run vanilla and speculative decoding on the profile's prompts; write per_prompt.csv and samples.json."""
+    lm = load_target(profile, device)
+    s = setup(profile, lm, pick_draft(profile, lm))
+    metrics, rows = measure(s, profile, device, progress)
+    scalar = [k for k in rows[0] if not isinstance(rows[0][k], list)]
+    write_csv(run.path / "per_prompt.csv", rows, scalar)
+    run.write_json("samples.json", [{"prompt": lm.tokenizer.decode(s.prompts[r["prompt"]]),
+                                     "vanilla": lm.tokenizer.decode(r["vanilla_ids"]),
+                                     "speculative": lm.tokenizer.decode(r["spec_ids"])} for r in rows[:5]])
     return metrics

@@ -1,0 +1,54 @@
+"""The sweep runner for kind = "llm": one LLM spec-test per trial, the target loaded once per session and each
+exit layer's draft once. Trials may differ in llm.exit_layer, llm.spec.* and seed and still share a session."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from specctl.core.llm.draft import Draft
+from specctl.core.llm.spectest import load_target, measure, pick_draft, setup
+from specctl.core.schema import Profile
+
+# keys a trial may change without reloading the target (pydantic `exclude` form)
+PER_TRIAL = {"seed": True, "llm": {"exit_layer", "spec"}}
+
+
+def shared(profile: Profile) -> dict[str, Any]:
+    """The profile without its per-trial keys."""
+    return profile.model_dump(exclude=PER_TRIAL)
+
+
+def flat(metrics: dict[str, Any]) -> dict[str, Any]:
+    """spec-test metrics as CSV columns: list metrics numbered (position_acceptance_1.., accepted_len_0..),
+    confidence intervals as <metric>_ci_low / _ci_high, without the definitions text."""
+    nested = ("position_acceptance", "accepted_lengths", "ci", "definitions")
+    out = {k: v for k, v in metrics.items() if k not in nested}
+    out.update({f"position_acceptance_{i}": p for i, p in enumerate(metrics["position_acceptance"], start=1)})
+    out.update({f"accepted_len_{k}": f for k, f in enumerate(metrics["accepted_lengths"])})
+    for name, (low, high) in metrics["ci"].items():
+        out.update({f"{name}_ci_low": low, f"{name}_ci_high": high})
+    return out
+
+
+class LLMSpecSession:
+    """Holds the target and the drafts loaded so far; `run` is one spec-test of a trial profile."""
+
+    def __init__(self, profile: Profile, device: torch.device, progress: Any = None) -> None:
+        self.profile, self.device, self.progress = profile, device, progress
+        self.lm = load_target(profile, device)
+        self.drafts: dict[tuple[str | None, int], Draft] = {}
+
+    def compatible(self, profile: Profile) -> bool:
+        return shared(profile) == shared(self.profile)
+
+    def draft(self, profile: Profile) -> Draft:
+        key = (profile.llm.spec.draft, profile.llm.exit_layer)
+        if key not in self.drafts:
+            self.drafts[key] = pick_draft(profile, self.lm)
+        return self.drafts[key]
+
+    def run(self, profile: Profile) -> dict[str, Any]:
+        metrics, _ = measure(setup(profile, self.lm, self.draft(profile)), profile, self.device, self.progress)
+        return flat(metrics)
