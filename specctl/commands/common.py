@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from specctl.core.errors import SpecctlError
 from specctl.core.profile import load_profile
-from specctl.core.rundir import profile_to_toml
+from specctl.core.rundir import RunDir, profile_to_toml
 from specctl.core.runtime import resolve_device, seed_everything
 from specctl.core.schema import Profile
 
@@ -59,6 +59,12 @@ class Session:
     def say(self, message: str) -> None:
         if not self.json:
             err_console.print(message)
+
+    def open_run(self, command: str, resume: bool = False) -> RunDir:
+        """A new run directory, or with --resume the latest resumable one of this profile; says where."""
+        run = RunDir.latest(self.profile, command) if resume else RunDir.create(self.profile, command, str(self.device))
+        self.say(f"run directory: {run.path}")
+        return run
 
 
 def open_session(

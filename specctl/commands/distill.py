@@ -10,7 +10,6 @@ from specctl.commands.common import (
     open_session,
 )
 from specctl.core.distill import DEFINITIONS, Estimate, distill as distill_draft, epoch_warnings, prepare
-from specctl.core.rundir import RunDir
 
 
 def warn(message: str) -> None:
@@ -50,8 +49,7 @@ def distill(
     setup = prepare(p, session.device)
     for message in setup.warnings:
         warn(message)
-    run = RunDir.latest(p, "distill") if resume else RunDir.create(p, "distill", str(session.device))
-    session.say(f"run directory: {run.path}")
+    run = session.open_run("distill", resume)
     last_warnings: list[str] = []
 
     def log_epoch(epoch: int, record: dict) -> None:

@@ -10,7 +10,6 @@ import typer
 from specctl.commands.common import (
     DeviceOpt, DryRunOpt, JsonOpt, ProfileOpt, ResumeOpt, SeedOpt, SetOpt, VerboseOpt, console, handle_errors, open_session,
 )
-from specctl.core.rundir import RunDir
 
 EvalOnlyOpt = Annotated[Optional[str], typer.Option(
     "--eval-only", help="Evaluate draft checkpoints matching this glob instead of training (= llm.eval_only).")]
@@ -30,8 +29,7 @@ def finetune_head(
     sets = [*(set_ or []), *([f"llm.eval_only={json.dumps(eval_only)}"] if eval_only else [])]
     session = open_session(profile, sets, device, seed, json_out, dry_run, verbose)
     p = session.profile
-    run = RunDir.latest(p, "finetune-head") if resume else RunDir.create(p, "finetune-head", str(session.device))
-    session.say(f"run directory: {run.path}")
+    run = session.open_run("finetune-head", resume)
     try:
         with session.progress() as progress:
             result = finetune_heads(p, session.device, run, progress, session.say, resume)

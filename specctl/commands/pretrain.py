@@ -7,7 +7,6 @@ from specctl.commands.common import (
     DeviceOpt, DryRunOpt, JsonOpt, ProfileOpt, ResumeOpt, SeedOpt, SetOpt, VerboseOpt, console, handle_errors, open_session,
 )
 from specctl.core.report import horizon_table, scores_to_dict
-from specctl.core.rundir import RunDir
 
 
 @handle_errors
@@ -19,8 +18,7 @@ def pretrain(
     """Train a model from scratch, or from train.init_from (fine-tuning); evaluate the rolling forecast."""
     session = open_session(profile, set_, device, seed, json_out, dry_run, verbose)
     p = session.profile
-    run = RunDir.latest(p, "pretrain") if resume else RunDir.create(p, "pretrain", str(session.device))
-    session.say(f"run directory: {run.path}")
+    run = session.open_run("pretrain", resume)
     with run, session.progress() as progress:
         if p.kind == "llm":
             from specctl.core.llm.pretrain import pretrain_lm

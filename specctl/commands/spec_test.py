@@ -11,7 +11,6 @@ from specctl.commands.common import (
     DeviceOpt, DryRunOpt, JsonOpt, ProfileOpt, SeedOpt, SetOpt, VerboseOpt, console, handle_errors, open_session,
 )
 from specctl.core.report import spec_tables
-from specctl.core.rundir import RunDir
 
 DebugOpt = Annotated[bool, typer.Option("--debug-csv", help="Write per-series, per-round acceptance details (debug.csv).")]
 
@@ -27,7 +26,7 @@ def spec_test(
     if p.kind == "llm":
         from specctl.core.llm.spectest import run_llm_spec_test
 
-        run = RunDir.create(p, "spec-test", str(session.device))
+        run = session.open_run("spec-test")
         with run, session.progress() as progress:
             metrics = run_llm_spec_test(p, session.device, run, progress)
             run.write_json("metrics.json", metrics)
@@ -40,8 +39,7 @@ def spec_test(
     from specctl.core.train_missing import ensure_checkpoints
 
     ensure_checkpoints(p, session.device, session.say)
-    run = RunDir.create(p, "spec-test", str(session.device))
-    session.say(f"run directory: {run.path}")
+    run = session.open_run("spec-test")
     with run:
         tester = SpecTestSession(p, session.device)
         metrics = tester.run(p, run.path / "debug.csv" if debug_csv else None)
