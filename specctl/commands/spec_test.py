@@ -41,8 +41,9 @@ def spec_test(
     ensure_checkpoints(p, session.device, session.say)
     run = session.open_run("spec-test")
     with run:
-        tester = SpecTestSession(p, session.device)
-        metrics = tester.run(p, run.path / "debug.csv" if debug_csv else None)
+        with session.progress() as progress:
+            tester = SpecTestSession(p, session.device, progress)
+            metrics = tester.run(p, run.path / "debug.csv" if debug_csv else None)
         run.write_json("metrics.json", {"metrics": metrics, "definitions": METRICS})
         append_results_log(Path(p.run_root) / "spec-test" / "results.log", summary_line(p, metrics))
         run.finish()

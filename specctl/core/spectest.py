@@ -82,12 +82,18 @@ def session_key(profile: Profile) -> str:
     return json.dumps(picked, sort_keys=True, default=str)
 
 
-def measure(fn: Callable[[Window], Any], batches: list[Window], device, repeats: int, warmup: int) -> tuple[list, list[Timing]]:
+def measure(fn: Callable[[Window], Any], batches: list[Window], device, repeats: int, warmup: int,
+            progress=None, label: str = "") -> tuple[list, list[Timing]]:
     """Run fn on every batch: the first call's output is kept, then the batch is timed (warm-up excluded)."""
     outputs, timings = [], []
+    task = progress.add_task(label, total=len(batches), info="") if progress is not None else None
     for batch in batches:
         outputs.append(fn(batch))
         timings.append(time_call(lambda: fn(batch), device, repeats, max(0, warmup - 1)))
+        if progress is not None:
+            progress.update(task, advance=1, info=f"{1e3 * timings[-1].median:.1f} ms/batch")
+    if progress is not None:
+        progress.remove_task(task)
     return outputs, timings
 
 
@@ -138,12 +144,15 @@ class SpecTestSession:
         self.truths = [b.truth for b in self.batches]
         self.graphs = spec.cuda_graphs and device.type == "cuda"
         self.steppers: dict[tuple[str, int], Stepper] = {}
-        timed = lambda fn: Measured(*measure(fn, self.batches, device, spec.repeats, spec.warmup))  # noqa: E731
+        self.progress = progress
+        timed = lambda fn, label: Measured(*measure(fn, self.batches, device, spec.repeats, spec.warmup,  # noqa: E731
+                                                    progress, label))
         cached = lambda which, b: forecast_cached(  # noqa: E731
             getattr(self, which), b.context, self.horizon, self.stepper(which, len(b.ids), spec.k))
-        self.cached = timed(lambda b: cached("target", b))
-        self.sliding = timed(lambda b: forecast_sliding(self.target, b.context, self.horizon)) if spec.sliding_baseline else None
-        self.draft_alone = timed(lambda b: cached("draft", b)) if spec.draft_only else None
+        self.cached = timed(lambda b: cached("target", b), "target (KV cache)")
+        self.sliding = (timed(lambda b: forecast_sliding(self.target, b.context, self.horizon), "target (sliding)")
+                        if spec.sliding_baseline else None)
+        self.draft_alone = timed(lambda b: cached("draft", b), "draft only") if spec.draft_only else None
         first = self.batches[0]
         self.c_hat = (step_time(self.stepper("draft", len(first.ids), spec.k), first.context, device)
                       / step_time(self.stepper("target", len(first.ids), spec.k), first.context, device))
@@ -172,7 +181,7 @@ class SpecTestSession:
             raise SpecctlError("this trial changes models, data or timing settings: it needs a new session")
         spec = profile.spec
         results, timings = measure(lambda b: self.speculate(profile, b), self.batches, self.device,
-                                   spec.repeats, spec.warmup)
+                                   spec.repeats, spec.warmup, self.progress, "speculative")
         clock = PhaseClock(self.device)
         for batch in self.batches:
             self.speculate(profile, batch, clock=clock)
