@@ -87,7 +87,8 @@ def row(batch: int, dtype: str, m: dict, cfg: dict) -> str:
             f"{m['acceptance_rate']:.3f} | {m['alpha_hat']:.3f} | {m['tokens_per_target_call']:.2f} | {m['c_hat']:.3f} | "
             f"{m['predicted_speedup']:.2f}x | **{m['speedup']:.2f}x** | {m.get('speedup_sliding', float('nan')):.2f}x | "
             f"{per('wall_s_spec'):.2f} | {per('wall_s_target'):.2f} | {per('wall_s_sliding'):.2f} | "
-            f"{m['delta_mse_pct']:+.2f} | {m['fidelity_mse']:.1e} | {m.get('cuda_graphs')} |")
+            f"{m['delta_mse_pct']:+.2f} | {m['fidelity_mse']:.1e} | "
+            f"{'rounds' if m.get('graph_rounds') else 'calls' if m.get('cuda_graphs') else 'off'} |")
 
 
 def search_grid(quick: bool) -> list[dict]:
@@ -137,10 +138,11 @@ def spec(out: Path, quick: bool, profile_name: str, device: torch.device, config
             lines.append(f"| {batch} | {dtype} | {horizon} | session failed: {e} |")
             continue
         for cfg, _ in best:
-            m = session.run(with_overrides(profile, cfg))
-            log(out, "spec", {"stage": "timing", "batch": batch, "dtype": dtype, "cfg": cfg, "metrics": m})
-            lines.append(row(batch, dtype, m, cfg))
-            (out / "spec.md").write_text("\n".join(lines) + "\n")
+            for rounds in (False, True):  # per-call CUDA graphs, then whole-round graphs, side by side
+                m = session.run(with_overrides(profile, {**cfg, "spec.graph_rounds": rounds}))
+                log(out, "spec", {"stage": "timing", "batch": batch, "dtype": dtype, "cfg": cfg, "metrics": m})
+                lines.append(row(batch, dtype, m, cfg))
+                (out / "spec.md").write_text("\n".join(lines) + "\n")
     (out / "spec.md").write_text("\n".join(lines) + "\n")
 
 

@@ -238,9 +238,12 @@ class Stepper:
         self.graphs = graphs and self.cache.k.is_cuda
         self.captured: dict[tuple, tuple] = {}
 
+    def eager(self, tokens: torch.Tensor, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.model(tokens, times, self.cache)
+
     def __call__(self, tokens: torch.Tensor, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.graphs:
-            return self.model(tokens, times, self.cache)
+            return self.eager(tokens, times)
         key = (tuple(tokens.shape), tuple(times.shape))
         if key not in self.captured:
             try:

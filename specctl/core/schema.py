@@ -115,6 +115,7 @@ class SpecConfig(Strict):
     warmup: int = Field(1, ge=0)
     dtype: Literal["fp32", "bf16"] = "fp32"
     cuda_graphs: bool = True
+    graph_rounds: bool = False  # replay each whole round as one CUDA graph (checked against eager rounds first)
     exact_max_tries: int = Field(100, ge=1)
     draft_only: bool = False
     sliding_baseline: bool = True
