@@ -121,3 +121,28 @@ def test_incompatible_draft_is_rejected():
 def test_flat_layout_round_trip():
     x = torch.randn(2, 3, 4, 8)
     assert flat(x).shape == (2, 4, 24)
+
+
+def test_a_reused_round_state_gives_the_same_forecasts(models):
+    """Whole-round CUDA graphs replay over one persistent state: `reset` must leave nothing behind."""
+    from specctl.core.model import Stepper
+    from specctl.core.speculative import cache_length, forecast_of, new_state, reset, speculative_round
+
+    target, draft = models
+    spec = SpecConfig(rule="exact", sigma=2.5, k=2, emit="sample")
+    tstep, dstep = Stepper(target, 3, cache_length(32, H, 8, 2)), Stepper(draft, 3, cache_length(32, H, 8, 2))
+    state = new_state(target, draft, 3, 32, H, spec, "cpu")
+    for seed in (1, 2):
+        context, seeds = smooth_series(3, 32, 3, seed=seed), series_seeds(seed, torch.arange(3))
+        fresh = speculative_forecast(target, draft, context, H, spec, seeds)
+        norm = Norm.fit(context)
+        tokens = norm.tokens(context, 8)
+        tstep(tokens[:, :, :3], times_for(3, 0, 3, "cpu"))
+        dstep(tokens[:, :, :3], times_for(3, 0, 3, "cpu"))
+        reset(state, norm, tokens, seeds)
+        while bool((state.n_out < state.steps).any()):
+            speculative_round(state, tstep.eager, dstep.eager)
+        reused = forecast_of(state, H)
+        torch.testing.assert_close(reused, fresh.forecast, atol=1e-5, rtol=0)
+        assert torch.equal(state.stats.accepted, fresh.accepted)
+

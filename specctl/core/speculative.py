@@ -247,6 +247,13 @@ def speculative_round(state: RoundState, target_call, draft_call, mark=None, log
     mark("overhead")
 
 
+def forecast_of(state: RoundState, horizon: int) -> torch.Tensor:
+    """The emitted tokens as a forecast [B, horizon, C] in scaled units (a copy)."""
+    B, steps = state.out.shape[0], state.steps
+    tokens = unflat(state.out[:, :steps], state.C).reshape(B, state.C, steps * state.P)
+    return tokens.transpose(1, 2)[:, :horizon].clone()
+
+
 class RoundGraph:
     """One speculative round captured as a CUDA graph over its own persistent RoundState and the steppers'
     caches; the model calls inside run eagerly during capture (graphs do not nest)."""
@@ -313,9 +320,7 @@ def speculative_forecast(
             speculative_round(state, tstep, dstep, clock.mark if clock is not None else None, logs)
         r += 1
     stats = state.stats
-    P, C, steps = state.P, state.C, state.steps
-    forecast = unflat(state.out[:, :steps], C).reshape(B, C, steps * P).transpose(1, 2)[:, :horizon].clone()
     clone = lambda t: t.clone()  # noqa: E731  (graph state is reused by the next forecast)
-    return SpecResult(forecast, clone(stats.proposed), clone(stats.accepted), clone(stats.evaluated),
+    return SpecResult(forecast_of(state, horizon), clone(stats.proposed), clone(stats.accepted), clone(stats.evaluated),
                       clone(stats.rounds), clone(stats.emitted), clone(stats.cap_hits), clone(stats.accepted_hist),
                       logs or [])
