@@ -22,11 +22,12 @@ def pretrain(
     with run, session.progress() as progress:
         if p.kind == "llm":
             from specctl.core.llm.pretrain import pretrain_lm
+            from specctl.core.llm.report import summary_table
 
             metrics = pretrain_lm(p, session.device, run, resume, progress)
             run.write_json("metrics.json", metrics)
             run.finish()
-            session.out(metrics, lambda: console.print(metrics))
+            session.out(metrics, lambda: console.print(summary_table(metrics, f"{p.name}: language model")))
             return
         from specctl.core.pretrain import pretrain as pretrain_timeseries
 

@@ -42,9 +42,6 @@ class Timing:
     high: float
     repeats: int
 
-    def to_dict(self) -> dict[str, float]:
-        return {"median_s": self.median, "min_s": self.low, "max_s": self.high, "repeats": self.repeats}
-
 
 def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> Timing:
     for _ in range(warmup):
