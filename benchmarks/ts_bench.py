@@ -122,7 +122,7 @@ def spec(out: Path, quick: bool, profile_name: str, device: torch.device, config
     lines += ["## Timing (median of repeats per batch, warm-up excluded, synchronised, one process)", "", ROW,
               "|" + "---|" * 19]
     settings = [(1, "fp32", 64, None), (1, "bf16", 64, None), (1, "fp32", 32, 1440), (32, "fp32", 256, None),
-                (256, "fp32", None, None), (256, "bf16", None, None)]
+                (32, "bf16", 256, None), (256, "fp32", None, None), (256, "bf16", None, None)]
     if quick:
         settings = [(1, "fp32", 8, None), (16, "fp32", 32, None)]
     for batch, dtype, windows, horizon in settings:
