@@ -183,7 +183,12 @@ class SpecTestSession:
     def round_graphs_agree(self, profile: Profile) -> bool:
         """Whole-round CUDA graphs are used only if they reproduce eager rounds on the first batch."""
         batch = self.batches[0]
-        eager, graphed = self.speculate(profile, batch), self.speculate(profile, batch, rounds=True)
+        eager = self.speculate(profile, batch)
+        try:
+            graphed = self.speculate(profile, batch, rounds=True)
+        except RuntimeError as e:
+            warnings.warn(f"whole-round CUDA graph capture failed, not used: {e}")
+            return False
         agree = torch.equal(eager.accepted, graphed.accepted) and torch.allclose(
             eager.forecast, graphed.forecast, atol=1e-3, rtol=1e-3)
         if not agree:
