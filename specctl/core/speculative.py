@@ -98,13 +98,9 @@ class RoundState:
     that a round can be replayed as one CUDA graph. The Python fields are fixed for the state's lifetime."""
 
     spec: SpecConfig
-    K: int
-    W: int
     C: int
     P: int
     steps: int
-    tries: int
-    block: int  # random-number counters per round: K draft noises, K uniforms, residual draws, bonus noise
     stochastic: bool
     seeds: torch.Tensor  # [B]
     scale: torch.Tensor  # [B, 1, D]: scaled = normalised * scale + shift, per variable
@@ -115,6 +111,24 @@ class RoundState:
     out: torch.Tensor  # [B, steps+K+1, D] emitted tokens, scaled
     index: torch.Tensor  # round number (a device scalar, so a replayed graph advances it too)
     stats: SpecResult
+
+    @property
+    def K(self) -> int:
+        return self.spec.k
+
+    @property
+    def W(self) -> int:
+        return self.hist.shape[1]
+
+    @property
+    def tries(self) -> int:
+        return 1 if self.reflect else self.spec.exact_max_tries
+
+    @property
+    def block(self) -> int:
+        """Random-number counters per round: K draft noises, K uniforms, residual draws, one bonus noise."""
+        K, D = self.K, self.hist.shape[2]
+        return K * D + K + self.tries * D + self.tries + D
 
     @property
     def sampling(self) -> bool:
@@ -138,14 +152,11 @@ def new_state(target: TimerXL, draft: TimerXL, batch: int, lookback: int, horizo
     P, C, K = target.cfg.patch_len, target.cfg.n_vars, spec.k
     steps, n0, D = n_tokens(horizon, P), lookback // P, C * P
     W = min(K + 1, n0)
-    stochastic = draft.cfg.stochastic
-    reflect = spec.rule == "exact" and spec.emit == "sample" and not stochastic
-    tries = 1 if reflect else spec.exact_max_tries
     longs = lambda: torch.zeros(batch, dtype=torch.long, device=device)  # noqa: E731
     stats = SpecResult(torch.empty(0), longs(), longs(), longs(), longs(), longs(), longs(),
                        torch.zeros(K + 1, dtype=torch.long, device=device))
     return RoundState(
-        spec, K, W, C, P, steps, tries, K * D + K + tries * D + tries + D, stochastic,
+        spec, C, P, steps, draft.cfg.stochastic,
         longs(), torch.zeros(batch, 1, D, device=device), torch.zeros(batch, 1, D, device=device),
         torch.zeros(batch, W, D, device=device), longs(), longs(), torch.zeros(batch, steps + K + 1, D, device=device),
         torch.zeros((), dtype=torch.long, device=device), stats,
