@@ -137,7 +137,7 @@ def prepare(profile: Profile, device: torch.device) -> Setup:
     """Check the profile, load the data, the draft (fresh or train.init_from) and the frozen target."""
     if profile.kind != "timeseries":
         raise SpecctlError(f"distill trains time-series drafts; this profile's kind is '{profile.kind}'")
-    check_lookback(profile)
+    check_lookback(profile.data.lookback, profile.model.patch_len)
     if profile.distill.loss == "nll" and not profile.model.stochastic:
         raise SpecctlError('distill.loss = "nll" needs a stochastic draft: set model.stochastic = true '
                            '(or distill.loss = "mse")')

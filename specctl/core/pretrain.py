@@ -41,10 +41,10 @@ def window_length(profile: Profile) -> int:
     return profile.data.lookback + n_tokens(max(profile.data.horizons), P) * P
 
 
-def check_lookback(profile: Profile) -> None:
-    if profile.data.lookback % profile.model.patch_len:
-        raise SpecctlError(f"data.lookback {profile.data.lookback} is not a multiple of model.patch_len "
-                           f"{profile.model.patch_len}")
+def check_lookback(lookback: int, patch_len: int, source: str = "model.patch_len") -> None:
+    """The lookback must be whole patches (`source` names where the patch length comes from)."""
+    if lookback % patch_len:
+        raise SpecctlError(f"data.lookback {lookback} is not a multiple of {source} {patch_len}")
 
 
 def loader(array: np.ndarray, length: int, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
@@ -123,7 +123,7 @@ def export(best: Path, target: str) -> Path:
 
 def pretrain(profile: Profile, device: torch.device, run: RunDir, resume: bool, progress=None,
              on_epoch_end=None) -> PretrainResult:
-    check_lookback(profile)
+    check_lookback(profile.data.lookback, profile.model.patch_len)
     data = load_series(profile.data, window_length(profile))
     model = build_model(profile, data, device)
     result = train_timer(profile, model, data, device, run,

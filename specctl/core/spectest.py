@@ -26,6 +26,7 @@ from specctl.core.evaluate import window_starts
 from specctl.core.files import write_csv
 from specctl.core.forecast import Norm, forecast_cached, forecast_sliding, times_for
 from specctl.core.model import Stepper, load_timer
+from specctl.core.pretrain import check_lookback
 from specctl.core.rng import series_seeds
 from specctl.core.runtime import PhaseClock, Timing, time_call
 from specctl.core.schema import Profile
@@ -124,9 +125,7 @@ class SpecTestSession:
         self.target, _ = load_timer(spec.target, device)
         self.draft, _ = load_timer(spec.draft, device)
         lookback = profile.data.lookback
-        if lookback % self.target.cfg.patch_len:
-            raise SpecctlError(f"data.lookback {lookback} is not a multiple of the target's patch length "
-                               f"{self.target.cfg.patch_len}")
+        check_lookback(lookback, self.target.cfg.patch_len, "the target's patch length")
         check_pair(self.target, self.draft, lookback)
         if spec.dtype == "bf16":
             self.target.to(torch.bfloat16), self.draft.to(torch.bfloat16)
