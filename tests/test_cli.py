@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -45,6 +46,22 @@ def test_pretrain_quickstart_end_to_end_and_resume():
     resumed = invoke("pretrain", "--profile", "quickstart/target", *FAST, "--set", "train.epochs=3", "--resume", "--json")
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(resumed.output[resumed.output.index("{"):])["epochs"] == 3
+
+
+def test_recipe_sweep_runs_one_pretrain_per_trial_and_ranks_by_validation():
+    result = invoke("sweep", "--profile", "quickstart/tune-target", *FAST, "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output[result.output.index("{"):])
+    assert payload["ranked_by"] == "best_val_loss" and payload["ran"] == 2 and not payload["failed"]
+    losses = [row["best_val_loss"] for row in payload["top"]]
+    assert losses == sorted(losses)
+    rows = pd.read_csv(payload["results"])
+    assert set(rows["train.lr"]) == {2e-3, 5e-4} and rows["mse"].notna().all() and rows["mse_sliding_64"].notna().all()
+    for checkpoint in rows["checkpoint"]:  # each trial keeps its own best checkpoint, never train.save_to
+        assert (Path(checkpoint) / "model.safetensors").is_file() and "runs/pretrain" in checkpoint
+    assert not Path("artifacts/quickstart/target").exists()
+    again = invoke("sweep", "--profile", "quickstart/tune-target", *FAST, "--json")
+    assert json.loads(again.output[again.output.index("{"):])["ran"] == 0
 
 
 def test_dry_run_prints_resolved_profile():

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 from specctl.commands.common import (
     DeviceOpt, DryRunOpt, JsonOpt, ProfileOpt, ResumeOpt, SeedOpt, SetOpt, VerboseOpt, console, handle_errors, open_session,
 )
-from specctl.core.report import horizon_table, scores_to_dict
+from specctl.core.report import horizon_table
 
 
 @handle_errors
@@ -41,15 +40,7 @@ def pretrain(
             session.say(f"interrupted: weights saved in {run.checkpoints / 'interrupted'}; "
                         f"`specctl pretrain --profile {profile} --resume` continues from the last finished epoch")
             raise
-        metrics = {
-            "parameters": result.parameters,
-            "epochs": result.fit.epochs_done,
-            "best_val_loss": result.fit.best_val,
-            "stopped_early": result.fit.stopped_early,
-            "checkpoint": str(result.checkpoint),
-            "history": result.fit.history,
-            **scores_to_dict(result.scores),
-        }
+        metrics = result.metrics()
         run.write_json("metrics.json", metrics)
         run.finish()
     session.out(metrics, lambda: (

@@ -18,23 +18,30 @@ from specctl.commands.common import (
     DeviceOpt, JsonOpt, ProfileOpt, SeedOpt, SetOpt, VerboseOpt, Session, console, handle_errors,
     open_session,
 )
-from specctl.core.analysis import finished, load_results, records, speed_metric, top
+from specctl.core.analysis import finished, load_results, rank_metric, records, top
 from specctl.core.errors import SpecctlError
 from specctl.core.profile import parse_override, with_overrides
 from specctl.core.rundir import RunDir
 from specctl.core.schema import Profile
 from specctl.core.sweep import Results, Trial, TrialSession, exclusive, pending_trials, plan_trials, run_sweep
 
-# The trial session of each profile kind, "module:Class", imported when the first trial needs it.
+# The trial session of each profile kind (spec-test sweeps) and of recipe searches (`sweep_command =
+# "pretrain"`), "module:Class", imported when the first trial needs it.
 RUNNERS: dict[str, str] = {"timeseries": "specctl.core.spectest:SpecTestSession"}
 RUNNERS["llm"] = "specctl.core.llm.sweep:LLMSpecSession"
+RUNNERS["pretrain"] = "specctl.core.pretrain:PretrainSession"
+
+
+def runner_name(profile: Profile) -> str:
+    return "pretrain" if profile.sweep_command == "pretrain" else profile.kind
 
 
 def open_runner(runners: dict[str, str], profile: Profile, device: torch.device, progress: Any = None) -> TrialSession:
-    if profile.kind not in runners:
-        raise SpecctlError(f"no sweep runner for kind '{profile.kind}' (known: {', '.join(runners)})")
-    module, _, name = runners[profile.kind].partition(":")
-    return getattr(importlib.import_module(module), name)(profile, device, progress)
+    name = runner_name(profile)
+    if name not in runners:
+        raise SpecctlError(f"no sweep runner for '{name}' (known: {', '.join(runners)})")
+    module, _, cls = runners[name].partition(":")
+    return getattr(importlib.import_module(module), cls)(profile, device, progress)
 
 
 def with_grid(profile: Profile, items: list[str]) -> Profile:
@@ -70,21 +77,22 @@ def row_info(row: dict[str, Any]) -> str:
 def sweep(
     profile: ProfileOpt, set_: SetOpt = None,
     grid: Annotated[Optional[list[str]], typer.Option("--grid", "-g", help="Replace or add a sweep dimension: --grid 'spec.k=[3,4]' (repeatable).")] = None,
-    workers: int = typer.Option(1, "--workers", "-w", min=1, help="Trials in parallel processes (CPU only; each loads its own models)."),
+    workers: int = typer.Option(1, "--workers", "-w", min=1, help="Trials in parallel processes, each with its own models (CPU; on cuda only for pretrain sweeps, whose timings do not matter)."),
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Results CSV (default: <run_root>/sweep/<profile name>/results.csv).")] = None,
     top_n: int = typer.Option(10, "--top", "-n", min=1, help="How many configurations the final table shows."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the trials (done, pending, invalid) and exit."),
     json_out: JsonOpt = False, device: DeviceOpt = None, seed: SeedOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Run the \\[sweep] grid (cartesian product) through spec-test; rerunning resumes where it stopped."""
+    """Run the \\[sweep] grid (cartesian product) through spec-test (or pretrain, for a recipe search with
+    sweep_command = "pretrain"); rerunning resumes where it stopped."""
     session = open_session(profile, set_, device, seed, json_out, False, verbose)
     p = with_grid(session.profile, grid or [])
     csv_path = out or default_csv(p)
     if dry_run:
         console.print(plan_table(plan_trials(p), Results.open(csv_path, list(p.sweep))))
         return
-    if workers > 1 and session.device.type == "cuda":
+    if workers > 1 and session.device.type == "cuda" and p.sweep_command != "pretrain":
         session.say("note: --workers ignored on cuda (parallel trials would share the GPU and distort timings)")
         workers = 1
     with exclusive(csv_path):
@@ -134,15 +142,17 @@ def run_with_progress(todo: list[Trial], results: Results, session: Session, wor
 
 
 def show_top(frame: pd.DataFrame, n: int, session: Session, payload: dict[str, Any]) -> None:
-    """The final table: this grid's best finished configurations by speed (see analysis.speed_metric)."""
+    """The final table: this grid's best finished configurations (see analysis.rank_metric)."""
     ok = finished(frame)
-    metric = speed_metric(ok)
+    metric = rank_metric(ok)
     best = top(ok, metric, n) if metric else ok.head(0)
 
     def render() -> None:
         if metric:
             console.print(frame_table(best, f"top {len(best)} of {len(ok)} finished trials by {metric}"))
+        hint = (f"; `specctl analyze {payload['results']}` for Pareto fronts and recommendations"
+                if "acceptance_rate" in frame else "")
         console.print(f"{payload['ran']} trials run, {len(payload['failed'])} failed, {payload['skipped']} skipped "
-                      f"(done before); `specctl analyze {payload['results']}` for Pareto fronts and recommendations")
+                      f"(done before){hint}")
 
     session.out({**payload, "ranked_by": metric, "top": records(best)}, render)

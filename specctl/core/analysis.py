@@ -17,9 +17,10 @@ from specctl.core.schema import Profile
 TEXT_COLUMNS = ("trial_id", "status", "error")
 REQUIRED = ("trial_id", "status", "acceptance_rate", "mse")
 KEY_METRICS = ("acceptance_rate", "mean_accepted", "speedup", "mse")
-SHOWN_METRICS = ("acceptance_rate", "mean_accepted", "speedup", "predicted_speedup", "mse", "delta_mse_pct")
+SHOWN_METRICS = ("acceptance_rate", "mean_accepted", "speedup", "predicted_speedup", "best_val_loss", "epochs", "mse",
+                 "mse_sliding", "delta_mse_pct")
 SPEED_METRICS = ("speedup", "predicted_speedup", "acceptance_rate")
-TOPS = {"acceptance_rate": "max", "speedup": "max", "mse": "min"}
+TOPS = {"acceptance_rate": "max", "speedup": "max", "mse": "min", "best_val_loss": "min"}
 FRONTS = (("acceptance_rate", "mse"), ("speedup", "mse"))
 
 
@@ -160,6 +161,13 @@ class Recommendation:
 def speed_metric(frame: pd.DataFrame) -> str | None:
     """Measured speedup if there is one, else the predicted speedup, else the acceptance rate."""
     return next((m for m in SPEED_METRICS if m in frame and frame[m].notna().any()), None)
+
+
+def rank_metric(frame: pd.DataFrame) -> str | None:
+    """What a sweep's best trials are ranked by: speed for spec-test sweeps, validation loss for recipe searches
+    (never test MSE: choosing by the test split would make its numbers optimistic)."""
+    has_val = "best_val_loss" in frame and frame["best_val_loss"].notna().any()
+    return speed_metric(frame) or ("best_val_loss" if has_val else None)
 
 
 def recommend(ok: pd.DataFrame, criteria: list[Criterion]) -> list[Recommendation]:

@@ -10,7 +10,7 @@ import shutil
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from specctl.core.errors import SpecctlError
 from specctl.core.evaluate import HorizonScore, evaluate_rolling
 from specctl.core.forecast import n_tokens, next_patch_loss
 from specctl.core.model import TimerXL, checkpoint_config, count_parameters, init_logvar_head, load_timer, scaled_config
+from specctl.core.report import scores_to_dict
 from specctl.core.rundir import RunDir
 from specctl.core.schema import Profile
 from specctl.core.train import FitResult, fit
@@ -33,6 +34,18 @@ class PretrainResult:
     scores: list[HorizonScore]
     parameters: int
     checkpoint: Path
+
+    def metrics(self) -> dict[str, Any]:
+        """metrics.json of a pretrain run: training history and the rolling-forecast scores."""
+        return {
+            "parameters": self.parameters,
+            "epochs": self.fit.epochs_done,
+            "best_val_loss": self.fit.best_val,
+            "stopped_early": self.fit.stopped_early,
+            "checkpoint": str(self.checkpoint),
+            "history": self.fit.history,
+            **scores_to_dict(self.scores),
+        }
 
 
 def window_length(profile: Profile) -> int:
@@ -136,3 +149,34 @@ def pretrain(profile: Profile, device: torch.device, run: RunDir, resume: bool, 
                               progress=progress)
     checkpoint = export(result.best_dir, profile.train.save_to) if profile.train.save_to else result.best_dir
     return PretrainResult(result, scores, count_parameters(model), checkpoint)
+
+
+def sweep_row(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A pretrain run's metrics as flat CSV columns: average and per-horizon MSE/MAE (cached, and `_sliding`)."""
+    row = {k: metrics[k] for k in ("best_val_loss", "epochs", "stopped_early", "parameters", "checkpoint")}
+    for mode, suffix in (("cached", ""), ("sliding", "_sliding")):
+        row.update({f"{k}{suffix}": v for k, v in metrics["average"][mode].items()})
+        row.update({f"mse{suffix}_{h['horizon']}": h["mse"][mode] for h in metrics["horizons"]})
+    return row
+
+
+class PretrainSession:
+    """The sweep runner for `sweep_command = "pretrain"` (recipe search): each trial is one pretrain run with
+    its own run directory. Trials never export to `train.save_to` (parallel trials would overwrite each
+    other); the `checkpoint` column names each trial's best checkpoint instead."""
+
+    def __init__(self, profile: Profile, device: torch.device, progress=None) -> None:
+        if profile.kind != "timeseries":
+            raise SpecctlError(f'sweep_command = "pretrain" runs time-series recipes; profile kind is {profile.kind}')
+        self.device, self.progress = device, progress
+
+    def compatible(self, profile: Profile) -> bool:
+        return True  # nothing is kept between trials
+
+    def run(self, profile: Profile) -> dict[str, Any]:
+        profile = profile.model_copy(update={"train": profile.train.model_copy(update={"save_to": None})})
+        with RunDir.create(profile, "pretrain", str(self.device)) as run:
+            metrics = pretrain(profile, self.device, run, resume=False, progress=self.progress).metrics()
+            run.write_json("metrics.json", metrics)
+            run.finish()
+        return {**sweep_row(metrics), "run_dir": str(run.path)}

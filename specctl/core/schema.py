@@ -141,6 +141,7 @@ class Profile(Strict):
     spec: SpecConfig = SpecConfig()
     llm: LLMConfig = LLMConfig()
     sweep: dict[str, list[Any]] = {}
+    sweep_command: Literal["spec-test", "pretrain"] = "spec-test"  # what one sweep trial runs
 
     @field_validator("sweep", mode="before")
     @classmethod
