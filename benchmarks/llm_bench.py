@@ -3,14 +3,16 @@
 1. pretrain a 12-layer Llama-architecture LM (~92M parameters, profiles/llm/bench-target.toml) on the local chat
    corpora + tiny-shakespeare, and compare its held-out perplexity with a unigram baseline;
 2. finetune-head at exit layers 1/4, 1/2, 3/4 of the depth (head-only KL distillation);
-3. spec-test at batch 1, greedy and T=1, on Spec-Bench prompts: E[accepted], acceptance, speedup vs the same
-   target's KV-cached vanilla decoding (plus one self-speculative shared-KV-cache run at 1/2 depth);
+3. spec-test at batch 1, greedy and T=1, on Spec-Bench prompts: E[accepted], acceptance, c_hat, measured and
+   predicted speedup vs the same target's vanilla decoding, both on the static decode path (static KV caches, CUDA
+   graphs); plus at 1/2 depth, greedy: a self-speculative shared-KV-cache run, gammas 1 and 2, and (on a GPU) the
+   same static path without CUDA graphs;
 4. the Hugging Face peers on the same prompts: `generate(assistant_early_exit=l+1)` (self-speculation with the
    target's own head at layer l) and `generate(assistant_model=draft)`, each against HF's plain `generate`.
 
 Prints a markdown table and writes it to --out (and everything measured to --out with suffix .json).
-    python benchmarks/llm_bench.py --data-dir ../shared/data --out docs/bench-llm.md --budget-min 20
-    python benchmarks/llm_bench.py --data-dir ../shared/data --out /tmp/smoke.md --smoke   # CPU, ~2 minutes
+    python benchmarks/llm_bench.py --data-dir ../shared/data --out docs/bench-llm.md --budget-min 8.5
+    python benchmarks/llm_bench.py --data-dir ../shared/data --out /tmp/smoke.md --smoke   # CPU, ~3 minutes
 """
 
 from __future__ import annotations
@@ -166,17 +168,20 @@ def stage_finetune(base: list[str], layers: list[int], budget: Budget, device: t
     return result["rows"]
 
 
-def decode_seconds_per_token(profile, device: torch.device) -> float:
-    """Vanilla KV-cached decoding speed of the target (to size the prompt set to the budget)."""
+def decode_seconds_per_token(profile, device: torch.device, graphs: bool) -> float:
+    """Vanilla decoding speed of the target on the static path, with or without CUDA graphs (to size the prompt
+    set to the budget)."""
     from specctl.core.llm.speculative import Sampling, vanilla
+    from specctl.core.llm.static import StaticLM
 
     lm = load_lm(profile.llm.target, device, None, profile.llm.dtype)
     prompt = load_prompts(profile, lm.tokenizer)[0]
+    target = StaticLM(lm.model, len(prompt) + 32, (1,) if graphs else ())
     gen = torch.Generator(device).manual_seed(0)
-    vanilla(lm.model, prompt, 8, Sampling(0.0), gen)
+    vanilla(target, prompt, 8, Sampling(0.0), gen)
     synchronize(device)
     start = time.perf_counter()
-    out = vanilla(lm.model, prompt, 32, Sampling(0.0), gen)
+    out = vanilla(target, prompt, 32, Sampling(0.0), gen)
     synchronize(device)
     return (time.perf_counter() - start) / len(out.tokens)
 
@@ -184,12 +189,14 @@ def decode_seconds_per_token(profile, device: torch.device) -> float:
 MODES = {"greedy": {"llm.spec.temperature": 0.0}, "T=1": {"llm.spec.temperature": 1.0}}
 
 
-def spec_runs(layers: list[int], gamma: int) -> list[dict]:
-    """Every exit layer x mode at the profile's gamma; at 1/2 depth, greedy: a shared KV cache, smaller gammas."""
+def spec_runs(layers: list[int], gamma: int, device: torch.device) -> list[dict]:
+    """Every exit layer x mode at the profile's gamma; at 1/2 depth, greedy: a shared KV cache, smaller gammas and
+    (on a GPU) no CUDA graphs."""
     mid = layers[len(layers) // 2]
     runs = [{"llm.exit_layer": layer, **MODES[mode]} for layer in layers for mode in MODES]
     runs.append({"llm.exit_layer": mid, **MODES["greedy"], "llm.spec.share_cache": True})
     runs += [{"llm.exit_layer": mid, **MODES["greedy"], "llm.spec.gamma": g} for g in (1, 2) if g < gamma]
+    runs += [{"llm.exit_layer": mid, **MODES["greedy"], "llm.spec.cuda_graphs": False}] if device.type == "cuda" else []
     return runs
 
 
@@ -197,18 +204,23 @@ def label(run: dict, gamma: int) -> str:
     mode = "greedy" if run["llm.spec.temperature"] == 0 else "T=1"
     extra = [", shared KV"] if run.get("llm.spec.share_cache") else []
     extra += [f", gamma {run['llm.spec.gamma']}"] if run.get("llm.spec.gamma", gamma) != gamma else []
+    extra += [", no CUDA graphs"] if not run.get("llm.spec.cuda_graphs", True) else []
     return mode + "".join(extra)
 
 
 def stage_spec(base: list[str], layers: list[int], budget: Budget, device: torch.device) -> tuple[list[dict], Profile]:
     profile = load_profile("llm/bench-spec", base)
     spec = profile.llm.spec
-    runs = spec_runs(layers, spec.gamma)
-    per_token = decode_seconds_per_token(profile, device)
-    per_prompt = 2.5 * spec.max_new_tokens * per_token  # vanilla + speculative + overheads
-    fit = budget.take("spec") / (len(runs) * per_prompt) - spec.warmup
+    runs = spec_runs(layers, spec.gamma, device)
+    per_token = {graphs: decode_seconds_per_token(profile, device, graphs)
+                 for graphs in {run.get("llm.spec.cuda_graphs", True) for run in runs}}
+    # a prompt of a run: vanilla + speculative + overheads
+    per_prompt = sum(2.5 * spec.max_new_tokens * per_token[run.get("llm.spec.cuda_graphs", True)] for run in runs)
+    fit = budget.take("spec") / per_prompt - spec.warmup
     n_prompts = int(min(spec.n_prompts, max(4, fit)))
-    log(f"spec-test: {per_token * 1000:.1f} ms/token vanilla -> {n_prompts} prompts x {len(runs)} runs")
+    speeds = ", ".join(f"{t * 1000:.1f} ms/token {'with' if g else 'without'} CUDA graphs"
+                       for g, t in per_token.items())
+    log(f"spec-test: vanilla {speeds} -> {n_prompts} prompts x {len(runs)} runs")
     profile = with_overrides(profile, {"llm.spec.n_prompts": n_prompts})
     rows = []
     for overrides in runs:
@@ -256,9 +268,9 @@ def stage_hf(profile, layers: list[int], budget: Budget, device: torch.device) -
     """Speedups of HF assisted generation over HF plain generate, per (exit layer, mode); errors are recorded."""
     lm = load_lm(profile.llm.target, device, None, profile.llm.dtype)
     fixed_gamma(lm.model, profile.llm.spec.gamma)
-    per_prompt = 2.0 * profile.llm.spec.max_new_tokens * decode_seconds_per_token(profile, device)
-    calls = len(MODES) * (1 + 2 * len(layers))  # plain generate, then early exit and assistant per layer
     prompts = load_prompts(profile, lm.tokenizer)
+    per_prompt = 2.0 * profile.llm.spec.max_new_tokens / hf_time(lm.model, prompts[:1], profile, True, device)
+    calls = len(MODES) * (1 + 2 * len(layers))  # plain generate, then early exit and assistant per layer
     prompts = prompts[: int(min(len(prompts), max(2, budget.take("hf") / (per_prompt * calls) - 1)))]  # 1 warm-up
     log(f"HF peers: {len(prompts)} prompts")
     out: dict = {}
@@ -320,7 +332,7 @@ def drafts_section(drafts: list[dict]) -> list[str]:
 def spec_section(spec: list[dict], hf: dict, profile: Profile) -> list[str]:
     s = profile.llm.spec
     header = ["exit layer", "mode", "E[accepted]", "acceptance", "alpha_hat", "tau", "c_hat", "tok/s vanilla",
-              "tok/s spec", "speedup", "predicted", "identical to vanilla", "HF early-exit speedup",
+              "tok/s spec", "speedup", "predicted", "identical to vanilla", "CUDA graphs", "HF early-exit speedup",
               "HF assistant speedup"]
     rows = []
     for r in spec:
@@ -330,10 +342,13 @@ def spec_section(spec: list[dict], hf: dict, profile: Profile) -> list[str]:
         rows.append([layer, r["mode"], with_ci(r, "mean_accepted"), fmt(r["acceptance_rate"]), fmt(r["alpha_hat"]),
                      fmt(r["tokens_per_target_call"], 2), fmt(r["c_hat"]), fmt(r["tok_s_vanilla"], 1),
                      fmt(r["tok_s_spec"], 1), with_ci(r, "speedup"), fmt(r["predicted_speedup"], 2),
-                     fmt(r["identical_fraction"], 2), *peers])
+                     fmt(r["identical_fraction"], 2), "yes" if r["cuda_graphs"] else "no", *peers])
     plain = ", ".join(f"{m} {fmt(hf.get(('vanilla', m)), 1)}" for m in MODES)
     return ["", f"## Speculative decoding (batch 1, gamma {s.gamma}, {spec[0]['n_prompts']} Spec-Bench prompts, "
                 f"max_new_tokens {s.max_new_tokens}, {profile.llm.dtype}; [95% bootstrap CI across prompts])", "",
+            "Vanilla and speculative decoding run the same static decode path (static KV caches; CUDA graphs where "
+            "the column says so); c_hat = draft / target decode-step time, predicted = "
+            "(1 - a^(g+1)) / ((1 - a)(g c_hat + 1)) with a = alpha_hat.", "",
             *md_table(header, rows), "",
             "HF peers: speedup of `generate(assistant_early_exit=l+1)` (the target's own head at layer l) and of "
             "`generate(assistant_model=draft)` over plain `generate` on a subset of the same prompts, same sampling, "
@@ -362,7 +377,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get("SPECCTL_DATA_DIR"), help="folder of the local corpora")
     parser.add_argument("--out", required=True, type=Path, help="markdown file to write (and .json beside it)")
-    parser.add_argument("--budget-min", type=float, default=20.0, help="wall-clock budget in minutes")
+    parser.add_argument("--budget-min", type=float, default=8.5,
+                        help="wall-clock budget in minutes (a device command is capped at 10)")
     parser.add_argument("--work", type=Path, default=Path("runs/llm-bench"), help="folder for runs and models")
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU-sized run of the same pipeline")

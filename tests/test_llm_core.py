@@ -18,6 +18,7 @@ from specctl.core.llm.finetune import TextSets, checksum, evaluate, train_draft
 from specctl.core.llm.lm import LM, find_parts, load_lm
 from specctl.core.llm.pretrain import llama_config, train_bpe
 from specctl.core.llm.speculative import Sampling, distribution, speculative, vanilla, verify
+from specctl.core.llm.static import StaticLM, static_pair
 from specctl.core.profile import load_profile
 
 WORDS = "the cat sat on a mat and then the dog ran to the park where birds sing all day long".split()
@@ -90,14 +91,16 @@ def test_draft_shares_blocks_and_owns_an_untied_head(lm):
     assert not any(p.requires_grad for p in lm.model.parameters())
 
 
-def test_last_layer_with_target_head_has_zero_kl_and_full_acceptance(lm):
+@pytest.mark.parametrize("share", [False, True])
+def test_last_layer_with_target_head_has_zero_kl_and_full_acceptance(lm, share):
     draft = build_draft(lm, lm.n_layers - 1)
     profile = load_profile("", ["llm.kl_temperature=2.0"])
     metrics = evaluate(draft, sets_for(lm).held_out["val"], profile, torch.device("cpu"))
     assert metrics["kl"] == pytest.approx(0, abs=1e-6) and metrics["kl_t1"] == pytest.approx(0, abs=1e-6)
     assert metrics["top1"] == metrics["target_top1"] and metrics["ce"] == pytest.approx(metrics["target_ce"])
     prompt = lm.tokenizer(TEXTS[0])["input_ids"][:6]
-    out = speculative(lm.model, draft.model, prompt, 20, 4, Sampling(1.0), torch.Generator().manual_seed(0))
+    out = speculative(*static_pair(lm.model, draft.model, 32, 4, share_cache=share), prompt, 20, 4, Sampling(1.0),
+                      torch.Generator().manual_seed(0))  # a draft cache left behind would cost acceptance
     assert sum(a for _, a in out.rounds) == sum(g for g, _ in out.rounds)
     assert min(out.overlaps) > 1 - 1e-4
 
@@ -128,14 +131,14 @@ def test_draft_for_another_vocabulary_is_refused(lm, tmp_path):
 
 @pytest.mark.parametrize("layer,share", [(0, False), (1, False), (1, True)])
 def test_greedy_speculative_equals_vanilla_greedy(lm, layer, share):
-    draft = build_draft(lm, layer)
+    target, draft = static_pair(lm.model, build_draft(lm, layer).model, 40, 3, share_cache=share)
     seen, rejected = set(), 0
-    for text in TEXTS[:3]:
-        prompt = lm.tokenizer(text)["input_ids"][:5]
+    for length in (9, 5, 1):  # caches reused across prompts, as spec-test does: stale entries must stay invisible
+        prompt = lm.tokenizer(TEXTS[length])["input_ids"][:length]
         gen = torch.Generator().manual_seed(0)
-        base = vanilla(lm.model, prompt, 24, Sampling(0.0), gen)
-        fast = speculative(lm.model, draft.model, prompt, 24, 3, Sampling(0.0), gen, share_cache=share)
-        assert fast.tokens == base.tokens
+        base = vanilla(target, prompt, 24, Sampling(0.0), gen)
+        fast = speculative(target, draft, prompt, 24, 3, Sampling(0.0), gen)
+        assert fast.tokens == base.tokens == vanilla(StaticLM(lm.model, 40), prompt, 24, Sampling(0.0), gen).tokens
         seen |= set(base.tokens)
         rejected += sum(a < g for g, a in fast.rounds)
     assert len(seen) > 3 and rejected > 0  # non-degenerate outputs, and the rejection path was taken
@@ -178,8 +181,9 @@ def test_speculative_sampling_matches_the_target_distribution():
     prompt = [1, 2, 3]
     gen = torch.Generator().manual_seed(0)
     first, second = torch.zeros(12), torch.zeros(12)
+    pair = static_pair(lm.model, draft.model, 9, 2)
     for _ in range(600):
-        tokens = speculative(lm.model, draft.model, prompt, 3, 2, Sampling(1.0), gen).tokens
+        tokens = speculative(*pair, prompt, 3, 2, Sampling(1.0), gen).tokens
         first[tokens[0]] += 1
         second[tokens[1]] += 1
     with torch.no_grad():
@@ -189,3 +193,69 @@ def test_speculative_sampling_matches_the_target_distribution():
         p2 = (p1[:, None] * lm.model(rows).logits[:, -1].softmax(-1)).sum(0)  # sum_t1 p(t1) p(t2 | t1)
     assert pooled_chisquare(first, p1) > 1e-3 and pooled_chisquare(second, p2) > 1e-3
     assert pooled_chisquare(first, q1) < 1e-6
+
+
+def random_decoder(kind: str, seed: int = 0) -> nn.Module:
+    """A random tiny decoder with grouped-query attention (2 kv heads for 4 query heads); the Mistral and Qwen2
+    ones with a sliding window shorter than the sequences below."""
+    import transformers
+
+    torch.manual_seed(seed)
+    arch = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, initializer_range=0.2)
+    extra = {"llama": {}, "mistral": {"sliding_window": 5},
+             "qwen2": {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}}[kind]
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[kind]
+    config = getattr(transformers, f"{name}Config")(**arch, **extra)
+    return getattr(transformers, f"{name}ForCausalLM")(config).eval().requires_grad_(False)
+
+
+def feed(lm: StaticLM, ids: torch.Tensor, cuts: list[int]) -> torch.Tensor:
+    """Logits of ids fed to the static path in chunks ending at `cuts` (positions continue across chunks)."""
+    bounds = [0, *cuts, len(ids)]
+    return torch.cat([lm(ids[a:b], a) for a, b in zip(bounds, bounds[1:])])
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_static_path_equals_the_hugging_face_forward(kind):
+    model = random_decoder(kind)
+    ids = torch.randint(0, 40, (14,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids[None]).logits[0]
+    static = StaticLM(model, 20)
+    assert torch.allclose(feed(static, ids, [6, 7, 8, 11]), expected, atol=1e-5, rtol=0)  # prefill, steps, verify
+
+
+def test_rollback_then_refeeding_equals_a_fresh_run():
+    model = random_decoder("llama")
+    ids = torch.randint(0, 40, (12,), generator=torch.Generator().manual_seed(2))
+    other = torch.randint(0, 40, (12,), generator=torch.Generator().manual_seed(3))
+    static = StaticLM(model, 16)
+    static(ids[:6], 0)
+    static(other[6:10], 6)  # a rejected continuation: rolling back to 6 leaves entries 6..9 stale
+    resumed = torch.cat([static(ids[6:7], 6), static(ids[7:12], 7)])
+    fresh = feed(StaticLM(model, 16), ids, [6, 7])[6:]
+    assert torch.allclose(resumed, fresh, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("tune_block", [False, True])
+def test_draft_static_path_equals_its_forward(lm, tune_block):
+    draft = build_draft(lm, 1, tune_block)
+    if tune_block:
+        with torch.no_grad():  # make the untied block differ from the target's
+            draft.model.model.layers[1].mlp.up_proj.weight.mul_(1.5)
+    ids = torch.tensor(lm.tokenizer(TEXTS[4])["input_ids"][:10])
+    with torch.no_grad():
+        expected = draft.model(ids[None]).logits[0]
+    _, static = static_pair(lm.model, draft.model, 16, 3)
+    assert torch.allclose(feed(static, ids, [4, 5, 8]), expected, atol=1e-5, rtol=0)
+
+
+def test_shared_cache_needs_the_targets_blocks_and_other_models_are_refused(lm):
+    with pytest.raises(SpecctlError, match="share_cache needs a draft that shares blocks"):
+        static_pair(lm.model, build_draft(lm, 1, tune_block=True).model, 16, 3, share_cache=True)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(SpecctlError, match="supports llama, mistral, qwen2 models, not model_type 'gpt2'"):
+        StaticLM(gpt2, 16)

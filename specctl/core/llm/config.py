@@ -46,6 +46,7 @@ class LLMSpecConfig(_Strict):
     max_prompt_tokens: int = Field(256, ge=1)  # longer prompts keep their last tokens
     stop_at_eos: bool = True
     share_cache: bool = False  # self-speculation: the draft reads/writes the target's KV cache for layers <= l
+    cuda_graphs: bool = True  # replay decode steps and verifies as CUDA graphs (ignored on CPU)
     warmup: int = Field(1, ge=0)  # untimed prompts before timing
     step_repeats: int = Field(50, ge=1)  # decode steps timed for c_hat
     bootstrap: int = Field(1000, ge=0)  # resamples for the confidence intervals across prompts

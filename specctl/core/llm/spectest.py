@@ -1,5 +1,6 @@
-"""spec-test for kind = "llm": vanilla (target-only, KV cache) and speculative decoding on the same prompts,
-same sampling policy and seeds; acceptance, distribution overlap, timing and speedup with bootstrap CIs."""
+"""spec-test for kind = "llm": vanilla (target-only) and speculative decoding on the same prompts, the same static
+decode path (static KV caches, CUDA graphs on a GPU unless llm.spec.cuda_graphs = false), sampling policy and seeds;
+acceptance, distribution overlap, timing and speedup with bootstrap CIs."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import numpy as np
 import torch
 
 from specctl.core.data import data_dir
-from specctl.core.errors import SpecctlError
 from specctl.core.files import write_csv
 from specctl.core.llm.draft import Draft, build_draft, load_draft, resolve_draft
 from specctl.core.llm.lm import LM, load_lm
-from specctl.core.llm.speculative import Decoder, Sampling, new_cache, speculative, vanilla
+from specctl.core.llm.speculative import Sampling, buffer, decode_one, prefill, speculative, vanilla
+from specctl.core.llm.static import StaticLM, static_pair
 from specctl.core.llm.text import load_examples, prompt_ids, resolve_text_file
 from specctl.core.rundir import RunDir
 from specctl.core.runtime import synchronize, time_call
@@ -44,10 +45,12 @@ DEFINITIONS = {
     "target_calls_per_token": "1 / tokens_per_target_call",
     "tok_s_vanilla / tok_s_spec": "new tokens / wall seconds, summed over prompts (warm, synchronised)",
     "speedup": "tok_s_spec / tok_s_vanilla (same prompts, device and process)",
-    "c_hat": "median draft decode-step time / median target decode-step time (one token, KV cache)",
+    "c_hat": "median draft decode-step time / median target decode-step time (one token on the static path, "
+             "sampling included)",
     "predicted_speedup": "(1 - a^(g+1)) / ((1 - a)(g c + 1)) with a = alpha_hat, c = c_hat, g = gamma",
     "identical_fraction": "greedy only: fraction of prompts where speculative output == vanilla output",
     "peak_mem_gb": "torch.cuda.max_memory_allocated over the run (None on CPU)",
+    "cuda_graphs": "whether decode steps and verifies replayed CUDA graphs (never on CPU)",
     "ci": "bootstrap percentile interval across prompts",
 }
 
@@ -56,6 +59,8 @@ DEFINITIONS = {
 class Setup:
     lm: LM
     draft: Draft
+    target_dec: StaticLM  # the static decode path of the target, for vanilla and speculative decoding
+    draft_dec: StaticLM
     prompts: list[list[int]]
     sampling: Sampling
     eos: frozenset[int]
@@ -89,13 +94,16 @@ def pick_draft(profile: Profile, lm: LM) -> Draft:
 
 
 def setup(profile: Profile, lm: LM, draft: Draft) -> Setup:
+    """Prompts, sampling policy and the static decoders, sized for the longest prompt (max_len = prompt +
+    max_new_tokens + gamma + 1) and reused for every prompt."""
     spec = profile.llm.spec
-    if spec.share_cache and draft.tune_block:
-        raise SpecctlError("llm.spec.share_cache needs a draft that shares block l with the target "
-                           "(this draft was trained with tune_block = true)")
+    prompts = load_prompts(profile, lm.tokenizer)
+    max_len = max(map(len, prompts)) + spec.max_new_tokens + spec.gamma + 1
+    target_dec, draft_dec = static_pair(lm.model, draft.model, max_len, spec.gamma, spec.cuda_graphs,
+                                        spec.share_cache)
     sampling = Sampling(spec.temperature, spec.top_k, spec.top_p)
     eos = eos_ids(lm) if spec.stop_at_eos else frozenset()
-    return Setup(lm, draft, load_prompts(profile, lm.tokenizer), sampling, eos)
+    return Setup(lm, draft, target_dec, draft_dec, prompts, sampling, eos)
 
 
 def timed(fn, device: torch.device):
@@ -106,18 +114,13 @@ def timed(fn, device: torch.device):
     return out, time.perf_counter() - start
 
 
-def step_seconds(model, prompt: list[int], device: torch.device, repeats: int) -> float:
-    """Median time of one cached decode step after the prompt (the step is undone after each call)."""
-    dec = Decoder(model, new_cache(model))
-    seq = torch.tensor(prompt + [prompt[-1]], device=device)
-    with torch.inference_mode():
-        dec.feed(seq[:-1], 1)
-
-        def step() -> None:
-            dec.feed(seq, 1)
-            dec.truncate(len(prompt))
-
-        return time_call(step, device, repeats, warmup=5).median
+@torch.inference_mode()
+def step_seconds(lm: StaticLM, prompt: list[int], s: Sampling, seed: int, repeats: int) -> float:
+    """Median time of one decode step after the prompt: a 1-token call at the same position each time, and sampling."""
+    seq, n = buffer(prompt, 1, lm), len(prompt)
+    prefill(lm, seq, n)
+    gen = torch.Generator(lm.device).manual_seed(seed)
+    return time_call(lambda: decode_one(lm, seq, n - 1, n, s, gen), lm.device, repeats, warmup=5).median
 
 
 def run_prompt(s: Setup, profile: Profile, index: int, device: torch.device) -> dict:
@@ -126,10 +129,10 @@ def run_prompt(s: Setup, profile: Profile, index: int, device: torch.device) -> 
     spec, prompt = profile.llm.spec, s.prompts[index]
     gen = torch.Generator(device)
     runs = {
-        "vanilla": lambda: vanilla(s.lm.model, prompt, spec.max_new_tokens, s.sampling,
+        "vanilla": lambda: vanilla(s.target_dec, prompt, spec.max_new_tokens, s.sampling,
                                    gen.manual_seed(profile.seed + index), s.eos),
-        "spec": lambda: speculative(s.lm.model, s.draft.model, prompt, spec.max_new_tokens, spec.gamma, s.sampling,
-                                    gen.manual_seed(profile.seed + index), s.eos, spec.share_cache),
+        "spec": lambda: speculative(s.target_dec, s.draft_dec, prompt, spec.max_new_tokens, spec.gamma, s.sampling,
+                                    gen.manual_seed(profile.seed + index), s.eos),
     }
     order = list(runs) if index % 2 == 0 else list(runs)[::-1]
     done = {name: timed(runs[name], device) for name in order}
@@ -203,8 +206,8 @@ def measure(s: Setup, profile: Profile, device: torch.device, progress=None) -> 
         rows.append(run_prompt(s, profile, i, device))
         if progress is not None:
             progress.update(task, advance=1, info=f"accepted {ratios(rows)['mean_accepted']:.2f}/round")
-    c_hat = (step_seconds(s.draft.model, s.prompts[0], device, spec.step_repeats)
-             / step_seconds(s.lm.model, s.prompts[0], device, spec.step_repeats))
+    c_hat = (step_seconds(s.draft_dec, s.prompts[0], s.sampling, profile.seed, spec.step_repeats)
+             / step_seconds(s.target_dec, s.prompts[0], s.sampling, profile.seed, spec.step_repeats))
     metrics = ratios(rows)
     metrics.update(
         proposed=sum(r["proposed"] for r in rows), accepted=sum(r["accepted"] for r in rows),
@@ -217,7 +220,8 @@ def measure(s: Setup, profile: Profile, device: torch.device, progress=None) -> 
         ci=bootstrap(rows, spec.bootstrap, spec.ci, profile.seed),
         n_prompts=len(rows), gamma=spec.gamma, exit_layer=s.draft.layer, target_layers=s.lm.n_layers,
         temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, max_new_tokens=spec.max_new_tokens,
-        share_cache=spec.share_cache, draft=spec.draft or "untuned head copy", target=s.lm.path,
+        share_cache=spec.share_cache, cuda_graphs=s.target_dec.graphed and s.draft_dec.graphed,
+        draft=spec.draft or "untuned head copy", target=s.lm.path,
         definitions=DEFINITIONS,
     )
     if progress is not None:

@@ -1,0 +1,184 @@
+"""Static-shape decoding of Llama-family causal LMs (gpt-fast style): a KV cache preallocated for a whole
+generation and indexed by position, one forward over the Hugging Face modules' own weights, and CUDA graphs
+captured per input length.
+
+A call feeds T tokens at positions start..start+T-1: their keys and values are written into the cache at those
+positions, then every query attends the whole cache through a mask by position (key j is visible to the query at
+position i iff j <= i, and i - window < j under a sliding window). Shapes never depend on the sequence length,
+and rolling back rejected tokens is only the caller moving its position counter: cache entries beyond it are
+masked until they are overwritten.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import repeat_kv
+
+from specctl.core.errors import SpecctlError
+from specctl.core.llm.lm import Parts, find_parts
+
+SUPPORTED = ("llama", "mistral", "qwen2")  # the decoder layer is Llama's (q/k/v/o, RoPE, RMSNorm, gated MLP)
+DYNAMIC_ROPE = ("dynamic", "longrope")  # frequencies that change with the sequence length
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor  # [layers, 1, kv_heads, max_len, head_dim]
+    v: torch.Tensor
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def first(self, n: int) -> KVCache:
+        """Layers 0..n-1 of this cache (views: writes go here)."""
+        return KVCache(self.k[:n], self.v[:n])
+
+    def shares(self, other: KVCache) -> bool:
+        return self.k.data_ptr() == other.k.data_ptr()
+
+
+@dataclass
+class Graph:
+    graph: torch.cuda.CUDAGraph
+    ids: torch.Tensor  # [T] static input
+    start: torch.Tensor  # [1] static input: the position of ids[0]
+    logits: torch.Tensor  # [T, V] static output
+
+
+def check_static(model: nn.Module, parts: Parts) -> None:
+    """A SpecctlError unless the static forward reproduces this model."""
+    cfg, name = model.config, type(model).__name__
+    if cfg.model_type not in SUPPORTED:
+        raise SpecctlError(f"{name}: static decoding supports {', '.join(SUPPORTED)} models, not "
+                           f"model_type {cfg.model_type!r}")
+    rope = getattr(parts.base.rotary_emb, "rope_type", "default")
+    if any(kind in rope for kind in DYNAMIC_ROPE):
+        raise SpecctlError(f"{name}: RoPE type {rope!r} changes with the sequence length; static decoding needs "
+                           "fixed frequencies")
+
+
+def windows(cfg, n_layers: int) -> list[int | None]:
+    """The sliding window of each layer (None: full causal attention), as the Hugging Face masks apply them."""
+    window, types = getattr(cfg, "sliding_window", None), getattr(cfg, "layer_types", None)
+    return [window if types is None or types[i] == "sliding_attention" else None for i in range(n_layers)]
+
+
+def visible(slots: torch.Tensor, pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[T, max_len]: key j is visible to the query at position i iff j <= i (and i - window < j)."""
+    causal = slots <= pos[:, None]
+    return causal if window is None else causal & (slots > pos[:, None] - window)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE: x cos + rotate_half(x) sin, rotate_half(x1, x2) = (-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def attend(attn: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+           mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """Self-attention of h [1, T, H] at positions pos [T]: this call's keys/values go into the cache layer
+    [1, kv_heads, max_len, head_dim] first, then the queries attend the whole layer where `mask` [T, max_len]."""
+    shape = (1, h.shape[1], -1, attn.head_dim)
+    q, k, v = (proj(h).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    k_cache.index_copy_(2, pos, rotate(k, cos, sin))
+    v_cache.index_copy_(2, pos, v)
+    keys, values = (repeat_kv(c, attn.num_key_value_groups) for c in (k_cache, v_cache))  # GQA: head i, kv i // groups
+    out = F.scaled_dot_product_attention(rotate(q, cos, sin), keys, values, attn_mask=mask, scale=attn.scaling)
+    return attn.o_proj(out.transpose(1, 2).reshape(1, h.shape[1], -1))
+
+
+class StaticLM:
+    """A Llama-family model over a static KV cache: `lm(ids, start)` gives the logits [T, V] of the T tokens `ids`
+    at positions start..start+T-1. On a CUDA device, calls whose length is in `graph_lengths` replay CUDA graphs
+    captured here, before any decoding (their warm-up writes are overwritten by the next prefill); other lengths
+    run eagerly. `cache` (e.g. another model's first layers) replaces a cache of its own."""
+
+    def __init__(self, model: nn.Module, max_len: int, graph_lengths: tuple[int, ...] = (),
+                 cache: KVCache | None = None) -> None:
+        parts = find_parts(model)
+        check_static(model, parts)
+        self.embed, self.rotary, self.layers = parts.base.embed_tokens, parts.base.rotary_emb, list(parts.layers)
+        self.norm, self.head = parts.norm, parts.head
+        self.windows = windows(model.config, len(self.layers))
+        self.device = parts.head.weight.device
+        self.cache = cache or new_cache(model, max_len)
+        self.slots = torch.arange(self.cache.max_len, device=self.device)
+        captured = {n: capture(self, n) for n in graph_lengths} if self.device.type == "cuda" else {}
+        self.graphs = {n: g for n, g in captured.items() if g is not None}
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """The eager static path: logits [T, V] for ids [T] at positions start[0] + 0..T-1."""
+        pos = start + torch.arange(ids.shape[0], device=self.device)
+        x = self.embed(ids)[None]
+        cos, sin = (t[:, None] for t in self.rotary(x, pos[None]))  # [1, 1, T, head_dim], broadcast over heads
+        masks = {w: visible(self.slots, pos, w) for w in set(self.windows)}
+        for i, layer in enumerate(self.layers):
+            x = x + attend(layer.self_attn, layer.input_layernorm(x), cos, sin, pos, masks[self.windows[i]],
+                           self.cache.k[i], self.cache.v[i])
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.head(self.norm(x))[0]
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        graph = self.graphs.get(ids.shape[0])
+        if graph is None:
+            return self.forward(ids, torch.full((1,), start, device=self.device))
+        graph.ids.copy_(ids)
+        graph.start.fill_(start)
+        graph.graph.replay()
+        return graph.logits.clone()
+
+    @property
+    def graphed(self) -> bool:
+        return bool(self.graphs)
+
+
+def new_cache(model: nn.Module, max_len: int) -> KVCache:
+    parts = find_parts(model)
+    attn, weight = parts.layers[0].self_attn, parts.head.weight
+    shape = (len(parts.layers), 1, model.config.num_key_value_heads, max_len, attn.head_dim)
+    with torch.inference_mode():
+        return KVCache(*(torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(2)))
+
+
+@torch.inference_mode()
+def capture(lm: StaticLM, length: int) -> Graph | None:
+    """A CUDA graph of lm.forward for `length` tokens (None, with a warning, if capture fails)."""
+    ids = torch.zeros(length, dtype=torch.long, device=lm.device)
+    start = torch.zeros(1, dtype=torch.long, device=lm.device)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph, as CUDA graph capture requires
+        for _ in range(2):
+            lm.forward(ids, start)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            logits = lm.forward(ids, start)
+    except RuntimeError as e:  # keep going without this graph, and say so
+        warnings.warn(f"CUDA graph capture of {length}-token calls failed, running them eagerly: {e}")
+        return None
+    return Graph(graph, ids, start, logits)
+
+
+def static_pair(target: nn.Module, draft: nn.Module, max_len: int, gamma: int, graphs: bool = False,
+                share_cache: bool = False) -> tuple[StaticLM, StaticLM]:
+    """The target (graphs for 1-token steps and (gamma+1)-token verifies) and the draft (1-token steps, and 2-token
+    catch-ups after a fully accepted round); with `share_cache` the draft's cache is the target's layers 0..l, which
+    the target's passes keep up to date (no catch-ups)."""
+    tgt = StaticLM(target, max_len, (1, gamma + 1) if graphs else ())
+    layers = find_parts(draft).layers
+    if share_cache and any(a is not b for a, b in zip(layers, find_parts(target).layers)):
+        raise SpecctlError("llm.spec.share_cache needs a draft that shares blocks 0..l with the target "
+                           "(this draft was trained with tune_block = true)")
+    cache = tgt.cache.first(len(layers)) if share_cache else None
+    return tgt, StaticLM(draft, max_len, ((1,) if share_cache else (1, 2)) if graphs else (), cache)
