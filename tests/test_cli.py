@@ -48,6 +48,16 @@ def test_pretrain_quickstart_end_to_end_and_resume():
     assert json.loads(resumed.output[resumed.output.index("{"):])["epochs"] == 3
 
 
+def test_pretrain_can_pick_the_best_epoch_by_validation_rollout_mse():
+    result = invoke("pretrain", "--profile", "quickstart/target", *FAST, "--set", "train.epochs=2",
+                    "--set", 'train.val_metric="rollout"', "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output[result.output.index("{"):])
+    history = metrics["history"]
+    assert all(0 < r["val_loss"] < 10 and "val_next_patch" in r for r in history)
+    assert metrics["best_val_loss"] == min(r["val_loss"] for r in history)
+
+
 def test_recipe_sweep_runs_one_pretrain_per_trial_and_ranks_by_validation():
     result = invoke("sweep", "--profile", "quickstart/tune-target", *FAST, "--json")
     assert result.exit_code == 0, result.output

@@ -95,16 +95,26 @@ def train_timer(
 ) -> FitResult:
     """The time-series side of `fit`: windows, validation, checkpoint config. `validate_batches(batches)` maps the
     validation windows (on `device`, at most train.max_val_batches batches) to metrics whose `val_loss` picks the
-    best checkpoint; by default that is the next-patch MSE against the truth."""
+    best checkpoint; by default that is the next-patch MSE against the truth, or with train.val_metric = "rollout"
+    the rolling forecast's average MSE over the horizons."""
     length, lookback, train = window_length(profile), profile.data.lookback, profile.train
     val_loader = loader(data.val, length, train.batch_size, False, profile.seed)
 
     def truth_loss(batches: Iterable[torch.Tensor]) -> dict[str, float]:
         return {"val_loss": float(np.mean([next_patch_loss(model, batch, lookback).item() for batch in batches]))}
 
+    def rollout_loss(batches: Iterable[torch.Tensor]) -> dict[str, float]:
+        windows = train.max_val_batches * train.batch_size if train.max_val_batches else None
+        scores = evaluate_rolling(model, data.val, lookback, profile.data.horizons, profile.spec.batch_size, device,
+                                  modes=("cached",), max_windows=windows)
+        rollout = float(np.mean([s.mse["cached"] for s in scores]))
+        return {"val_loss": rollout, "val_next_patch": truth_loss(batches)["val_loss"]}
+
+    default = rollout_loss if train.val_metric == "rollout" else truth_loss
+
     def validate() -> dict[str, float]:
         batches = (batch.to(device) for batch in islice(val_loader, train.max_val_batches))
-        metrics = (validate_batches or truth_loss)(batches)
+        metrics = (validate_batches or default)(batches)
         return {**metrics, **(extra_validation() if extra_validation else {})}
 
     return fit(

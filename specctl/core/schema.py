@@ -82,6 +82,10 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(None, gt=0.0)
     max_steps_per_epoch: int | None = Field(None, ge=1)
     max_val_batches: int | None = Field(None, ge=1)
+    # what picks pretrain's best epoch (distill always uses draft-vs-teacher MSE): teacher-forced next-patch MSE,
+    # or the rolling forecast's MSE on the validation split (KV-cached, frozen statistics, averaged over
+    # data.horizons), the metric the test split reports
+    val_metric: Literal["next_patch", "rollout"] = "next_patch"
     init_from: str | None = None
     save_to: str | None = None
 
