@@ -175,10 +175,10 @@ def static_pair(target: nn.Module, draft: nn.Module, max_len: int, gamma: int, g
     """The target (graphs for 1-token steps and (gamma+1)-token verifies) and the draft (1-token steps, and 2-token
     catch-ups after a fully accepted round); with `share_cache` the draft's cache is the target's layers 0..l, which
     the target's passes keep up to date (no catch-ups)."""
-    tgt = StaticLM(target, max_len, (1, gamma + 1) if graphs else ())
     layers = find_parts(draft).layers
     if share_cache and any(a is not b for a, b in zip(layers, find_parts(target).layers)):
         raise SpecctlError("llm.spec.share_cache needs a draft that shares blocks 0..l with the target "
                            "(this draft was trained with tune_block = true)")
+    tgt = StaticLM(target, max_len, (1, gamma + 1) if graphs else ())
     cache = tgt.cache.first(len(layers)) if share_cache else None
     return tgt, StaticLM(draft, max_len, ((1,) if share_cache else (1, 2)) if graphs else (), cache)
