@@ -259,3 +259,18 @@ def test_shared_cache_needs_the_targets_blocks_and_other_models_are_refused(lm):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(SpecctlError, match="supports llama, mistral, qwen2 models, not model_type 'gpt2'"):
         StaticLM(gpt2, 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_reproduce_the_eager_static_path():
+    model = random_decoder("llama").cuda()
+    draft = build_draft(LM(model, None, "memory", find_parts(model)), 1)
+    eager, graphed = (static_pair(model, draft.model, 40, 3, graphs=g) for g in (False, True))
+    assert graphed[0].graphed and graphed[1].graphed
+    ids = torch.randint(0, 40, (14,), generator=torch.Generator().manual_seed(4)).cuda()
+    for e, g in zip(eager, graphed):  # calls of 1, 2 and 4 tokens: the target's and the draft's graph lengths
+        assert torch.allclose(feed(g, ids, [5, 6, 8, 12]), feed(e, ids, [5, 6, 8, 12]), atol=1e-5, rtol=0)
+    prompt = ids[:5].tolist()
+    base = vanilla(eager[0], prompt, 24, Sampling(0.0), torch.Generator("cuda").manual_seed(0))
+    fast = speculative(*graphed, prompt, 24, 3, Sampling(0.0), torch.Generator("cuda").manual_seed(0))
+    assert fast.tokens == base.tokens == vanilla(graphed[0], prompt, 24, Sampling(0.0), torch.Generator("cuda")).tokens
