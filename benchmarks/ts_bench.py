@@ -23,14 +23,16 @@ from specctl.core.profile import load_profile, with_overrides
 from specctl.core.runtime import resolve_device
 from specctl.core.spectest import SpecTestSession
 
+# Training commands in groups: the commands of a group are independent and run in parallel on the one GPU
+# (each is launch-bound at these sizes); a group starts when the previous one has finished.
 TRAIN = {
     "full": [
-        ("pretrain", "etth1/target"), ("pretrain", "etth1/target-large"),
-        ("pretrain", "etth1/draft-025"), ("pretrain", "etth1/draft-050"),
-        ("distill", "etth1/distill-025"), ("distill", "etth1/distill-025-stochastic"),
-        ("distill", "etth1/distill-050"), ("distill", "etth1/distill-050-stochastic"),
+        [("pretrain", "etth1/target"), ("pretrain", "etth1/target-large"),
+         ("pretrain", "etth1/draft-025"), ("pretrain", "etth1/draft-050")],
+        [("distill", "etth1/distill-025"), ("distill", "etth1/distill-025-stochastic"),
+         ("distill", "etth1/distill-050"), ("distill", "etth1/distill-050-stochastic")],
     ],
-    "quick": [("pretrain", "quickstart/target"), ("pretrain", "quickstart/draft"), ("distill", "quickstart/distill")],
+    "quick": [[("pretrain", "quickstart/target"), ("pretrain", "quickstart/draft")], [("distill", "quickstart/distill")]],
 }
 
 
@@ -50,30 +52,47 @@ def header(title: str) -> list[str]:
 
 def train(out: Path, quick: bool, extra: list[str], only: list[str]) -> None:
     lines = header("Training: ETTh1 targets and drafts")
-    lines += ["| command | seconds | test MSE avg (cached / sliding) | MAE avg (cached / sliding) | notes |",
+    lines += ["Commands of one group ran side by side on the GPU, so their seconds overlap.", "",
+              "| command | seconds | test MSE avg (cached / sliding) | MAE avg (cached / sliding) | notes |",
               "|---|---|---|---|---|"]
-    for command, profile in TRAIN["quick" if quick else "full"]:
-        if only and profile not in only:
-            continue
-        argv = ["specctl", command, "--profile", profile, "--json", *extra]  # run as `python -m specctl`
+    for group in TRAIN["quick" if quick else "full"]:
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True)
-        seconds = time.perf_counter() - started
-        print(proc.stderr[-3000:], file=sys.stderr, flush=True)
-        if proc.returncode != 0:
-            log(out, "train", {"argv": argv, "error": proc.stderr[-2000:]})
-            lines.append(f"| `{' '.join(argv)}` | {seconds:.0f} | failed | | {proc.stderr.strip().splitlines()[-1][:120]} |")
-            continue
-        metrics = json.loads(proc.stdout[proc.stdout.index("{"):])
-        log(out, "train", {"argv": argv, "seconds": seconds, "metrics": metrics})
-        avg = metrics.get("average", {})
-        mse = " / ".join(f"{avg[m]['mse']:.4f}" for m in avg) if avg else ""
-        mae = " / ".join(f"{avg[m]['mae']:.4f}" for m in avg) if avg else ""
-        per_h = "; ".join(f"{h['horizon']}: {h['mse']['cached']:.3f}" for h in metrics.get("horizons", []))
-        notes = per_h or json.dumps({k: v for k, v in metrics.items() if k in ("acceptance", "draft_vs_target_mse")})[:200]
-        lines.append(f"| `{' '.join(argv)}` | {seconds:.0f} | {mse} | {mae} | {notes} |")
-        (out / "train.md").write_text("\n".join(lines) + "\n")
+        procs = []
+        for command, profile in group:
+            if only and profile not in only:
+                continue
+            argv = ["specctl", command, "--profile", profile, "--json", *extra]  # run as `python -m specctl`
+            procs.append((argv, subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE,
+                                                 stderr=subprocess.PIPE, text=True)))
+        for argv, proc in procs:
+            stdout, stderr = proc.communicate()
+            lines.append(train_row(out, argv, proc.returncode, stdout, stderr, time.perf_counter() - started))
+            (out / "train.md").write_text("\n".join(lines) + "\n")
     (out / "train.md").write_text("\n".join(lines) + "\n")
+
+
+def distill_notes(metrics: dict) -> str:
+    q = metrics["quality"]
+    accept = ", ".join(f"σ {a['sigma']}: {a['acceptance']:.3g}" for a in metrics["acceptance"])
+    return (f"draft-vs-target MSE {q['draft_target_mse']:.4f}; draft MSE {q['draft_mse']:.4f}; "
+            f"target MSE {q['target_mse']:.4f}; predicted acceptance {accept}")
+
+
+def train_row(out: Path, argv: list[str], returncode: int, stdout: str, stderr: str, seconds: float) -> str:
+    """Log one finished training command and return its markdown row."""
+    print(stderr[-3000:], file=sys.stderr, flush=True)
+    if returncode != 0:
+        log(out, "train", {"argv": argv, "error": stderr[-2000:]})
+        last = stderr.strip().splitlines()[-1][:120] if stderr.strip() else f"exit {returncode}"
+        return f"| `{' '.join(argv)}` | {seconds:.0f} | failed | | {last} |"
+    metrics = json.loads(stdout[stdout.index("{"):])
+    log(out, "train", {"argv": argv, "seconds": seconds, "metrics": metrics})
+    avg = metrics.get("average", {})
+    mse = " / ".join(f"{avg[m]['mse']:.4f}" for m in avg) if avg else ""
+    mae = " / ".join(f"{avg[m]['mae']:.4f}" for m in avg) if avg else ""
+    per_h = "; ".join(f"{h['horizon']}: {h['mse']['cached']:.3f}" for h in metrics.get("horizons", []))
+    notes = per_h or distill_notes(metrics)
+    return f"| `{' '.join(argv)}` | {seconds:.0f} | {mse} | {mae} | {notes} |"
 
 
 ROW = ("| batch | dtype | H | rule | k | tol/sigma | acceptance | alpha_hat | tau | c_hat | predicted | speedup vs cached "
