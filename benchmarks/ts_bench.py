@@ -120,7 +120,8 @@ def search_grid(quick: bool) -> list[dict]:
     return grid[:4] if quick else grid
 
 
-def spec(out: Path, quick: bool, profile_name: str, device: torch.device, configs: list[str]) -> None:
+def spec(out: Path, quick: bool, profile_name: str, device: torch.device, configs: list[str],
+         batches: list[int]) -> None:
     base = load_profile(profile_name, ["spec.repeats=1", "spec.warmup=1", "spec.emit=\"target_mean\""])
     lines = header(f"Speculative decoding: {base.name} ({base.data.name}, lookback {base.data.lookback})")
     lines += [f"- target `{base.spec.target}`, draft `{base.spec.draft}`, emission `target_mean`", "",
@@ -145,6 +146,8 @@ def spec(out: Path, quick: bool, profile_name: str, device: torch.device, config
     if quick:
         settings = [(1, "fp32", 8, None), (16, "fp32", 32, None)]
     for batch, dtype, windows, horizon in settings:
+        if batches and batch not in batches:
+            continue
         overrides = [f"spec.batch_size={batch}", f'spec.dtype="{dtype}"', "spec.repeats=5", "spec.warmup=2"]
         if windows:
             overrides.append(f"spec.max_windows={windows}")
@@ -175,6 +178,7 @@ def main() -> None:
     parser.add_argument("--config", action="append", default=[], help='time this setting instead of searching, '
                         'e.g. \'{"spec.rule": "tolerance", "spec.tol": 0.2, "spec.k": 3}\'')
     parser.add_argument("--only", action="append", default=[], help="train only these profiles")
+    parser.add_argument("--batch", action="append", type=int, default=[], help="time only these batch sizes")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = resolve_device("auto")
@@ -182,7 +186,7 @@ def main() -> None:
         train(args.out, args.quick, [x for s in args.set for x in ("--set", s)], args.only)
     else:
         default = "quickstart/spec-test" if args.quick else "etth1/spec-test"
-        spec(args.out, args.quick, args.profile or default, device, args.config)
+        spec(args.out, args.quick, args.profile or default, device, args.config, args.batch)
 
 
 if __name__ == "__main__":

@@ -188,8 +188,9 @@ class SpecTestSession:
         except RuntimeError as e:
             warnings.warn(f"whole-round CUDA graph capture failed, not used: {e}")
             return False
+        close = 1e-3 if profile.spec.dtype == "fp32" else 3e-2  # bf16 kernels may round differently in a graph
         agree = torch.equal(eager.accepted, graphed.accepted) and torch.allclose(
-            eager.forecast, graphed.forecast, atol=1e-3, rtol=1e-3)
+            eager.forecast, graphed.forecast, atol=close, rtol=close)
         if not agree:
             warnings.warn("whole-round CUDA graphs differ from eager rounds on the first batch: not used")
         return agree
