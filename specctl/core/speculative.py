@@ -286,25 +286,6 @@ class RoundGraph:
         self.graph.replay()
 
 
-_side_streams: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def prefill(tstep: Stepper, dstep: Stepper, tokens: torch.Tensor, times: torch.Tensor) -> None:
-    """Both caches take the context; on a GPU the draft's prefill runs on a side stream, overlapping the target's
-    (they are independent, and at small batch neither fills the GPU)."""
-    if tokens.device.type != "cuda":
-        tstep(tokens, times)
-        dstep(tokens, times)
-        return
-    side = _side_streams.setdefault(tokens.device, torch.cuda.Stream(tokens.device))
-    main = torch.cuda.current_stream(tokens.device)
-    side.wait_stream(main)  # the context tokens were written on the main stream
-    with torch.cuda.stream(side):
-        dstep(tokens, times)
-    tstep(tokens, times)
-    main.wait_stream(side)
-
-
 @torch.no_grad()
 def speculative_forecast(
     target: TimerXL | Stepper, draft: TimerXL | Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig,
@@ -327,7 +308,9 @@ def speculative_forecast(
     norm = Norm.fit(context)
     tokens = norm.tokens(context, tstep.model.cfg.patch_len)
     n0 = tokens.shape[2]
-    prefill(tstep, dstep, tokens[:, :, : n0 - 1], times_for(B, 0, n0 - 1, device))
+    warm = times_for(B, 0, n0 - 1, device)
+    tstep(tokens[:, :, : n0 - 1], warm)
+    dstep(tokens[:, :, : n0 - 1], warm)
     graphed = round_graphs is not None and device.type == "cuda" and not debug and clock is None
     key = (B, L, horizon, id(tstep), id(dstep), spec.model_dump_json())
     if graphed and key not in round_graphs:
