@@ -72,6 +72,9 @@ def test_recipe_sweep_runs_one_pretrain_per_trial_and_ranks_by_validation():
     assert not Path("artifacts/quickstart/target").exists()
     again = invoke("sweep", "--profile", "quickstart/tune-target", *FAST, "--json")
     assert json.loads(again.output[again.output.index("{"):])["ran"] == 0
+    alone = invoke("pretrain", "--profile", "quickstart/target", *FAST, "--set", "train.lr=5e-4", "--json")
+    alone_loss = json.loads(alone.output[alone.output.index("{"):])["best_val_loss"]  # a trial = the same run alone
+    assert alone_loss == pytest.approx(rows.loc[rows["train.lr"] == 5e-4, "best_val_loss"].item(), rel=1e-6)
 
 
 def test_dry_run_prints_resolved_profile():

@@ -24,6 +24,7 @@ from specctl.core.forecast import n_tokens, next_patch_loss
 from specctl.core.model import TimerXL, checkpoint_config, count_parameters, init_logvar_head, load_timer, scaled_config
 from specctl.core.report import scores_to_dict
 from specctl.core.rundir import RunDir
+from specctl.core.runtime import seed_everything
 from specctl.core.schema import Profile
 from specctl.core.train import FitResult, fit
 
@@ -147,6 +148,7 @@ def export(best: Path, target: str) -> Path:
 def pretrain(profile: Profile, device: torch.device, run: RunDir, resume: bool, progress=None,
              on_epoch_end=None) -> PretrainResult:
     check_lookback(profile.data.lookback, profile.model.patch_len)
+    seed_everything(profile.seed)  # the same initial weights whoever calls (a command, a sweep worker)
     data = load_series(profile.data, window_length(profile))
     model = build_model(profile, data, device)
     result = train_timer(profile, model, data, device, run,
