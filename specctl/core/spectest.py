@@ -49,6 +49,8 @@ METRICS = {
     "delta_mse_pct": "100 (mse - mse_target) / mse_target",
     "fidelity_mse": "MSE between the speculative and the target-only forecast of the same inputs",
     "cap_hits": "exact rule: residual draws that hit the try cap (output then not exactly distributed as p)",
+    "breakdown_s": "seconds per phase (prefill of both decoders, draft, verify, accept, overhead) over all batches, "
+                   "from a separate pass synchronised at every phase (slower than the timed pass)",
 }
 
 SESSION_KEYS = ("seed", "device", "data", "spec.target", "spec.draft", "spec.horizon", "spec.batch_size",
