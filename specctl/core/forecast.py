@@ -55,12 +55,24 @@ def times_for(batch: int, start: int, count: int, device) -> torch.Tensor:
     return torch.arange(start, start + count, device=device).expand(batch, -1)
 
 
-def next_patch_loss(model: TimerXL, window: torch.Tensor, lookback: int) -> torch.Tensor:
-    """MSE of the next patch at every position, in scaled units; statistics from the lookback only."""
+def next_patch_loss(model: TimerXL, window: torch.Tensor, lookback: int, self_feed: float = 0.0) -> torch.Tensor:
+    """MSE of the next patch at every position, in scaled units; statistics from the lookback only.
+
+    With `self_feed` > 0, that share of the windows (drawn per window) gets, after the lookback, the model's
+    own one-step predictions as inputs instead of the truth (no gradient through them): generation feeds
+    the model its predictions there, and teacher forcing alone never shows it such inputs."""
     P = model.cfg.patch_len
     norm = Norm.fit(window[:, :lookback])
     tokens = norm.tokens(window, P)
-    mean, _ = model(tokens[:, :, :-1], times_for(window.shape[0], 0, tokens.shape[2] - 1, window.device))
+    inputs, times = tokens[:, :, :-1], times_for(window.shape[0], 0, tokens.shape[2] - 1, window.device)
+    if self_feed > 0:
+        n0 = lookback // P
+        with torch.no_grad():
+            guess, _ = model(inputs, times)  # guess[:, :, i] predicts token i + 1
+        own = torch.rand(window.shape[0], device=window.device) < self_feed
+        fed = torch.where(own[:, None, None, None], guess[:, :, n0 - 1 : -1], inputs[:, :, n0:])
+        inputs = torch.cat([inputs[:, :, :n0], fed], dim=2)
+    mean, _ = model(inputs, times)
     return torch.mean((norm.series(mean) - window[:, P:]) ** 2)
 
 

@@ -152,7 +152,7 @@ def pretrain(profile: Profile, device: torch.device, run: RunDir, resume: bool, 
     data = load_series(profile.data, window_length(profile))
     model = build_model(profile, data, device)
     result = train_timer(profile, model, data, device, run,
-                         lambda batch: next_patch_loss(model, batch, profile.data.lookback),
+                         lambda batch: next_patch_loss(model, batch, profile.data.lookback, profile.train.self_feed),
                          resume, progress, on_epoch_end)
     model.load_state_dict(load_weights(result.best_dir, device))
     model.eval()
