@@ -18,7 +18,7 @@ from specctl.core.llm.finetune import TextSets, checksum, evaluate, train_draft
 from specctl.core.llm.lm import LM, find_parts, load_lm
 from specctl.core.llm.pretrain import llama_config, train_bpe
 from specctl.core.llm.speculative import Sampling, distribution, speculative, vanilla, verify
-from specctl.core.llm.static import StaticLM, static_pair
+from specctl.core.llm.static import DynamicLM, StaticLM, static_pair
 from specctl.core.profile import load_profile
 
 WORDS = "the cat sat on a mat and then the dog ran to the park where birds sing all day long".split()
@@ -259,6 +259,28 @@ def test_shared_cache_needs_the_targets_blocks_and_other_models_are_refused(lm):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(SpecctlError, match="supports llama, mistral, qwen2 models, not model_type 'gpt2'"):
         StaticLM(gpt2, 16)
+    with pytest.raises(SpecctlError, match="supports llama"):  # share_cache needs the static cache
+        static_pair(gpt2, gpt2, 16, 3, share_cache=True)
+
+
+def test_models_outside_the_static_path_decode_on_the_dynamic_fallback():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=3, n_head=4, initializer_range=0.3)).eval()
+    lm = LM(gpt2, None, "memory", find_parts(gpt2))
+    with pytest.warns(UserWarning, match="dynamic cache"):
+        target, draft = static_pair(gpt2, build_draft(lm, 1).model, 40, 3)
+    assert isinstance(target, DynamicLM) and isinstance(draft, DynamicLM)
+    prompt, rejected = [3, 14, 15, 9, 2, 6], 0
+    for _ in range(2):  # caches reused across prompts, as spec-test does
+        gen = torch.Generator().manual_seed(0)
+        base = vanilla(target, prompt, 20, Sampling(0.0), gen)
+        fast = speculative(target, draft, prompt, 20, 3, Sampling(0.0), gen)
+        assert fast.tokens == base.tokens
+        rejected += sum(a < g for g, a in fast.rounds)
+        prompt = prompt[:3]
+    assert rejected > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -16,7 +16,7 @@ from specctl.core.files import write_csv
 from specctl.core.llm.draft import Draft, build_draft, load_draft, resolve_draft
 from specctl.core.llm.lm import LM, load_lm
 from specctl.core.llm.speculative import Sampling, buffer, decode_one, prefill, speculative, vanilla
-from specctl.core.llm.static import StaticLM, static_pair
+from specctl.core.llm.static import Decoder, static_pair
 from specctl.core.llm.text import load_examples, prompt_ids, resolve_text_file
 from specctl.core.rundir import RunDir
 from specctl.core.runtime import synchronize, time_call
@@ -59,8 +59,8 @@ DEFINITIONS = {
 class Setup:
     lm: LM
     draft: Draft
-    target_dec: StaticLM  # the static decode path of the target, for vanilla and speculative decoding
-    draft_dec: StaticLM
+    target_dec: Decoder  # the static decode path of the target, for vanilla and speculative decoding
+    draft_dec: Decoder
     prompts: list[list[int]]
     sampling: Sampling
     eos: frozenset[int]
@@ -115,7 +115,7 @@ def timed(fn, device: torch.device):
 
 
 @torch.inference_mode()
-def step_seconds(lm: StaticLM, prompt: list[int], s: Sampling, seed: int, repeats: int) -> float:
+def step_seconds(lm: Decoder, prompt: list[int], s: Sampling, seed: int, repeats: int) -> float:
     """Median time of one decode step after the prompt: a 1-token call at the same position each time, and sampling."""
     seq, n = buffer(prompt, 1, lm), len(prompt)
     prefill(lm, seq, n)

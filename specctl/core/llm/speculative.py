@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from specctl.core.errors import SpecctlError
-from specctl.core.llm.static import StaticLM
+from specctl.core.llm.static import Decoder
 
 EOS_EVERY = 4  # vanilla looks for EOS every 4 tokens: a host sync per 4 tokens instead of per token
 
@@ -96,7 +96,7 @@ def cut_at_eos(tokens: list[int], eos: frozenset[int]) -> tuple[list[int], bool]
     return tokens, False
 
 
-def buffer(prompt: list[int], extra: int, lm: StaticLM) -> torch.Tensor:
+def buffer(prompt: list[int], extra: int, lm: Decoder) -> torch.Tensor:
     """The token sequence: the prompt, then room for `extra` tokens; each of its positions has a cache slot."""
     if not prompt or len(prompt) + extra > lm.cache.max_len:
         raise SpecctlError(f"a {len(prompt)}-token prompt with {extra} more tokens does not fit a static cache of "
@@ -106,13 +106,13 @@ def buffer(prompt: list[int], extra: int, lm: StaticLM) -> torch.Tensor:
     return seq
 
 
-def prefill(lm: StaticLM, seq: torch.Tensor, n: int) -> None:
+def prefill(lm: Decoder, seq: torch.Tensor, n: int) -> None:
     """Cache every token but the pending one: positions 0..n-2."""
     if n > 1:
         lm(seq[: n - 1], 0)
 
 
-def decode_one(lm: StaticLM, seq: torch.Tensor, start: int, n: int, s: Sampling, gen: torch.Generator) -> torch.Tensor:
+def decode_one(lm: Decoder, seq: torch.Tensor, start: int, n: int, s: Sampling, gen: torch.Generator) -> torch.Tensor:
     """Feed seq[start:n] at positions start..n-1 and sample seq[n] from the last row; its distribution [1, V]."""
     probs = distribution(lm(seq[start:n], start)[-1:], s)
     seq[n] = sample(probs, s, gen)[0, 0]
@@ -120,7 +120,7 @@ def decode_one(lm: StaticLM, seq: torch.Tensor, start: int, n: int, s: Sampling,
 
 
 @torch.inference_mode()
-def vanilla(target: StaticLM, prompt: list[int], max_new: int, s: Sampling, gen: torch.Generator,
+def vanilla(target: Decoder, prompt: list[int], max_new: int, s: Sampling, gen: torch.Generator,
             eos: frozenset[int] = frozenset()) -> Generation:
     """Target-only decoding: one 1-token target call per token; host syncs only to look for EOS, every EOS_EVERY
     tokens."""
@@ -134,7 +134,7 @@ def vanilla(target: StaticLM, prompt: list[int], max_new: int, s: Sampling, gen:
     return Generation(tokens, target_calls=made + (n > 1))
 
 
-def speculative_round(target: StaticLM, draft: StaticLM, seq: torch.Tensor, n: int, fed: int, g: int, gamma: int,
+def speculative_round(target: Decoder, draft: Decoder, seq: torch.Tensor, n: int, fed: int, g: int, gamma: int,
                       s: Sampling, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One round with the pending token at n-1, without a host sync: the draft samples seq[n..n+g-1] (its first
     call also feeds the tokens at fed..n-2 it has not seen), the target scores seq[n-1..n-1+gamma] in one call
@@ -149,7 +149,7 @@ def speculative_round(target: StaticLM, draft: StaticLM, seq: torch.Tensor, n: i
 
 
 @torch.inference_mode()
-def speculative(target: StaticLM, draft: StaticLM, prompt: list[int], max_new: int, gamma: int, s: Sampling,
+def speculative(target: Decoder, draft: Decoder, prompt: list[int], max_new: int, gamma: int, s: Sampling,
                 gen: torch.Generator, eos: frozenset[int] = frozenset()) -> Generation:
     """Speculative sampling from `target` with `draft` proposing up to `gamma` tokens per round; one host sync per
     round (the accepted count and the new tokens). A draft whose cache is the target's first layers (self-speculation)

@@ -6,7 +6,8 @@ A call feeds T tokens at positions start..start+T-1: their keys and values are w
 positions, then every query attends the whole cache through a mask by position (key j is visible to the query at
 position i iff j <= i, and i - window < j under a sliding window). Shapes never depend on the sequence length,
 and rolling back rejected tokens is only the caller moving its position counter: cache entries beyond it are
-masked until they are overwritten.
+masked until they are overwritten. Models the static forward does not reproduce (e.g. GPT-2) fall back to
+DynamicLM, their own forward over a Hugging Face DynamicCache behind the same interface.
 """
 
 from __future__ import annotations
@@ -170,15 +171,63 @@ def capture(lm: StaticLM, length: int) -> Graph | None:
     return Graph(graph, ids, start, logits)
 
 
+@dataclass
+class GrowingCache:
+    """A Hugging Face DynamicCache behind KVCache's interface (for DynamicLM)."""
+
+    hf: object
+    max_len: int
+
+    def shares(self, other: object) -> bool:
+        return False
+
+
+class DynamicLM:
+    """The fallback for models the static path does not cover (e.g. GPT-2): the model's own Hugging Face forward
+    over a DynamicCache, cut back to `start` before each call, so that rolling back is the same position counter
+    as for StaticLM. Eager, no CUDA graphs: slower, and timed as such (vanilla runs on the same path)."""
+
+    graphed = False
+
+    def __init__(self, model: nn.Module, max_len: int) -> None:
+        from transformers import DynamicCache
+
+        self.model, self.device = model, find_parts(model).head.weight.device
+        self.cache = GrowingCache(DynamicCache(config=model.config), max_len)
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        for layer in self.cache.hf.layers:  # keep positions 0..start-1 (crop(-n) drops the last n in every version)
+            extra = layer.get_seq_length() - start
+            if extra > 0:
+                layer.crop(-extra)
+        return self.model(input_ids=ids[None], past_key_values=self.cache.hf, use_cache=True).logits[0]
+
+
+Decoder = StaticLM | DynamicLM  # what vanilla and speculative decoding call: decoder(ids, start) -> logits
+
+
+def decoder(model: nn.Module, max_len: int, graph_lengths: tuple[int, ...] = ()) -> Decoder:
+    """The static path where it reproduces the model, else (with a warning) the dynamic fallback."""
+    try:
+        check_static(model, find_parts(model))
+    except SpecctlError as e:
+        warnings.warn(f"{e}: decoding with the model's own forward and a dynamic cache (slower, no CUDA graphs)")
+        return DynamicLM(model, max_len)
+    return StaticLM(model, max_len, graph_lengths)
+
+
 def static_pair(target: nn.Module, draft: nn.Module, max_len: int, gamma: int, graphs: bool = False,
-                share_cache: bool = False) -> tuple[StaticLM, StaticLM]:
+                share_cache: bool = False) -> tuple[Decoder, Decoder]:
     """The target (graphs for 1-token steps and (gamma+1)-token verifies) and the draft (1-token steps, and 2-token
     catch-ups after a fully accepted round); with `share_cache` the draft's cache is the target's layers 0..l, which
-    the target's passes keep up to date (no catch-ups)."""
+    the target's passes keep up to date (no catch-ups). Models outside the static path get DynamicLM."""
     layers = find_parts(draft).layers
     if share_cache and any(a is not b for a, b in zip(layers, find_parts(target).layers)):
         raise SpecctlError("llm.spec.share_cache needs a draft that shares blocks 0..l with the target "
                            "(this draft was trained with tune_block = true)")
-    tgt = StaticLM(target, max_len, (1, gamma + 1) if graphs else ())
-    cache = tgt.cache.first(len(layers)) if share_cache else None
-    return tgt, StaticLM(draft, max_len, ((1,) if share_cache else (1, 2)) if graphs else (), cache)
+    if share_cache:
+        tgt = StaticLM(target, max_len, (1, gamma + 1) if graphs else ())  # the shared cache is a static one
+        return tgt, StaticLM(draft, max_len, (1,) if graphs else (), tgt.cache.first(len(layers)))
+    return (decoder(target, max_len, (1, gamma + 1) if graphs else ()),
+            decoder(draft, max_len, (1, 2) if graphs else ()))
