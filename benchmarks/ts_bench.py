@@ -96,18 +96,21 @@ def train_row(out: Path, argv: list[str], returncode: int, stdout: str, stderr: 
 
 
 ROW = ("| batch | dtype | H | rule | k | tol/sigma | acceptance | alpha_hat | tau | c_hat | predicted | speedup vs cached "
-       "| vs sliding | ms/batch spec | ms/batch target | ms/batch sliding | ΔMSE % | fidelity | graphs |")
+       "| vs sliding | ms/batch spec | ms/batch target | ms/batch sliding | ΔMSE % | fidelity | graphs "
+       "| ms/batch by phase (instrumented pass) |")
 
 
 def row(batch: int, dtype: str, m: dict, cfg: dict) -> str:
     knob = cfg.get("spec.tol", cfg.get("spec.sigma", ""))
     per = lambda key: 1e3 * m[key] / m["batches"] if key in m else float("nan")  # noqa: E731
+    phases = ", ".join(f"{name} {1e3 * seconds / m['batches']:.2f}" for name, seconds in m["breakdown_s"].items())
     return (f"| {batch} | {dtype} | {m['horizon']} | {cfg['spec.rule']} | {cfg['spec.k']} | {knob} | "
             f"{m['acceptance_rate']:.3f} | {m['alpha_hat']:.3f} | {m['tokens_per_target_call']:.2f} | {m['c_hat']:.3f} | "
             f"{m['predicted_speedup']:.2f}x | **{m['speedup']:.2f}x** | {m.get('speedup_sliding', float('nan')):.2f}x | "
             f"{per('wall_s_spec'):.2f} | {per('wall_s_target'):.2f} | {per('wall_s_sliding'):.2f} | "
             f"{m['delta_mse_pct']:+.2f} | {m['fidelity_mse']:.1e} | "
-            f"{'rounds' if m.get('graph_rounds') else 'calls' if m.get('cuda_graphs') else 'off'} |")
+            f"{'rounds' if m.get('graph_rounds') else 'calls' if m.get('cuda_graphs') else 'off'} | "
+            f"{phases} |")
 
 
 def search_grid(quick: bool) -> list[dict]:
@@ -125,7 +128,7 @@ def spec(out: Path, quick: bool, profile_name: str, device: torch.device, config
     base = load_profile(profile_name, ["spec.repeats=1", "spec.warmup=1", "spec.emit=\"target_mean\""])
     lines = header(f"Speculative decoding: {base.name} ({base.data.name}, lookback {base.data.lookback})")
     lines += [f"- target `{base.spec.target}`, draft `{base.spec.draft}`, emission `target_mean`", "",
-              f"## Quality search (batch {base.spec.batch_size}, fp32, all test windows)", "", ROW, "|" + "---|" * 19]
+              f"## Quality search (batch {base.spec.batch_size}, fp32, all test windows)", "", ROW, "|" + "---|" * 20]
     found = []
     fixed = [json.loads(c) for c in configs]
     session = None if fixed else SpecTestSession(base, device)
@@ -140,7 +143,7 @@ def spec(out: Path, quick: bool, profile_name: str, device: torch.device, config
     lines += ["", "Timed settings" + (" (given with --config)" if fixed else
               " (highest predicted speedup with ΔMSE ≤ 1%)") + ": " + "; ".join(json.dumps(c) for c, _ in best), ""]
     lines += ["## Timing (median of repeats per batch, warm-up excluded, synchronised, one process)", "", ROW,
-              "|" + "---|" * 19]
+              "|" + "---|" * 20]
     settings = [(1, "fp32", 64, None), (1, "bf16", 64, None), (1, "fp32", 32, 1440), (32, "fp32", 256, None),
                 (32, "bf16", 256, None), (256, "fp32", None, None), (256, "bf16", None, None)]
     if quick:
