@@ -87,7 +87,7 @@ class TrainConfig(Strict):
     # data.horizons), the metric the test split reports
     val_metric: Literal["next_patch", "rollout"] = "next_patch"
     # share of training windows whose tokens after the lookback are the model's own one-step predictions
-    # (pretrain; against exposure bias in growing-context generation)
+    # (pretrain; against exposure bias in growing-context generation; 0.5 hurt on ETTh1, docs/results.md)
     self_feed: float = Field(0.0, ge=0.0, le=1.0)
     init_from: str | None = None
     save_to: str | None = None
