@@ -169,14 +169,14 @@ def stage_finetune(base: list[str], layers: list[int], budget: Budget, device: t
 
 
 def decode_seconds_per_token(profile, device: torch.device, graphs: bool) -> float:
-    """Vanilla decoding speed of the target on the static path, with or without CUDA graphs (to size the prompt
-    set to the budget)."""
+    """Vanilla decoding speed of the target on the decode path spec-test uses, with or without CUDA graphs (to size
+    the prompt set to the budget)."""
     from specctl.core.llm.speculative import Sampling, vanilla
-    from specctl.core.llm.static import StaticLM
+    from specctl.core.llm.static import decoder
 
     lm = load_lm(profile.llm.target, device, None, profile.llm.dtype)
     prompt = load_prompts(profile, lm.tokenizer)[0]
-    target = StaticLM(lm.model, len(prompt) + 32, (1,) if graphs else ())
+    target = decoder(lm.model, len(prompt) + 32, (1,) if graphs else ())
     gen = torch.Generator(device).manual_seed(0)
     vanilla(target, prompt, 8, Sampling(0.0), gen)
     synchronize(device)
