@@ -382,6 +382,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/llm-bench"), help="folder for runs and models")
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU-sized run of the same pipeline")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="a profile override for every stage (repeatable), e.g. llm.early_exit_weight=1.0")
     args = parser.parse_args()
     if not args.data_dir:
         parser.error("--data-dir (or $SPECCTL_DATA_DIR) is required")
@@ -390,7 +392,7 @@ def main() -> int:
     work = args.work.resolve()
     base = [f"data.dir={json.dumps(str(Path(args.data_dir).resolve()))}", f"run_root={json.dumps(str(work / 'runs'))}",
             f"device={json.dumps(device.type)}", f"llm.target={json.dumps(str(work / 'target'))}",
-            f"llm.spec.draft={json.dumps(str(work / 'draft'))}", *(SMOKE if args.smoke else [])]
+            f"llm.spec.draft={json.dumps(str(work / 'draft'))}", *(SMOKE if args.smoke else []), *args.overrides]
     save = {"bench-llm-target": work / "target", "bench-llm-draft": work / "draft"}
     log(f"device {device}; budget {budget_s / 60:.0f} min; work folder {work}")
     if device.type == "cuda":

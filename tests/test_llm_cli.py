@@ -154,3 +154,27 @@ def test_finetune_head_resumes_from_the_last_finished_epoch(work):
     assert more.exit_code == 0, more.output
     assert [r["epochs"] for r in json.loads(more.output)["rows"]] == [2, 2]
     assert len(list(Path("runs/finetune-head").iterdir())) == 1  # the same run directory continued
+
+
+def exit_ce(folder: Path, layer: int, texts: list[str]) -> float:
+    """Held-out CE of the untuned early exit after block `layer` (the target's own norm and head)."""
+    from specctl.core.llm.lm import load_lm
+    from specctl.core.llm.pretrain import block_outputs, next_token_ce
+
+    lm = load_lm(str(folder), torch.device("cpu"))
+    ids = torch.tensor([lm.tokenizer(" ".join(texts))["input_ids"][:200]])
+    with torch.no_grad(), block_outputs([lm.parts.layers[layer]]) as states:
+        lm.model(input_ids=ids)
+        return next_token_ce(lm.parts.head(lm.parts.norm(states[0])), ids).item()
+
+
+def test_early_exit_loss_in_pretraining_makes_the_first_layer_predict(work):
+    common = ["--set", "train.epochs=3", "--set", "train.max_steps_per_epoch=25", "--set", "train.lr=1e-2",
+              "--set", f'run_root="{work}/runs-ee"', "--json"]
+    invoke("pretrain", "-p", str(work / "tiny.toml"), "--set", f'train.save_to="{work}/target-ee"',
+           "--set", "llm.early_exit_weight=1.0", "--set", "llm.early_exit_layers=[0]", *common)
+    texts = [f"What is {a} plus 5? {a} plus 5 is {a + 5}." for a in range(3, 9)]
+    assert exit_ce(work / "target-ee", 0, texts) < exit_ce(work / "target", 0, texts) - 0.5
+    bad = runner.invoke(app, ["pretrain", "-p", str(work / "tiny.toml"), "--set", "llm.early_exit_weight=1.0",
+                              "--set", "llm.early_exit_layers=[3]", *common])
+    assert bad.exit_code == 2 and "llm.early_exit_layers: exit layer 3 out of range" in " ".join(bad.output.split())

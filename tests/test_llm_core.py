@@ -16,7 +16,7 @@ from specctl.core.llm.config import ArchConfig
 from specctl.core.llm.draft import build_draft, load_draft
 from specctl.core.llm.finetune import TextSets, checksum, evaluate, train_draft
 from specctl.core.llm.lm import LM, find_parts, load_lm
-from specctl.core.llm.pretrain import llama_config, train_bpe
+from specctl.core.llm.pretrain import exit_blocks, llama_config, lm_loss, next_token_ce, train_bpe
 from specctl.core.llm.speculative import Sampling, distribution, speculative, vanilla, verify
 from specctl.core.llm.static import DynamicLM, StaticLM, static_pair
 from specctl.core.profile import load_profile
@@ -89,6 +89,20 @@ def test_draft_shares_blocks_and_owns_an_untied_head(lm):
     assert tuned.model.model.layers[1] is not lm.parts.layers[1]
     assert all(p.requires_grad for p in tuned.model.model.layers[1].parameters())
     assert not any(p.requires_grad for p in lm.model.parameters())
+
+
+def test_early_exit_loss_adds_the_drafts_ce_at_each_exit(lm):
+    ids = torch.tensor([lm.tokenizer(TEXTS[0] + " " + TEXTS[1])["input_ids"]])
+    plain = lm.model(input_ids=ids, labels=ids).loss
+    assert exit_blocks(lm.model, [0, 1], 0.0) == []
+    assert torch.equal(lm_loss(lm.model, ids, [], 0.5), plain)
+    exits = [next_token_ce(build_draft(lm, layer).model(input_ids=ids).logits, ids) for layer in (0, 1)]
+    blocks = exit_blocks(lm.model, [1, 0], 0.5)  # the untuned early-exit draft is what the extra loss trains
+    assert blocks == [lm.parts.layers[0], lm.parts.layers[1]]
+    assert lm_loss(lm.model, ids, blocks, 0.5).item() == pytest.approx((plain + 0.5 * sum(exits) / 2).item(), 1e-5)
+    assert len(exit_blocks(lm.model, [], 1.0)) == lm.n_layers - 1  # default: every layer but the last
+    with pytest.raises(SpecctlError, match="llm.early_exit_layers: exit layer 9 out of range"):
+        exit_blocks(lm.model, [9], 1.0)
 
 
 @pytest.mark.parametrize("share", [False, True])

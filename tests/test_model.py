@@ -81,17 +81,22 @@ def test_next_patch_loss_trains_every_position():
     assert loss.item() > 0 and model.embed.weight.grad is not None
 
 
-def test_self_feed_replaces_inputs_after_the_lookback_with_the_models_own_predictions():
+def test_self_feed_replaces_inputs_after_the_lookback_with_the_models_rolling_forecast():
     model = tiny_timer(n_vars=2)  # patch 8: lookback 32 = 4 tokens, window 64 = 8 tokens
+    model.train()
     window = smooth_series(4, 64, 2)
     seen = []
     hook = model.embed.register_forward_hook(lambda module, args, out: seen.append(args[0].detach().clone()))
     next_patch_loss(model, window, lookback=32, self_feed=1.0)
     hook.remove()
-    guess_pass, trained = seen  # the no-grad pass on the truth, then the pass the loss trains
-    assert torch.equal(trained[:, :, :4], guess_pass[:, :, :4])  # the lookback stays real
-    own, _ = model(guess_pass, times_for(4, 0, 7, "cpu"))
-    assert torch.allclose(trained[:, :, 4:], own[:, :, 3:-1], atol=1e-6)  # after it: one-step predictions
-    assert not torch.equal(trained[:, :, 4:], guess_pass[:, :, 4:])
+    trained = seen[-1]  # the rollout's calls, then the pass the loss trains
+    assert model.training  # the rollout ran in eval mode and put the model back
+    norm = Norm.fit(window[:, :32])
+    truth = norm.tokens(window, 8)[:, :, :-1]
+    assert torch.equal(trained[:, :, :4], truth[:, :, :4])  # the lookback stays real
+    model.eval()
+    forecast = norm.tokens(forecast_recompute(model, window[:, :32], 24), 8)  # what generation feeds
+    assert torch.allclose(trained[:, :, 4:], forecast, atol=1e-5)
+    assert not torch.equal(trained[:, :, 4:], truth[:, :, 4:])
     torch.manual_seed(0)
     assert next_patch_loss(model, window, 32, self_feed=0.0).item() == next_patch_loss(model, window, 32).item()

@@ -59,21 +59,33 @@ def next_patch_loss(model: TimerXL, window: torch.Tensor, lookback: int, self_fe
     """MSE of the next patch at every position, in scaled units; statistics from the lookback only.
 
     With `self_feed` > 0, that share of the windows (drawn per window) gets, after the lookback, the model's
-    own one-step predictions as inputs instead of the truth (no gradient through them): generation feeds
-    the model its predictions there, and teacher forcing alone never shows it such inputs."""
+    own rolling forecast as inputs instead of the truth (`rollout`, no gradient through it): generation feeds
+    the model its forecasts there, and teacher forcing alone never shows it such inputs."""
     P = model.cfg.patch_len
     norm = Norm.fit(window[:, :lookback])
     tokens = norm.tokens(window, P)
     inputs, times = tokens[:, :, :-1], times_for(window.shape[0], 0, tokens.shape[2] - 1, window.device)
     if self_feed > 0:
-        n0 = lookback // P
-        with torch.no_grad():
-            guess, _ = model(inputs, times)  # guess[:, :, i] predicts token i + 1
         own = torch.rand(window.shape[0], device=window.device) < self_feed
-        fed = torch.where(own[:, None, None, None], guess[:, :, n0 - 1 : -1], inputs[:, :, n0:])
-        inputs = torch.cat([inputs[:, :, :n0], fed], dim=2)
+        inputs = torch.where(own[:, None, None, None], rollout(model, inputs, times, lookback // P), inputs)
     mean, _ = model(inputs, times)
     return torch.mean((norm.series(mean) - window[:, P:]) ** 2)
+
+
+@torch.no_grad()
+def rollout(model: TimerXL, tokens: torch.Tensor, times: torch.Tensor, n0: int) -> torch.Tensor:
+    """`tokens` [B, C, N, P] with positions n0.. replaced by the model's rolling forecast from the first n0,
+    made as generation makes it: eval mode (no dropout), KV-cached, one token per step."""
+    training = model.training
+    model.eval()
+    cache = model.new_cache(tokens.shape[0], tokens.shape[2])
+    mean, _ = model(tokens[:, :, :n0], times[:, :n0], cache)
+    out = [mean[:, :, -1:]]  # the forecast of token n0
+    for n in range(n0, tokens.shape[2] - 1):
+        mean, _ = model(out[-1], times[:, n:n + 1], cache)  # feed forecast n, get forecast n + 1
+        out.append(mean)
+    model.train(training)
+    return torch.cat([tokens[:, :, :n0], *out], dim=2)
 
 
 @torch.no_grad()

@@ -86,8 +86,8 @@ class TrainConfig(Strict):
     # or the rolling forecast's MSE on the validation split (KV-cached, frozen statistics, averaged over
     # data.horizons), the metric the test split reports
     val_metric: Literal["next_patch", "rollout"] = "next_patch"
-    # share of training windows whose tokens after the lookback are the model's own one-step predictions
-    # (pretrain; against exposure bias in growing-context generation; 0.5 hurt on ETTh1, docs/results.md)
+    # share of training windows whose tokens after the lookback are the model's own rolling forecast, as
+    # generation feeds it (pretrain; against exposure bias in growing-context generation; docs/results.md)
     self_feed: float = Field(0.0, ge=0.0, le=1.0)
     init_from: str | None = None
     save_to: str | None = None

@@ -10,16 +10,19 @@ Documents are rendered (chat template), joined with EOS and cut into blocks of l
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from specctl.core.checkpoint import load_weights
 from specctl.core.data import data_dir
 from specctl.core.errors import SpecctlError
 from specctl.core.llm.config import ArchConfig
-from specctl.core.llm.lm import autocast, load_lm, load_tokenizer, quiet_transformers
+from specctl.core.llm.lm import autocast, check_exit_layer, find_parts, load_lm, load_tokenizer, quiet_transformers
 from specctl.core.llm.text import (
     ROLE_TAGS, SIMPLE_TEMPLATE, Example, contents, encode, read_files, resolve_text_file, split,
 )
@@ -130,6 +133,49 @@ def unigram_ce(train: torch.Tensor, held_out: torch.Tensor, vocab: int) -> float
     return float(-log_p[held_out[:, 1:].flatten()].mean())
 
 
+def exit_blocks(model: nn.Module, layers: list[int], weight: float) -> list[nn.Module]:
+    """The decoder blocks whose outputs get the early-exit loss (none when the weight is 0)."""
+    blocks = find_parts(model).layers
+    if weight == 0:
+        return []
+    for layer in layers:
+        try:
+            check_exit_layer(layer, len(blocks))
+        except SpecctlError as e:
+            raise SpecctlError(f"llm.early_exit_layers: {e}") from None
+    return [blocks[i] for i in sorted(set(layers or range(len(blocks) - 1)))]
+
+
+@contextmanager
+def block_outputs(blocks: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """The hidden states [B, T, H] that `blocks` output during the forwards inside the `with`, in call order."""
+    states: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, a, out: states.append(out[0] if isinstance(out, tuple) else out))
+             for b in blocks]
+    try:
+        yield states
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Token-mean CE of predicting ids[:, t+1] from logits[:, t] (the causal-LM loss)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def lm_loss(model: nn.Module, ids: torch.Tensor, blocks: list[nn.Module], weight: float) -> torch.Tensor:
+    """CE of the last layer, plus (LayerSkip) `weight` x the mean CE of early exits after `blocks`, each read
+    through the model's own final norm and head, so the first layers learn to predict what the last one does."""
+    with block_outputs(blocks) as states:
+        loss = model(input_ids=ids, labels=ids).loss
+    if not blocks:
+        return loss
+    parts = find_parts(model)
+    exits = torch.stack([next_token_ce(parts.head(parts.norm(h)), ids) for h in states])
+    return loss + weight * exits.mean()
+
+
 def log_epoch(say: Callable[[str], None] | None):
     """An on_epoch_end callback printing one line per epoch (or None)."""
     if say is None:
@@ -159,10 +205,11 @@ def pretrain_lm(profile: Profile, device: torch.device, run: RunDir, resume: boo
     model = start.model.requires_grad_(True) if start else LlamaForCausalLM(llama_config(llm.arch, tokenizer))
     model.to(device)
 
+    blocks = exit_blocks(model, llm.early_exit_layers, llm.early_exit_weight)
+
     def train_loss(ids: torch.Tensor) -> torch.Tensor:
-        ids = ids.to(device)
         with autocast(device, llm.dtype):
-            return model(input_ids=ids, labels=ids).loss
+            return lm_loss(model, ids.to(device), blocks, llm.early_exit_weight)
 
     def train_batches(epoch: int):
         order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(profile.seed + epoch))
