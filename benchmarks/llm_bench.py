@@ -5,8 +5,8 @@
 2. finetune-head at exit layers 1/4, 1/2, 3/4 of the depth (head-only KL distillation);
 3. spec-test at batch 1, greedy and T=1, on Spec-Bench prompts: E[accepted], acceptance, c_hat, measured and
    predicted speedup vs the same target's vanilla decoding, both on the static decode path (static KV caches, CUDA
-   graphs); plus at 1/2 depth, greedy: a self-speculative shared-KV-cache run, gammas 1 and 2, and (on a GPU) the
-   same static path without CUDA graphs;
+   graphs); greedy with the draft reading and writing the target's KV cache (self-speculation) at every exit layer;
+   at 1/2 depth, greedy: gammas 1 and 2 and (on a GPU) the same static path without CUDA graphs;
 4. the Hugging Face peers on the same prompts: `generate(assistant_early_exit=l+1)` (self-speculation with the
    target's own head at layer l) and `generate(assistant_model=draft)`, each against HF's plain `generate`.
 
@@ -190,11 +190,11 @@ MODES = {"greedy": {"llm.spec.temperature": 0.0}, "T=1": {"llm.spec.temperature"
 
 
 def spec_runs(layers: list[int], gamma: int, device: torch.device) -> list[dict]:
-    """Every exit layer x mode at the profile's gamma; at 1/2 depth, greedy: a shared KV cache, smaller gammas and
-    (on a GPU) no CUDA graphs."""
+    """Every exit layer x mode at the profile's gamma, and greedy with a shared KV cache (self-speculation); at 1/2
+    depth, greedy: smaller gammas and (on a GPU) no CUDA graphs."""
     mid = layers[len(layers) // 2]
     runs = [{"llm.exit_layer": layer, **MODES[mode]} for layer in layers for mode in MODES]
-    runs.append({"llm.exit_layer": mid, **MODES["greedy"], "llm.spec.share_cache": True})
+    runs += [{"llm.exit_layer": layer, **MODES["greedy"], "llm.spec.share_cache": True} for layer in layers]
     runs += [{"llm.exit_layer": mid, **MODES["greedy"], "llm.spec.gamma": g} for g in (1, 2) if g < gamma]
     runs += [{"llm.exit_layer": mid, **MODES["greedy"], "llm.spec.cuda_graphs": False}] if device.type == "cuda" else []
     return runs
