@@ -48,7 +48,7 @@ SHARES = {"pretrain": 0.30, "finetune": 0.20, "spec": 0.32, "hf": 0.18}  # of th
 SLACK = 0.08  # of the budget, for loading, evaluation and the report
 SMOKE = [  # a CPU-sized run of the same pipeline, to check the script itself
     "device=\"auto\"", "llm.arch.vocab_size=512", "llm.arch.hidden_size=64", "llm.arch.intermediate_size=128",
-    "llm.arch.num_hidden_layers=4", "llm.arch.num_attention_heads=4", "llm.max_len=64", "llm.max_examples=400",
+    "llm.arch.num_hidden_layers=4", "llm.early_exit_layers=[0, 1, 2]", "llm.arch.num_attention_heads=4", "llm.max_len=64", "llm.max_examples=400",
     "llm.max_eval_examples=32", "llm.dtype=\"fp32\"", "train.batch_size=8", "train.epochs=2",
     "llm.spec.n_prompts=3", "llm.spec.max_new_tokens=16", "llm.spec.step_repeats=3",
 ]
@@ -235,7 +235,7 @@ def stage_spec(base: list[str], layers: list[int], budget: Budget, device: torch
                      **{k: v for k, v in metrics.items() if k != "definitions"}})
         log(f"spec-test layer {rows[-1]['exit_layer']} {name}: E[accepted] {metrics['mean_accepted']:.2f}, "
             f"acceptance {metrics['acceptance_rate']:.3f}, speedup {metrics['speedup']:.2f}x (predicted "
-            f"{metrics['predicted_speedup']:.2f}x, c_hat {metrics['c_hat']:.3f})")
+            f"{metrics['predicted_speedup']:.2f}x, c_hat {metrics['c_hat']:.3f}, v_hat {metrics['v_hat']:.2f})")
     return rows, profile
 
 
@@ -331,8 +331,8 @@ def drafts_section(drafts: list[dict]) -> list[str]:
 
 def spec_section(spec: list[dict], hf: dict, profile: Profile) -> list[str]:
     s = profile.llm.spec
-    header = ["exit layer", "mode", "E[accepted]", "acceptance", "alpha_hat", "tau", "c_hat", "tok/s vanilla",
-              "tok/s spec", "speedup", "predicted", "identical to vanilla", "CUDA graphs", "HF early-exit speedup",
+    header = ["exit layer", "mode", "E[accepted]", "acceptance", "alpha_hat", "tau", "c_hat", "v_hat", "tok/s vanilla",
+              "tok/s spec", "speedup", "predicted", "predicted with v_hat", "identical to vanilla", "CUDA graphs", "HF early-exit speedup",
               "HF assistant speedup"]
     rows = []
     for r in spec:
@@ -340,15 +340,17 @@ def spec_section(spec: list[dict], hf: dict, profile: Profile) -> list[str]:
         plain_run = "," not in r["mode"]  # peers were timed for the plain exit-layer x mode runs only
         peers = [fmt(hf.get((k, mode, layer)), 2) if plain_run else "–" for k in ("early_exit", "assistant")]
         rows.append([layer, r["mode"], with_ci(r, "mean_accepted"), fmt(r["acceptance_rate"]), fmt(r["alpha_hat"]),
-                     fmt(r["tokens_per_target_call"], 2), fmt(r["c_hat"]), fmt(r["tok_s_vanilla"], 1),
-                     fmt(r["tok_s_spec"], 1), with_ci(r, "speedup"), fmt(r["predicted_speedup"], 2),
+                     fmt(r["tokens_per_target_call"], 2), fmt(r["c_hat"]), fmt(r["v_hat"], 2),
+                     fmt(r["tok_s_vanilla"], 1), fmt(r["tok_s_spec"], 1), with_ci(r, "speedup"),
+                     fmt(r["predicted_speedup"], 2), fmt(r["predicted_speedup_v"], 2),
                      fmt(r["identical_fraction"], 2), "yes" if r["cuda_graphs"] else "no", *peers])
     plain = ", ".join(f"{m} {fmt(hf.get(('vanilla', m)), 1)}" for m in MODES)
     return ["", f"## Speculative decoding (batch 1, gamma {s.gamma}, {spec[0]['n_prompts']} Spec-Bench prompts, "
                 f"max_new_tokens {s.max_new_tokens}, {profile.llm.dtype}; [95% bootstrap CI across prompts])", "",
             "Vanilla and speculative decoding run the same static decode path (static KV caches; CUDA graphs where "
-            "the column says so); c_hat = draft / target decode-step time, predicted = "
-            "(1 - a^(g+1)) / ((1 - a)(g c_hat + 1)) with a = alpha_hat.", "",
+            "the column says so); c_hat = draft / target decode-step time, v_hat = verification-call / target "
+            "decode-step time, predicted = (1 - a^(g+1)) / ((1 - a)(g c_hat + 1)) with a = alpha_hat, and with "
+            "v_hat in place of the 1.", "",
             *md_table(header, rows), "",
             "HF peers: speedup of `generate(assistant_early_exit=l+1)` (the target's own head at layer l) and of "
             "`generate(assistant_model=draft)` over plain `generate` on a subset of the same prompts, same sampling, "

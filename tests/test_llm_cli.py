@@ -125,7 +125,9 @@ def test_finetune_spec_test_and_eval_only(work):
     assert greedy["identical_fraction"] == 1.0 and greedy["proposed"] > 0
     sampled = json.loads(invoke("spec-test", "-p", profile, "--set", "llm.spec.top_k=20", "--json").output)
     assert 0 <= sampled["acceptance_rate"] <= 1 and len(sampled["position_acceptance"]) == 3
-    assert sampled["tv"] == pytest.approx(1 - sampled["overlap"]) and sampled["c_hat"] > 0
+    assert sampled["tv"] == pytest.approx(1 - sampled["overlap"]) and sampled["c_hat"] > 0 and sampled["v_hat"] > 0
+    assert sampled["predicted_speedup_v"] == pytest.approx(
+        sampled["predicted_speedup"] * (3 * sampled["c_hat"] + 1) / (3 * sampled["c_hat"] + sampled["v_hat"]))
 
     evaluated = json.loads(invoke("finetune-head", "-p", profile, "--eval-only", f"{work}/drafts/layer*",
                                   "--json").output)

@@ -15,7 +15,7 @@ from specctl.core.data import data_dir
 from specctl.core.files import write_csv
 from specctl.core.llm.draft import Draft, build_draft, load_draft, resolve_draft
 from specctl.core.llm.lm import LM, load_lm
-from specctl.core.llm.speculative import Sampling, buffer, decode_one, prefill, speculative, vanilla
+from specctl.core.llm.speculative import Sampling, buffer, decode_one, distribution, prefill, speculative, vanilla
 from specctl.core.llm.static import Decoder, static_pair
 from specctl.core.llm.text import load_examples, prompt_ids, resolve_text_file
 from specctl.core.rundir import RunDir
@@ -48,6 +48,10 @@ DEFINITIONS = {
     "c_hat": "median draft decode-step time / median target decode-step time (one token on the static path, "
              "sampling included)",
     "predicted_speedup": "(1 - a^(g+1)) / ((1 - a)(g c + 1)) with a = alpha_hat, c = c_hat, g = gamma",
+    "v_hat": "median verification-call time (g + 1 tokens, distributions included) / median target decode-step time",
+    "predicted_speedup_v": "(1 - a^(g+1)) / ((1 - a)(g c + v)) with v = v_hat: predicted_speedup with the measured "
+                           "cost of a verification instead of one step; the rest of a gap to speedup is per-round "
+                           "overhead (acceptance, bookkeeping, the round's host sync)",
     "identical_fraction": "greedy only: fraction of prompts where speculative output == vanilla output",
     "peak_mem_gb": "torch.cuda.max_memory_allocated over the run (None on CPU)",
     "cuda_graphs": "whether decode steps and verifies replayed CUDA graphs (never on CPU)",
@@ -123,6 +127,14 @@ def step_seconds(lm: Decoder, prompt: list[int], s: Sampling, seed: int, repeats
     return time_call(lambda: decode_one(lm, seq, n - 1, n, s, gen), lm.device, repeats, warmup=5).median
 
 
+@torch.inference_mode()
+def verify_seconds(lm: Decoder, prompt: list[int], gamma: int, s: Sampling, repeats: int) -> float:
+    """Median time of one verification: a (gamma + 1)-token call after the prompt and its distributions."""
+    seq, n = buffer(prompt, gamma + 1, lm), len(prompt)
+    prefill(lm, seq, n)
+    return time_call(lambda: distribution(lm(seq[n - 1:n + gamma], n - 1), s), lm.device, repeats, warmup=5).median
+
+
 def run_prompt(s: Setup, profile: Profile, index: int, device: torch.device) -> dict:
     """Vanilla and speculative decoding of one prompt with fixed seeds (which runs first alternates between
     prompts); one row of per-prompt sums."""
@@ -181,10 +193,11 @@ def position_acceptance(rows: list[dict], gamma: int) -> list[float]:
     return out
 
 
-def predicted_speedup(alpha: float, gamma: int, c: float) -> float:
-    if alpha >= 1.0:
-        return (gamma + 1) / (gamma * c + 1)
-    return (1 - alpha ** (gamma + 1)) / ((1 - alpha) * (gamma * c + 1))  # Leviathan et al., eq. for walltime
+def predicted_speedup(alpha: float, gamma: int, c: float, v: float = 1.0) -> float:
+    """Leviathan et al.'s walltime speedup: tokens per round / round cost in target steps (a verification
+    costing v steps; their formula has v = 1)."""
+    tokens = gamma + 1 if alpha >= 1.0 else (1 - alpha ** (gamma + 1)) / (1 - alpha)  # E[tokens per round]
+    return tokens / (gamma * c + v)
 
 
 def accepted_lengths(rows: list[dict], gamma: int) -> list[float]:
@@ -206,15 +219,17 @@ def measure(s: Setup, profile: Profile, device: torch.device, progress=None) -> 
         rows.append(run_prompt(s, profile, i, device))
         if progress is not None:
             progress.update(task, advance=1, info=f"accepted {ratios(rows)['mean_accepted']:.2f}/round")
-    c_hat = (step_seconds(s.draft_dec, s.prompts[0], s.sampling, profile.seed, spec.step_repeats)
-             / step_seconds(s.target_dec, s.prompts[0], s.sampling, profile.seed, spec.step_repeats))
+    target_step = step_seconds(s.target_dec, s.prompts[0], s.sampling, profile.seed, spec.step_repeats)
+    c_hat = step_seconds(s.draft_dec, s.prompts[0], s.sampling, profile.seed, spec.step_repeats) / target_step
+    v_hat = verify_seconds(s.target_dec, s.prompts[0], spec.gamma, s.sampling, spec.step_repeats) / target_step
     metrics = ratios(rows)
     metrics.update(
         proposed=sum(r["proposed"] for r in rows), accepted=sum(r["accepted"] for r in rows),
         tv=1 - metrics["overlap"], target_calls_per_token=1 / metrics["tokens_per_target_call"],
         position_acceptance=position_acceptance(rows, spec.gamma),
         accepted_lengths=accepted_lengths(rows, spec.gamma), c_hat=c_hat,
-        predicted_speedup=predicted_speedup(metrics["alpha_hat"], spec.gamma, c_hat),
+        predicted_speedup=predicted_speedup(metrics["alpha_hat"], spec.gamma, c_hat), v_hat=v_hat,
+        predicted_speedup_v=predicted_speedup(metrics["alpha_hat"], spec.gamma, c_hat, v_hat),
         peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         identical_fraction=sum(r["identical"] for r in rows) / len(rows) if s.sampling.greedy else None,
         ci=bootstrap(rows, spec.bootstrap, spec.ci, profile.seed),
