@@ -48,7 +48,8 @@ SHARES = {"pretrain": 0.30, "finetune": 0.20, "spec": 0.32, "hf": 0.18}  # of th
 SLACK = 0.08  # of the budget, for loading, evaluation and the report
 SMOKE = [  # a CPU-sized run of the same pipeline, to check the script itself
     "device=\"auto\"", "llm.arch.vocab_size=512", "llm.arch.hidden_size=64", "llm.arch.intermediate_size=128",
-    "llm.arch.num_hidden_layers=4", "llm.early_exit_layers=[0, 1, 2]", "llm.arch.num_attention_heads=4", "llm.max_len=64", "llm.max_examples=400",
+    "llm.arch.num_hidden_layers=4", "llm.early_exit_layers=[0, 1, 2]", "llm.arch.num_attention_heads=4",
+    "llm.max_len=64", "llm.max_examples=400",
     "llm.max_eval_examples=32", "llm.dtype=\"fp32\"", "train.batch_size=8", "train.epochs=2",
     "llm.spec.n_prompts=3", "llm.spec.max_new_tokens=16", "llm.spec.step_repeats=3",
 ]
@@ -331,9 +332,9 @@ def drafts_section(drafts: list[dict]) -> list[str]:
 
 def spec_section(spec: list[dict], hf: dict, profile: Profile) -> list[str]:
     s = profile.llm.spec
-    header = ["exit layer", "mode", "E[accepted]", "acceptance", "alpha_hat", "tau", "c_hat", "v_hat", "tok/s vanilla",
-              "tok/s spec", "speedup", "predicted", "predicted with v_hat", "identical to vanilla", "CUDA graphs", "HF early-exit speedup",
-              "HF assistant speedup"]
+    header = ["exit layer", "mode", "E[accepted]", "acceptance", "alpha_hat", "tau", "c_hat", "v_hat",
+              "tok/s vanilla", "tok/s spec", "speedup", "predicted", "predicted with v_hat", "identical to vanilla",
+              "CUDA graphs", "HF early-exit speedup", "HF assistant speedup"]
     rows = []
     for r in spec:
         mode, layer = r["mode"].split(",")[0], r["exit_layer"]

@@ -67,25 +67,33 @@ def next_patch_loss(model: TimerXL, window: torch.Tensor, lookback: int, self_fe
     inputs, times = tokens[:, :, :-1], times_for(window.shape[0], 0, tokens.shape[2] - 1, window.device)
     if self_feed > 0:
         own = torch.rand(window.shape[0], device=window.device) < self_feed
-        inputs = torch.where(own[:, None, None, None], rollout(model, inputs, times, lookback // P), inputs)
+        inputs = torch.where(own[:, None, None, None], rollout(model, inputs, lookback // P), inputs)
     mean, _ = model(inputs, times)
     return torch.mean((norm.series(mean) - window[:, P:]) ** 2)
 
 
+def roll(step: Stepper, tokens: torch.Tensor, steps: int) -> torch.Tensor:
+    """The `steps` tokens [B, C, steps, P] that follow `tokens` [B, C, n0, P], each forecast fed back: one
+    prefill call, then one call per token on the stepper's KV cache."""
+    B, _, n0, _ = tokens.shape
+    mean, _ = step(tokens, times_for(B, 0, n0, tokens.device))
+    out = [mean[:, :, -1:]]  # the forecast of token n0
+    for i in range(steps - 1):
+        mean, _ = step(out[-1], times_for(B, n0 + i, 1, tokens.device))  # feed forecast n0+i, get n0+i+1
+        out.append(mean)
+    return torch.cat(out, dim=2)
+
+
 @torch.no_grad()
-def rollout(model: TimerXL, tokens: torch.Tensor, times: torch.Tensor, n0: int) -> torch.Tensor:
+def rollout(model: TimerXL, tokens: torch.Tensor, n0: int) -> torch.Tensor:
     """`tokens` [B, C, N, P] with positions n0.. replaced by the model's rolling forecast from the first n0,
     made as generation makes it: eval mode (no dropout), KV-cached, one token per step."""
     training = model.training
     model.eval()
-    cache = model.new_cache(tokens.shape[0], tokens.shape[2])
-    mean, _ = model(tokens[:, :, :n0], times[:, :n0], cache)
-    out = [mean[:, :, -1:]]  # the forecast of token n0
-    for n in range(n0, tokens.shape[2] - 1):
-        mean, _ = model(out[-1], times[:, n:n + 1], cache)  # feed forecast n, get forecast n + 1
-        out.append(mean)
+    B, _, N, _ = tokens.shape
+    forecast = roll(Stepper(model, B, N), tokens[:, :, :n0], N - n0)
     model.train(training)
-    return torch.cat([tokens[:, :, :n0], *out], dim=2)
+    return torch.cat([tokens[:, :, :n0], forecast], dim=2)
 
 
 @torch.no_grad()
@@ -96,14 +104,8 @@ def forecast_cached(model: TimerXL, context: torch.Tensor, horizon: int, stepper
     norm = Norm.fit(context)
     tokens = norm.tokens(context, P)
     B, _, n0, _ = tokens.shape
-    step = stepper or Stepper(model, B, n0 + steps)
-    mean, _ = step(tokens, times_for(B, 0, n0, context.device))
-    pred = mean[:, :, -1:]
-    out = [pred]
-    for i in range(steps - 1):
-        pred, _ = step(pred, times_for(B, n0 + i, 1, context.device))
-        out.append(pred)
-    return norm.series(torch.cat(out, dim=2))[:, :horizon]
+    forecast = roll(stepper or Stepper(model, B, n0 + steps), tokens, steps)
+    return norm.series(forecast)[:, :horizon]
 
 
 @torch.no_grad()

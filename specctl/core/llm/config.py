@@ -2,7 +2,8 @@
 
 Research-plan names: exit layer `ℓ` -> llm.exit_layer / llm.exit_layers, `--ft_last_transformer` -> llm.tune_block,
 KL temperature `T` -> llm.kl_temperature, `CE + KL` -> llm.ce_weight, `γ` -> llm.spec.gamma,
-`--checkpoint_glob` -> llm.eval_only; LayerSkip's early-exit loss in the target's training -> llm.early_exit_weight. Optimisation (lr, epochs, patience, ...) lives in the shared [train] table.
+`--checkpoint_glob` -> llm.eval_only; LayerSkip's early-exit loss in the target's training -> llm.early_exit_weight.
+Optimisation (lr, epochs, patience, ...) lives in the shared [train] table.
 """
 
 from __future__ import annotations

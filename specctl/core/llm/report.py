@@ -25,7 +25,8 @@ def results_table(rows: list[dict], title: str) -> Table:
 
 SPEC_KEYS = ("mean_accepted", "acceptance_rate", "alpha_hat", "position_acceptance", "overlap", "tv",
              "tokens_per_target_call", "target_calls_per_token", "tok_s_vanilla", "tok_s_spec", "speedup",
-             "c_hat", "predicted_speedup", "v_hat", "predicted_speedup_v", "identical_fraction", "peak_mem_gb", "cuda_graphs")
+             "c_hat", "predicted_speedup", "v_hat", "predicted_speedup_v", "identical_fraction", "peak_mem_gb",
+             "cuda_graphs")
 
 
 def spec_table(metrics: dict, title: str) -> Table:
