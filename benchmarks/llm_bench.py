@@ -172,17 +172,16 @@ def stage_finetune(base: list[str], layers: list[int], budget: Budget, device: t
 def decode_seconds_per_token(profile, device: torch.device, graphs: bool) -> float:
     """Vanilla decoding speed of the target on the decode path spec-test uses, with or without CUDA graphs (to size
     the prompt set to the budget)."""
-    from specctl.core.llm.speculative import Sampling, vanilla
+    from specctl.core.llm.speculative import Decoding, Sampling
     from specctl.core.llm.static import decoder
 
     lm = load_lm(profile.llm.target, device, None, profile.llm.dtype)
     prompt = load_prompts(profile, lm.tokenizer)[0]
-    target = decoder(lm.model, len(prompt) + 32, (1,) if graphs else ())
-    gen = torch.Generator(device).manual_seed(0)
-    vanilla(target, prompt, 8, Sampling(0.0), gen)
+    decoding = Decoding(decoder(lm.model, len(prompt) + 32), sampling=Sampling(0.0), graphs=graphs)
+    decoding.vanilla(prompt, 8)
     synchronize(device)
     start = time.perf_counter()
-    out = vanilla(target, prompt, 32, Sampling(0.0), gen)
+    out = decoding.vanilla(prompt, 32)
     synchronize(device)
     return (time.perf_counter() - start) / len(out.tokens)
 

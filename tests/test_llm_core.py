@@ -17,7 +17,7 @@ from specctl.core.llm.draft import build_draft, load_draft
 from specctl.core.llm.finetune import TextSets, checksum, evaluate, train_draft
 from specctl.core.llm.lm import LM, find_parts, load_lm
 from specctl.core.llm.pretrain import exit_blocks, llama_config, lm_loss, next_token_ce, train_bpe
-from specctl.core.llm.speculative import Sampling, distribution, speculative, vanilla, verify
+from specctl.core.llm.speculative import Decoding, Sampling, distribution, verify
 from specctl.core.llm.static import DynamicLM, StaticLM, static_pair
 from specctl.core.profile import load_profile
 
@@ -113,8 +113,9 @@ def test_last_layer_with_target_head_has_zero_kl_and_full_acceptance(lm, share):
     assert metrics["kl"] == pytest.approx(0, abs=1e-6) and metrics["kl_t1"] == pytest.approx(0, abs=1e-6)
     assert metrics["top1"] == metrics["target_top1"] and metrics["ce"] == pytest.approx(metrics["target_ce"])
     prompt = lm.tokenizer(TEXTS[0])["input_ids"][:6]
-    out = speculative(*static_pair(lm.model, draft.model, 32, 4, share_cache=share), prompt, 20, 4, Sampling(1.0),
-                      torch.Generator().manual_seed(0))  # a draft cache left behind would cost acceptance
+    torch.manual_seed(0)
+    decoding = Decoding(*static_pair(lm.model, draft.model, 32, share), gamma=4, sampling=Sampling(1.0))
+    out = decoding.speculative(prompt, 20)  # a draft cache left behind would cost acceptance
     assert sum(a for _, a in out.rounds) == sum(g for g, _ in out.rounds)
     assert min(out.overlaps) > 1 - 1e-4
 
@@ -145,14 +146,14 @@ def test_draft_for_another_vocabulary_is_refused(lm, tmp_path):
 
 @pytest.mark.parametrize("layer,share", [(0, False), (1, False), (1, True)])
 def test_greedy_speculative_equals_vanilla_greedy(lm, layer, share):
-    target, draft = static_pair(lm.model, build_draft(lm, layer).model, 40, 3, share_cache=share)
+    decoding = Decoding(*static_pair(lm.model, build_draft(lm, layer).model, 40, share), 3, Sampling(0.0))
+    fresh = Decoding(StaticLM(lm.model, 40), sampling=Sampling(0.0))
     seen, rejected = set(), 0
     for length in (9, 5, 1):  # caches reused across prompts, as spec-test does: stale entries must stay invisible
         prompt = lm.tokenizer(TEXTS[length])["input_ids"][:length]
-        gen = torch.Generator().manual_seed(0)
-        base = vanilla(target, prompt, 24, Sampling(0.0), gen)
-        fast = speculative(target, draft, prompt, 24, 3, Sampling(0.0), gen)
-        assert fast.tokens == base.tokens == vanilla(StaticLM(lm.model, 40), prompt, 24, Sampling(0.0), gen).tokens
+        base = decoding.vanilla(prompt, 24)
+        fast = decoding.speculative(prompt, 24)
+        assert fast.tokens == base.tokens == fresh.vanilla(prompt, 24).tokens
         seen |= set(base.tokens)
         rejected += sum(a < g for g, a in fast.rounds)
     assert len(seen) > 3 and rejected > 0  # non-degenerate outputs, and the rejection path was taken
@@ -177,13 +178,13 @@ def pooled_chisquare(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 def test_verify_output_is_distributed_as_the_target():
-    gen = torch.Generator().manual_seed(0)
-    p = torch.softmax(torch.randn(3, 6, generator=gen) * 2, -1)
-    q = torch.softmax(torch.randn(2, 6, generator=gen) * 2, -1)
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(3, 6) * 2, -1)
+    q = torch.softmax(torch.randn(2, 6) * 2, -1)
     counts = torch.zeros(6)
     for _ in range(4000):
-        drafts = torch.multinomial(q, 1, generator=gen)[:, 0]
-        n, token = verify(p, q, drafts, Sampling(1.0), gen)
+        drafts = torch.multinomial(q, 1)[:, 0]
+        n, token = verify(p, q, drafts, Sampling(1.0))
         counts[drafts[0] if n > 0 else token[0]] += 1  # the first emitted token
     assert pooled_chisquare(counts, p[0]) > 1e-3
     assert pooled_chisquare(counts, q[0]) < 1e-6  # the test can tell p from q
@@ -193,11 +194,11 @@ def test_speculative_sampling_matches_the_target_distribution():
     lm = tiny_model(vocab=12)
     draft = build_draft(lm, 0)
     prompt = [1, 2, 3]
-    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     first, second = torch.zeros(12), torch.zeros(12)
-    pair = static_pair(lm.model, draft.model, 9, 2)
+    decoding = Decoding(*static_pair(lm.model, draft.model, 9), 2, Sampling(1.0))
     for _ in range(600):
-        tokens = speculative(*pair, prompt, 3, 2, Sampling(1.0), gen).tokens
+        tokens = decoding.speculative(prompt, 3).tokens
         first[tokens[0]] += 1
         second[tokens[1]] += 1
     with torch.no_grad():
@@ -261,20 +262,20 @@ def test_draft_static_path_equals_its_forward(lm, tune_block):
     ids = torch.tensor(lm.tokenizer(TEXTS[4])["input_ids"][:10])
     with torch.no_grad():
         expected = draft.model(ids[None]).logits[0]
-    _, static = static_pair(lm.model, draft.model, 16, 3)
+    _, static = static_pair(lm.model, draft.model, 16)
     assert torch.allclose(feed(static, ids, [4, 5, 8]), expected, atol=1e-5, rtol=0)
 
 
 def test_shared_cache_needs_the_targets_blocks_and_other_models_are_refused(lm):
     with pytest.raises(SpecctlError, match="share_cache needs a draft that shares blocks"):
-        static_pair(lm.model, build_draft(lm, 1, tune_block=True).model, 16, 3, share_cache=True)
+        static_pair(lm.model, build_draft(lm, 1, tune_block=True).model, 16, share_cache=True)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(SpecctlError, match="supports llama, mistral, qwen2 models, not model_type 'gpt2'"):
         StaticLM(gpt2, 16)
     with pytest.raises(SpecctlError, match="supports llama"):  # share_cache needs the static cache
-        static_pair(gpt2, gpt2, 16, 3, share_cache=True)
+        static_pair(gpt2, gpt2, 16, share_cache=True)
 
 
 def test_models_outside_the_static_path_decode_on_the_dynamic_fallback():
@@ -284,13 +285,13 @@ def test_models_outside_the_static_path_decode_on_the_dynamic_fallback():
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=3, n_head=4, initializer_range=0.3)).eval()
     lm = LM(gpt2, None, "memory", find_parts(gpt2))
     with pytest.warns(UserWarning, match="dynamic cache"):
-        target, draft = static_pair(gpt2, build_draft(lm, 1).model, 40, 3)
+        target, draft = static_pair(gpt2, build_draft(lm, 1).model, 40)
     assert isinstance(target, DynamicLM) and isinstance(draft, DynamicLM)
+    decoding = Decoding(target, draft, 3, Sampling(0.0))
     prompt, rejected = [3, 14, 15, 9, 2, 6], 0
     for _ in range(2):  # caches reused across prompts, as spec-test does
-        gen = torch.Generator().manual_seed(0)
-        base = vanilla(target, prompt, 20, Sampling(0.0), gen)
-        fast = speculative(target, draft, prompt, 20, 3, Sampling(0.0), gen)
+        base = decoding.vanilla(prompt, 20)
+        fast = decoding.speculative(prompt, 20)
         assert fast.tokens == base.tokens
         rejected += sum(a < g for g, a in fast.rounds)
         prompt = prompt[:3]
@@ -298,15 +299,21 @@ def test_models_outside_the_static_path_decode_on_the_dynamic_fallback():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graphs_reproduce_the_eager_static_path():
+@pytest.mark.parametrize("share", [False, True])
+def test_cuda_graphs_reproduce_eager_decoding(share):
     model = random_decoder("llama").cuda()
     draft = build_draft(LM(model, None, "memory", find_parts(model)), 1)
-    eager, graphed = (static_pair(model, draft.model, 40, 3, graphs=g) for g in (False, True))
-    assert graphed[0].graphed and graphed[1].graphed
-    ids = torch.randint(0, 40, (14,), generator=torch.Generator().manual_seed(4)).cuda()
-    for e, g in zip(eager, graphed):  # calls of 1, 2 and 4 tokens: the target's and the draft's graph lengths
-        assert torch.allclose(feed(g, ids, [5, 6, 8, 12]), feed(e, ids, [5, 6, 8, 12]), atol=1e-5, rtol=0)
-    prompt = ids[:5].tolist()
-    base = vanilla(eager[0], prompt, 24, Sampling(0.0), torch.Generator("cuda").manual_seed(0))
-    fast = speculative(*graphed, prompt, 24, 3, Sampling(0.0), torch.Generator("cuda").manual_seed(0))
-    assert fast.tokens == base.tokens == vanilla(graphed[0], prompt, 24, Sampling(0.0), torch.Generator("cuda")).tokens
+    eager, graphed = (Decoding(*static_pair(model, draft.model, 40, share), 3, Sampling(0.0), graphs=g)
+                      for g in (False, True))
+    assert graphed.graphed and not eager.graphed
+    for length in (5, 1):
+        prompt = torch.randint(0, 40, (length,), generator=torch.Generator().manual_seed(4)).tolist()
+        base, fast = eager.vanilla(prompt, 24), graphed.speculative(prompt, 24)
+        assert fast.tokens == base.tokens == graphed.vanilla(prompt, 24).tokens == eager.speculative(prompt, 24).tokens
+        assert fast.rounds == eager.speculative(prompt, 24).rounds
+    sampled = Decoding(*static_pair(model, draft.model, 40, share), 3, Sampling(1.0), graphs=True)
+    torch.manual_seed(0)
+    first = sampled.speculative(prompt, 24).tokens
+    torch.manual_seed(0)
+    assert sampled.speculative(prompt, 24).tokens == first  # seeded replays are reproducible
+    assert set(sampled.timings(prompt, 3)) == {"target_step", "draft_step", "verify"}

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specctl.core.errors import SpecctlError
+from specctl.core.runtime import capture_graph
 from specctl.core.schema import ModelConfig
 
 
@@ -260,13 +261,5 @@ class Stepper:
 
     def capture(self, tokens: torch.Tensor, times: torch.Tensor) -> tuple:
         static_tokens, static_times = tokens.clone(), times.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph, as CUDA graph capture requires
-            for _ in range(2):
-                self.model(static_tokens, static_times, self.cache)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.model(static_tokens, static_times, self.cache)
+        graph, out = capture_graph(lambda: self.model(static_tokens, static_times, self.cache))
         return graph, static_tokens, static_times, out

@@ -6,12 +6,14 @@ import random
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 
 from specctl.core.errors import SpecctlError
+
+T = TypeVar("T")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,6 +43,27 @@ class Timing:
     low: float
     high: float
     repeats: int
+
+
+def capture_graph(fn: Callable[[], T], warmup: int = 2,
+                  reset: Callable[[], None] | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
+    """fn() captured as a CUDA graph, and its outputs: replaying the graph reruns fn's kernels on the same tensors
+    and refreshes those outputs in place. fn may only read and write tensors that outlive the graph. Raises
+    RuntimeError where capture fails; the warm-up calls (on a side stream, as capture requires) run fn for real,
+    each after `reset` (outside the graph)."""
+    reset = reset or (lambda: None)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            reset()
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> Timing:

@@ -28,7 +28,7 @@ from specctl.core.errors import SpecctlError
 from specctl.core.forecast import Norm, n_tokens, times_for
 from specctl.core.model import Stepper, TimerXL, check_compatible
 from specctl.core.rng import normal, uniform
-from specctl.core.runtime import PhaseClock
+from specctl.core.runtime import PhaseClock, capture_graph
 from specctl.core.schema import SpecConfig
 
 
@@ -271,16 +271,7 @@ class RoundGraph:
 
     def __init__(self, state: RoundState, tstep: Stepper, dstep: Stepper) -> None:
         self.state = state
-        run = lambda: speculative_round(state, tstep.eager, dstep.eager)  # noqa: E731
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up rounds outside the graph; `reset` clears what they wrote
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            run()
+        self.graph, _ = capture_graph(lambda: speculative_round(state, tstep.eager, dstep.eager))
 
     def replay(self) -> None:
         self.graph.replay()

@@ -1,6 +1,7 @@
 """spec-test for kind = "llm": vanilla (target-only) and speculative decoding on the same prompts, the same static
-decode path (static KV caches, CUDA graphs on a GPU unless llm.spec.cuda_graphs = false), sampling policy and seeds;
-acceptance, distribution overlap, timing and speedup with bootstrap CIs."""
+decode path (static KV caches; on a GPU, unless llm.spec.cuda_graphs = false, each vanilla step and each whole
+speculative round replays one CUDA graph), sampling policy and seeds; acceptance, distribution overlap, timing and
+speedup with bootstrap CIs."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from specctl.core.data import data_dir
 from specctl.core.files import write_csv
 from specctl.core.llm.draft import Draft, build_draft, load_draft, resolve_draft
 from specctl.core.llm.lm import LM, load_lm
-from specctl.core.llm.speculative import Sampling, buffer, decode_one, distribution, prefill, speculative, vanilla
-from specctl.core.llm.static import Decoder, static_pair
+from specctl.core.llm.speculative import Decoding, Sampling
+from specctl.core.llm.static import static_pair
 from specctl.core.llm.text import load_examples, prompt_ids, resolve_text_file
 from specctl.core.rundir import RunDir
 from specctl.core.runtime import synchronize, time_call
@@ -46,7 +47,7 @@ DEFINITIONS = {
     "tok_s_vanilla / tok_s_spec": "new tokens / wall seconds, summed over prompts (warm, synchronised)",
     "speedup": "tok_s_spec / tok_s_vanilla (same prompts, device and process)",
     "c_hat": "median draft decode-step time / median target decode-step time (one token on the static path, "
-             "sampling included)",
+             "sampling included, replayed as decoding is)",
     "predicted_speedup": "(1 - a^(g+1)) / ((1 - a)(g c + 1)) with a = alpha_hat, c = c_hat, g = gamma",
     "v_hat": "median verification-call time (g + 1 tokens, distributions included) / median target decode-step time",
     "predicted_speedup_v": "(1 - a^(g+1)) / ((1 - a)(g c + v)) with v = v_hat: predicted_speedup with the measured "
@@ -54,7 +55,7 @@ DEFINITIONS = {
                            "overhead (acceptance, bookkeeping, the round's host sync)",
     "identical_fraction": "greedy only: fraction of prompts where speculative output == vanilla output",
     "peak_mem_gb": "torch.cuda.max_memory_allocated over the run (None on CPU)",
-    "cuda_graphs": "whether decode steps and verifies replayed CUDA graphs (never on CPU)",
+    "cuda_graphs": "whether vanilla steps and speculative rounds replayed CUDA graphs (never on CPU)",
     "ci": "bootstrap percentile interval across prompts",
 }
 
@@ -63,8 +64,7 @@ DEFINITIONS = {
 class Setup:
     lm: LM
     draft: Draft
-    target_dec: Decoder  # the static decode path of the target, for vanilla and speculative decoding
-    draft_dec: Decoder
+    decoding: Decoding  # vanilla and speculative decoding on the static path
     prompts: list[list[int]]
     sampling: Sampling
     eos: frozenset[int]
@@ -103,11 +103,11 @@ def setup(profile: Profile, lm: LM, draft: Draft) -> Setup:
     spec = profile.llm.spec
     prompts = load_prompts(profile, lm.tokenizer)
     max_len = max(map(len, prompts)) + spec.max_new_tokens + spec.gamma + 1
-    target_dec, draft_dec = static_pair(lm.model, draft.model, max_len, spec.gamma, spec.cuda_graphs,
-                                        spec.share_cache)
+    target, draft_dec = static_pair(lm.model, draft.model, max_len, spec.share_cache)
     sampling = Sampling(spec.temperature, spec.top_k, spec.top_p)
+    decoding = Decoding(target, draft_dec, spec.gamma, sampling, spec.cuda_graphs)
     eos = eos_ids(lm) if spec.stop_at_eos else frozenset()
-    return Setup(lm, draft, target_dec, draft_dec, prompts, sampling, eos)
+    return Setup(lm, draft, decoding, prompts, sampling, eos)
 
 
 def timed(fn, device: torch.device):
@@ -118,36 +118,17 @@ def timed(fn, device: torch.device):
     return out, time.perf_counter() - start
 
 
-@torch.inference_mode()
-def step_seconds(lm: Decoder, prompt: list[int], s: Sampling, seed: int, repeats: int) -> float:
-    """Median time of one decode step after the prompt: a 1-token call at the same position each time, and sampling."""
-    seq, n = buffer(prompt, 1, lm), len(prompt)
-    prefill(lm, seq, n)
-    gen = torch.Generator(lm.device).manual_seed(seed)
-    return time_call(lambda: decode_one(lm, seq, n - 1, n, s, gen), lm.device, repeats, warmup=5).median
-
-
-@torch.inference_mode()
-def verify_seconds(lm: Decoder, prompt: list[int], gamma: int, s: Sampling, repeats: int) -> float:
-    """Median time of one verification: a (gamma + 1)-token call after the prompt and its distributions."""
-    seq, n = buffer(prompt, gamma + 1, lm), len(prompt)
-    prefill(lm, seq, n)
-    return time_call(lambda: distribution(lm(seq[n - 1:n + gamma], n - 1), s), lm.device, repeats, warmup=5).median
-
-
 def run_prompt(s: Setup, profile: Profile, index: int, device: torch.device) -> dict:
     """Vanilla and speculative decoding of one prompt with fixed seeds (which runs first alternates between
     prompts); one row of per-prompt sums."""
-    spec, prompt = profile.llm.spec, s.prompts[index]
-    gen = torch.Generator(device)
-    runs = {
-        "vanilla": lambda: vanilla(s.target_dec, prompt, spec.max_new_tokens, s.sampling,
-                                   gen.manual_seed(profile.seed + index), s.eos),
-        "spec": lambda: speculative(s.target_dec, s.draft_dec, prompt, spec.max_new_tokens, spec.gamma, s.sampling,
-                                    gen.manual_seed(profile.seed + index), s.eos),
-    }
+    spec, prompt, decoding = profile.llm.spec, s.prompts[index], s.decoding
+    runs = {"vanilla": lambda: decoding.vanilla(prompt, spec.max_new_tokens, s.eos),
+            "spec": lambda: decoding.speculative(prompt, spec.max_new_tokens, s.eos)}
     order = list(runs) if index % 2 == 0 else list(runs)[::-1]
-    done = {name: timed(runs[name], device) for name in order}
+    done = {}
+    for name in order:
+        torch.manual_seed(profile.seed + index)
+        done[name] = timed(runs[name], device)
     (base, t_van), (fast, t_spec) = done["vanilla"], done["spec"]
     accepted = [a for _, a in fast.rounds]
     return {
@@ -219,9 +200,8 @@ def measure(s: Setup, profile: Profile, device: torch.device, progress=None) -> 
         rows.append(run_prompt(s, profile, i, device))
         if progress is not None:
             progress.update(task, advance=1, info=f"accepted {ratios(rows)['mean_accepted']:.2f}/round")
-    target_step = step_seconds(s.target_dec, s.prompts[0], s.sampling, profile.seed, spec.step_repeats)
-    c_hat = step_seconds(s.draft_dec, s.prompts[0], s.sampling, profile.seed, spec.step_repeats) / target_step
-    v_hat = verify_seconds(s.target_dec, s.prompts[0], spec.gamma, s.sampling, spec.step_repeats) / target_step
+    seconds = s.decoding.timings(s.prompts[0], spec.step_repeats)
+    c_hat, v_hat = (seconds[k] / seconds["target_step"] for k in ("draft_step", "verify"))
     metrics = ratios(rows)
     metrics.update(
         proposed=sum(r["proposed"] for r in rows), accepted=sum(r["accepted"] for r in rows),
@@ -235,7 +215,7 @@ def measure(s: Setup, profile: Profile, device: torch.device, progress=None) -> 
         ci=bootstrap(rows, spec.bootstrap, spec.ci, profile.seed),
         n_prompts=len(rows), gamma=spec.gamma, exit_layer=s.draft.layer, target_layers=s.lm.n_layers,
         temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, max_new_tokens=spec.max_new_tokens,
-        share_cache=spec.share_cache, cuda_graphs=s.target_dec.graphed and s.draft_dec.graphed,
+        share_cache=spec.share_cache, cuda_graphs=s.decoding.graphed,
         draft=spec.draft or "untuned head copy", target=s.lm.path,
         definitions=DEFINITIONS,
     )

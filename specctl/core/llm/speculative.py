@@ -7,22 +7,30 @@ exactly as the target's (with the same temperature / top-k / top-p applied to bo
 p and q are one-hot, so the output equals vanilla greedy decoding token for token.
 
 Both models decode over static KV caches (static.py); a cache holds every token but the last one emitted (the
-"pending" token), and rolling back rejected tokens only moves a position counter. Vanilla and speculative decoding
-use the same static path, so the baseline is as fast as the method. With a shared cache (static_pair's
-`share_cache`) the draft reads and writes the target's cache layers 0..l (self-speculation) and the verify pass
-recomputes those layers for the drafted tokens: reusing the draft's layer-l states instead (LayerSkip) would need
-the draft to also run d_g, the same number of layer calls, which is what a batch-1 step costs.
+"pending" token), and rolling back rejected tokens only moves a position counter. A vanilla step and a whole
+speculative round read and write only persistent device tensors (a Tape: the token sequence and the position
+counter), so `Decoding` captures each once as a CUDA graph and replays it for every token / round and every prompt:
+no host sync inside a round, no per-kernel launch cost, and the baseline gets the same treatment as the method.
+Random draws use the default generator (graph-safe); seed with torch.manual_seed.
+
+With a shared cache (static_pair's `share_cache`) the draft reads and writes the target's cache layers 0..l
+(self-speculation) and the verify pass recomputes those layers for the drafted tokens: reusing the draft's layer-l
+states instead (LayerSkip) would need the draft to also run d_g, the same number of layer calls, which is what a
+batch-1 step costs.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from specctl.core.errors import SpecctlError
-from specctl.core.llm.static import Decoder
+from specctl.core.llm.static import Decoder, StaticLM
+from specctl.core.runtime import capture_graph, time_call
 
 EOS_EVERY = 4  # vanilla looks for EOS every 4 tokens: a host sync per 4 tokens instead of per token
 
@@ -55,30 +63,110 @@ def distribution(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     return z.softmax(-1)
 
 
-def sample(probs: torch.Tensor, s: Sampling, gen: torch.Generator) -> torch.Tensor:
+def sample(probs: torch.Tensor, s: Sampling) -> torch.Tensor:
     """One token per row [..., 1] without a host sync: argmax, or argmax(p / E) with E ~ Exp(1) (an exponential
     race, distributed as p: torch.multinomial's one-sample path without its validity check, which syncs)."""
     if s.greedy:
         return probs.argmax(-1, keepdim=True)
-    race = torch.empty_like(probs).exponential_(1, generator=gen)
+    race = torch.empty_like(probs).exponential_(1)
     return (probs / race).argmax(-1, keepdim=True)
 
 
-def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, s: Sampling,
-           gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(accepted count n, the token [1] emitted after them) as device tensors, without a host sync:
+def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, s: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """(accepted count n [1], the token [1] emitted after them) as device tensors, without a host sync:
     p [g+1, V] target, q [g, V] draft, drafts [g]."""
     g = q.shape[0]
     rows = torch.arange(g, device=p.device)
-    u = torch.rand(g, generator=gen, device=p.device)
+    # greedy: p and q are one-hot and q(d) = 1, so u = 1/2 accepts exactly when p(d) = 1; no random draw needed
+    u = torch.full((g,), 0.5, device=p.device) if s.greedy else torch.rand(g, device=p.device)
     ok = u * q[rows, drafts] < p[rows, drafts]  # u < p(x)/q(x), q(x) > 0 since x ~ q
-    n = ok.long().cumprod(0).sum()  # up to the first rejection; g if none
-    at = n.view(1)
-    p_n, q_n = p.index_select(0, at)[0], F.pad(q, (0, 0, 0, 1)).index_select(0, at)[0]  # q_{g+1} = 0: bonus ~ p
+    n = ok.long().cumprod(0).sum().view(1)  # up to the first rejection; g if none
+    p_n, q_n = p.index_select(0, n)[0], F.pad(q, (0, 0, 0, 1)).index_select(0, n)[0]  # q_{g+1} = 0: bonus ~ p
     residual = (p_n - q_n).clamp(min=0)  # max(0, p - q)
     total = residual.sum()
     probs = torch.where(total > 0, residual / total, p_n)  # p = q exactly cannot reject; guard rounding
-    return n, sample(probs, s, gen)
+    return n, sample(probs, s)
+
+
+@dataclass
+class Tape:
+    """What a decode step or a round reads and writes: the token sequence and the position counter, both on the
+    device and allocated once, so that the work on them can be captured as a CUDA graph and replayed."""
+
+    seq: torch.Tensor  # [max_len] the prompt, then the generated tokens
+    n: torch.Tensor  # [1] the position of the next token; the pending token (not yet in the caches) is at n - 1
+
+    def load(self, prompt: list[int], room: int) -> int:
+        """Start a generation of up to `room` more positions after `prompt`; returns its length."""
+        if not prompt or len(prompt) + room > len(self.seq):
+            raise SpecctlError(f"a {len(prompt)}-token prompt with {room} more tokens does not fit a static cache "
+                               f"of {len(self.seq)} positions")
+        self.seq.zero_()
+        self.seq[: len(prompt)] = torch.tensor(prompt, device=self.seq.device)
+        self.n.fill_(len(prompt))
+        return len(prompt)
+
+
+def decode_one(lm: Decoder, tape: Tape, s: Sampling, offset: int = 0, catch_up: bool = False) -> torch.Tensor:
+    """Feed the token at n-1+offset, sample seq[n+offset] from its logits; its distribution [V]. With `catch_up`
+    (offset 0) the token at n-2 is fed again too: a draft with a cache of its own has not seen it after a fully
+    accepted round, and feeding a seen token again rewrites the same cache entry."""
+    n = tape.n
+    if catch_up:
+        start = (n - 2).clamp(min=0)  # a 1-token prompt has no n-2: position 1 then gets a placeholder, then d_1
+        logits = lm.forward(tape.seq.index_select(0, start + torch.arange(2, device=n.device)), start)
+        logits = logits.index_select(0, n - 1 - start)
+    else:
+        start = n - 1 + offset
+        logits = lm.forward(tape.seq.index_select(0, start), start)
+    probs = distribution(logits, s)
+    tape.seq.index_copy_(0, n + offset, sample(probs, s)[0])
+    return probs[0]
+
+
+def vanilla_step(target: Decoder, tape: Tape, s: Sampling) -> None:
+    decode_one(target, tape, s)
+    tape.n += 1
+
+
+def verify_call(target: Decoder, tape: Tape, gamma: int, s: Sampling) -> torch.Tensor:
+    """The target's distributions [gamma+1, V] at the pending token and the gamma tokens after it, in one call."""
+    start = tape.n - 1
+    return distribution(target.forward(tape.seq.index_select(0, start + torch.arange(gamma + 1, device=start.device)),
+                                       start), s)
+
+
+def speculative_round(target: Decoder, draft: Decoder, tape: Tape, gamma: int, s: Sampling,
+                      catch_up: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round with the pending token at n-1, without a host sync: the draft samples seq[n..n+gamma-1], the target
+    scores seq[n-1..n-1+gamma] in one call, seq[n + accepted] gets the emitted token and n moves past it.
+    Returns (accepted [1], sum_v min(p, q) at each drafted position [gamma]) as device tensors."""
+    q = torch.stack([decode_one(draft, tape, s, i, catch_up and i == 0) for i in range(gamma)])
+    p = verify_call(target, tape, gamma, s)
+    drafts = tape.seq.index_select(0, tape.n + torch.arange(gamma, device=q.device))
+    accepted, token = verify(p, q, drafts, s)
+    tape.seq.index_copy_(0, tape.n + accepted, token)  # seq[n + accepted] = token
+    tape.n += accepted + 1
+    return accepted, torch.minimum(p[:gamma], q).sum(-1)
+
+
+class Replay:
+    """`fn` (which reads and writes only persistent tensors) as a callable: a CUDA graph replay where `graphs` is
+    on and capture works, else fn itself. Outputs of a replay are the graph's and change with the next one."""
+
+    def __init__(self, fn: Callable, device: torch.device, graphs: bool, reset: Callable | None = None) -> None:
+        self.fn, self.graph, self.out = fn, None, None
+        if graphs and device.type == "cuda":
+            try:
+                self.graph, self.out = capture_graph(fn, reset=reset)
+            except RuntimeError as e:  # keep going eagerly, and say so
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}")
+
+    def __call__(self):
+        if self.graph is None:
+            return self.fn()
+        self.graph.replay()
+        return self.out
 
 
 @dataclass
@@ -96,84 +184,87 @@ def cut_at_eos(tokens: list[int], eos: frozenset[int]) -> tuple[list[int], bool]
     return tokens, False
 
 
-def buffer(prompt: list[int], extra: int, lm: Decoder) -> torch.Tensor:
-    """The token sequence: the prompt, then room for `extra` tokens; each of its positions has a cache slot."""
-    if not prompt or len(prompt) + extra > lm.cache.max_len:
-        raise SpecctlError(f"a {len(prompt)}-token prompt with {extra} more tokens does not fit a static cache of "
-                           f"{lm.cache.max_len} positions")
-    seq = torch.zeros(len(prompt) + extra, dtype=torch.long, device=lm.device)
-    seq[: len(prompt)] = torch.tensor(prompt, device=lm.device)
-    return seq
+class Decoding:
+    """Vanilla and speculative decoding of one target (and draft) at one gamma and sampling policy, over one Tape
+    sized to the target's cache. With `graphs` (CUDA, static decoders) the vanilla step and the whole speculative
+    round are each captured once, here, and replayed for every prompt (the warm-up writes are overwritten by the
+    next prompt's prefill); otherwise the same functions run eagerly."""
 
+    @torch.inference_mode()
+    def __init__(self, target: Decoder, draft: Decoder | None = None, gamma: int = 1, sampling: Sampling = Sampling(),
+                 graphs: bool = False) -> None:
+        self.target, self.draft, self.gamma, self.sampling = target, draft, gamma, sampling
+        self.shared = draft is not None and draft.cache.shares(target.cache)
+        device = target.device
+        self.tape = Tape(torch.zeros(target.cache.max_len, dtype=torch.long, device=device),
+                         torch.ones(1, dtype=torch.long, device=device))
+        if draft is not None and target.cache.max_len < gamma + 2:
+            raise SpecctlError(f"a static cache of {target.cache.max_len} positions cannot hold a round of gamma {gamma}")
+        self.graphs = graphs and device.type == "cuda" and all(isinstance(m, StaticLM) for m in (target, draft) if m)
+        self.step = Replay(lambda: vanilla_step(target, self.tape, sampling), device, self.graphs, self.rewind)
+        self.round = Replay(lambda: speculative_round(target, draft, self.tape, gamma, sampling, not self.shared),
+                            device, self.graphs, self.rewind) if draft is not None else None
 
-def prefill(lm: Decoder, seq: torch.Tensor, n: int) -> None:
-    """Cache every token but the pending one: positions 0..n-2."""
-    if n > 1:
-        lm(seq[: n - 1], 0)
+    def rewind(self) -> None:
+        """Back to the first position, so that capture warm-ups stay inside the cache."""
+        self.tape.n.fill_(1)
 
+    @property
+    def graphed(self) -> bool:
+        return self.step.graph is not None and (self.round is None or self.round.graph is not None)
 
-def decode_one(lm: Decoder, seq: torch.Tensor, start: int, n: int, s: Sampling, gen: torch.Generator) -> torch.Tensor:
-    """Feed seq[start:n] at positions start..n-1 and sample seq[n] from the last row; its distribution [1, V]."""
-    probs = distribution(lm(seq[start:n], start)[-1:], s)
-    seq[n] = sample(probs, s, gen)[0, 0]
-    return probs
+    def start(self, prompt: list[int], room: int) -> int:
+        """Load the prompt and cache every token but the pending one (positions 0..n-2) in the target, and in a
+        draft with a cache of its own; returns n."""
+        n = self.tape.load(prompt, room)
+        for lm in (self.target, self.draft if self.draft is not None and not self.shared else None):
+            if lm is not None and n > 1:
+                lm(self.tape.seq[: n - 1], 0)
+        return n
 
+    @torch.inference_mode()
+    def vanilla(self, prompt: list[int], max_new: int, eos: frozenset[int] = frozenset()) -> Generation:
+        """Target-only decoding: one 1-token target call per token; host syncs only to look for EOS, every EOS_EVERY
+        tokens."""
+        n = self.start(prompt, max_new)
+        for made in range(1, max_new + 1):
+            self.step()
+            if eos and made % EOS_EVERY == 0 and not eos.isdisjoint(self.tape.seq[n + made - EOS_EVERY:n + made].tolist()):
+                break
+        tokens, _ = cut_at_eos(self.tape.seq[n:n + made].tolist(), eos)
+        return Generation(tokens, target_calls=made + (n > 1))
 
-@torch.inference_mode()
-def vanilla(target: Decoder, prompt: list[int], max_new: int, s: Sampling, gen: torch.Generator,
-            eos: frozenset[int] = frozenset()) -> Generation:
-    """Target-only decoding: one 1-token target call per token; host syncs only to look for EOS, every EOS_EVERY
-    tokens."""
-    seq, n = buffer(prompt, max_new, target), len(prompt)
-    prefill(target, seq, n)
-    for made in range(1, max_new + 1):
-        decode_one(target, seq, n + made - 2, n + made - 1, s, gen)
-        if eos and made % EOS_EVERY == 0 and not eos.isdisjoint(seq[n + made - EOS_EVERY:n + made].tolist()):
-            break
-    tokens, _ = cut_at_eos(seq[n:n + made].tolist(), eos)
-    return Generation(tokens, target_calls=made + (n > 1))
+    @torch.inference_mode()
+    def speculative(self, prompt: list[int], max_new: int, eos: frozenset[int] = frozenset()) -> Generation:
+        """Speculative sampling with gamma draft tokens per round (the last round's extra tokens are dropped); one
+        host sync per round, for the accepted count and the new tokens."""
+        gamma, seq = self.gamma, self.tape.seq
+        n = self.start(prompt, max_new + gamma + 1)
+        result, overlaps = Generation([], target_calls=int(n > 1)), []
+        while len(result.tokens) < max_new:
+            accepted, overlap = self.round()
+            a, *new = torch.cat([accepted, seq[n:n + gamma + 1]]).tolist()  # the round's one host sync
+            result.target_calls += 1
+            result.rounds.append((gamma, a))
+            overlaps.append(overlap.clone())  # a replay's outputs are overwritten by the next one
+            n += a + 1
+            result.tokens, stop = cut_at_eos(result.tokens + new[:a + 1], eos)
+            if stop:
+                break
+        result.tokens = result.tokens[:max_new]
+        result.overlaps = torch.cat(overlaps).tolist()
+        return result
 
-
-def speculative_round(target: Decoder, draft: Decoder, seq: torch.Tensor, n: int, fed: int, g: int, gamma: int,
-                      s: Sampling, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One round with the pending token at n-1, without a host sync: the draft samples seq[n..n+g-1] (its first
-    call also feeds the tokens at fed..n-2 it has not seen), the target scores seq[n-1..n-1+gamma] in one call
-    (a static shape: rows past g are unused), and seq[n + accepted] gets the emitted token.
-    Returns (accepted, sum_v min(p, q) at each drafted position) as device tensors."""
-    qs = [decode_one(draft, seq, fed if i == 0 else n - 1 + i, n + i, s, gen)[0] for i in range(g)]
-    p = distribution(target(seq[n - 1:n + gamma], n - 1)[: g + 1], s)
-    q = torch.stack(qs) if qs else p[:0]
-    accepted, token = verify(p, q, seq[n:n + g], s, gen)
-    seq.index_copy_(0, n + accepted.view(1), token)  # seq[n + accepted] = token
-    return accepted, torch.minimum(p[:g], q).sum(-1)
-
-
-@torch.inference_mode()
-def speculative(target: Decoder, draft: Decoder, prompt: list[int], max_new: int, gamma: int, s: Sampling,
-                gen: torch.Generator, eos: frozenset[int] = frozenset()) -> Generation:
-    """Speculative sampling from `target` with `draft` proposing up to `gamma` tokens per round; one host sync per
-    round (the accepted count and the new tokens). A draft whose cache is the target's first layers (self-speculation)
-    needs no prefill of its own and is never behind: the target's passes write its layers."""
-    shared = draft.cache.shares(target.cache)
-    seq, n = buffer(prompt, max_new + gamma + 1, target), len(prompt)
-    prefill(target, seq, n)
-    if not shared:
-        prefill(draft, seq, n)
-    result = Generation([], target_calls=int(n > 1))
-    fed, overlaps = n - 1, []  # the draft's cache holds positions 0..fed-1
-    while len(result.tokens) < max_new:
-        g = min(gamma, max_new - len(result.tokens) - 1)
-        accepted, overlap = speculative_round(target, draft, seq, n, fed, g, gamma, s, gen)
-        a, *new = torch.cat([accepted.view(1), seq[n:n + g + 1]]).tolist()  # the round's one host sync
-        result.target_calls += 1
-        if g:
-            result.rounds.append((g, a))
-            overlaps.append(overlap)
-        # rollback: the draft fed positions up to n+g-2 (d_{g-1}); those before the new pending token n+a stay valid
-        fed = n + a if shared else min(n + g - 1 if g else fed, n + a)
-        n += a + 1
-        result.tokens, stop = cut_at_eos(result.tokens + new[:a + 1], eos)
-        if stop:
-            break
-    result.overlaps = torch.cat(overlaps).tolist() if overlaps else []
-    return result
+    @torch.inference_mode()
+    def timings(self, prompt: list[int], repeats: int) -> dict[str, float]:
+        """Median seconds of one target decode step, one draft decode step (sampling included) and one verification
+        call (gamma + 1 tokens and their distributions), each after `prompt` and replayed like decoding is."""
+        calls = {"target_step": lambda: decode_one(self.target, self.tape, self.sampling),
+                 "draft_step": lambda: decode_one(self.draft, self.tape, self.sampling),
+                 "verify": lambda: verify_call(self.target, self.tape, self.gamma, self.sampling)}
+        out = {}
+        for name, fn in calls.items():
+            replay = Replay(fn, self.target.device, self.graphs, self.rewind)
+            self.start(prompt, self.gamma + 1)
+            out[name] = time_call(replay, self.target.device, repeats, warmup=5).median
+        return out

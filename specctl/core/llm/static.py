@@ -1,6 +1,6 @@
 """Static-shape decoding of Llama-family causal LMs (gpt-fast style): a KV cache preallocated for a whole
-generation and indexed by position, one forward over the Hugging Face modules' own weights, and CUDA graphs
-captured per input length.
+generation and indexed by position, and one forward over the Hugging Face modules' own weights whose positions are
+a device tensor, so that a caller can capture whole decode steps and rounds as CUDA graphs (speculative.py).
 
 A call feeds T tokens at positions start..start+T-1: their keys and values are written into the cache at those
 positions, then every query attends the whole cache through a mask by position (key j is visible to the query at
@@ -42,14 +42,6 @@ class KVCache:
 
     def shares(self, other: KVCache) -> bool:
         return self.k.data_ptr() == other.k.data_ptr()
-
-
-@dataclass
-class Graph:
-    graph: torch.cuda.CUDAGraph
-    ids: torch.Tensor  # [T] static input
-    start: torch.Tensor  # [1] static input: the position of ids[0]
-    logits: torch.Tensor  # [T, V] static output
 
 
 def check_static(model: nn.Module, parts: Parts) -> None:
@@ -97,12 +89,10 @@ def attend(attn: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 class StaticLM:
     """A Llama-family model over a static KV cache: `lm(ids, start)` gives the logits [T, V] of the T tokens `ids`
-    at positions start..start+T-1. On a CUDA device, calls whose length is in `graph_lengths` replay CUDA graphs
-    captured here, before any decoding (their warm-up writes are overwritten by the next prefill); other lengths
-    run eagerly. `cache` (e.g. another model's first layers) replaces a cache of its own."""
+    at positions start..start+T-1 (`lm.forward(ids, start)` with start a [1] device tensor). `cache` (e.g. another
+    model's first layers) replaces a cache of its own."""
 
-    def __init__(self, model: nn.Module, max_len: int, graph_lengths: tuple[int, ...] = (),
-                 cache: KVCache | None = None) -> None:
+    def __init__(self, model: nn.Module, max_len: int, cache: KVCache | None = None) -> None:
         parts = find_parts(model)
         check_static(model, parts)
         self.embed, self.rotary, self.layers = parts.base.embed_tokens, parts.base.rotary_emb, list(parts.layers)
@@ -111,12 +101,10 @@ class StaticLM:
         self.device = parts.head.weight.device
         self.cache = cache or new_cache(model, max_len)
         self.slots = torch.arange(self.cache.max_len, device=self.device)
-        captured = {n: capture(self, n) for n in graph_lengths} if self.device.type == "cuda" else {}
-        self.graphs = {n: g for n, g in captured.items() if g is not None}
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """The eager static path: logits [T, V] for ids [T] at positions start[0] + 0..T-1."""
+        """Logits [T, V] for ids [T] at positions start[0] + 0..T-1; capturable (no host sync)."""
         pos = start + torch.arange(ids.shape[0], device=self.device)
         x = self.embed(ids)[None]
         cos, sin = (t[:, None] for t in self.rotary(x, pos[None]))  # [1, 1, T, head_dim], broadcast over heads
@@ -127,19 +115,8 @@ class StaticLM:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.head(self.norm(x))[0]
 
-    @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        graph = self.graphs.get(ids.shape[0])
-        if graph is None:
-            return self.forward(ids, torch.full((1,), start, device=self.device))
-        graph.ids.copy_(ids)
-        graph.start.fill_(start)
-        graph.graph.replay()
-        return graph.logits.clone()
-
-    @property
-    def graphed(self) -> bool:
-        return bool(self.graphs)
+        return self.forward(ids, torch.full((1,), start, device=self.device))
 
 
 def new_cache(model: nn.Module, max_len: int) -> KVCache:
@@ -148,27 +125,6 @@ def new_cache(model: nn.Module, max_len: int) -> KVCache:
     shape = (len(parts.layers), 1, model.config.num_key_value_heads, max_len, attn.head_dim)
     with torch.inference_mode():
         return KVCache(*(torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(2)))
-
-
-@torch.inference_mode()
-def capture(lm: StaticLM, length: int) -> Graph | None:
-    """A CUDA graph of lm.forward for `length` tokens (None, with a warning, if capture fails)."""
-    ids = torch.zeros(length, dtype=torch.long, device=lm.device)
-    start = torch.zeros(1, dtype=torch.long, device=lm.device)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up outside the graph, as CUDA graph capture requires
-        for _ in range(2):
-            lm.forward(ids, start)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            logits = lm.forward(ids, start)
-    except RuntimeError as e:  # keep going without this graph, and say so
-        warnings.warn(f"CUDA graph capture of {length}-token calls failed, running them eagerly: {e}")
-        return None
-    return Graph(graph, ids, start, logits)
 
 
 @dataclass
@@ -185,9 +141,8 @@ class GrowingCache:
 class DynamicLM:
     """The fallback for models the static path does not cover (e.g. GPT-2): the model's own Hugging Face forward
     over a DynamicCache, cut back to `start` before each call, so that rolling back is the same position counter
-    as for StaticLM. Eager, no CUDA graphs: slower, and timed as such (vanilla runs on the same path)."""
-
-    graphed = False
+    as for StaticLM. Eager, with a host sync per call and no CUDA graphs: slower, and timed as such (vanilla runs
+    on the same path)."""
 
     def __init__(self, model: nn.Module, max_len: int) -> None:
         from transformers import DynamicCache
@@ -203,31 +158,31 @@ class DynamicLM:
                 layer.crop(-extra)
         return self.model(input_ids=ids[None], past_key_values=self.cache.hf, use_cache=True).logits[0]
 
+    def forward(self, ids: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        return self(ids, int(start))
 
-Decoder = StaticLM | DynamicLM  # what vanilla and speculative decoding call: decoder(ids, start) -> logits
+
+Decoder = StaticLM | DynamicLM  # what decoding calls: lm(ids, start: int) or lm.forward(ids, start: Tensor) -> logits
 
 
-def decoder(model: nn.Module, max_len: int, graph_lengths: tuple[int, ...] = ()) -> Decoder:
+def decoder(model: nn.Module, max_len: int) -> Decoder:
     """The static path where it reproduces the model, else (with a warning) the dynamic fallback."""
     try:
         check_static(model, find_parts(model))
     except SpecctlError as e:
         warnings.warn(f"{e}: decoding with the model's own forward and a dynamic cache (slower, no CUDA graphs)")
         return DynamicLM(model, max_len)
-    return StaticLM(model, max_len, graph_lengths)
+    return StaticLM(model, max_len)
 
 
-def static_pair(target: nn.Module, draft: nn.Module, max_len: int, gamma: int, graphs: bool = False,
-                share_cache: bool = False) -> tuple[Decoder, Decoder]:
-    """The target (graphs for 1-token steps and (gamma+1)-token verifies) and the draft (1-token steps, and 2-token
-    catch-ups after a fully accepted round); with `share_cache` the draft's cache is the target's layers 0..l, which
-    the target's passes keep up to date (no catch-ups). Models outside the static path get DynamicLM."""
+def static_pair(target: nn.Module, draft: nn.Module, max_len: int, share_cache: bool = False) -> tuple[Decoder, Decoder]:
+    """The target's and the draft's decoders; with `share_cache` the draft's cache is the target's layers 0..l, which
+    the target's passes keep up to date. Models outside the static path get DynamicLM."""
     layers = find_parts(draft).layers
     if share_cache and any(a is not b for a, b in zip(layers, find_parts(target).layers)):
         raise SpecctlError("llm.spec.share_cache needs a draft that shares blocks 0..l with the target "
                            "(this draft was trained with tune_block = true)")
     if share_cache:
-        tgt = StaticLM(target, max_len, (1, gamma + 1) if graphs else ())  # the shared cache is a static one
-        return tgt, StaticLM(draft, max_len, (1,) if graphs else (), tgt.cache.first(len(layers)))
-    return (decoder(target, max_len, (1, gamma + 1) if graphs else ()),
-            decoder(draft, max_len, (1, 2) if graphs else ()))
+        tgt = StaticLM(target, max_len)  # the shared cache is a static one
+        return tgt, StaticLM(draft, max_len, tgt.cache.first(len(layers)))
+    return decoder(target, max_len), decoder(draft, max_len)
