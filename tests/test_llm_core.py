@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,6 +17,7 @@ from specctl.core.errors import SpecctlError
 from specctl.core.llm.config import ArchConfig
 from specctl.core.llm.draft import build_draft, load_draft
 from specctl.core.llm.finetune import TextSets, checksum, evaluate, train_draft
+from specctl.core.llm.kl import kl_per_token
 from specctl.core.llm.lm import LM, find_parts, load_lm
 from specctl.core.llm.pretrain import exit_blocks, llama_config, lm_loss, next_token_ce, train_bpe
 from specctl.core.llm.speculative import Decoding, Sampling, distribution, verify
@@ -105,6 +108,21 @@ def test_early_exit_loss_adds_the_drafts_ce_at_each_exit(lm):
         exit_blocks(lm.model, [9], 1.0)
 
 
+def test_self_distilled_early_exit_loss_is_the_kl_from_the_fixed_last_layer(lm):
+    ids = torch.tensor([lm.tokenizer(TEXTS[0] + " " + TEXTS[1])["input_ids"]])
+    out = lm.model(input_ids=ids, labels=ids)
+    exit_logits = build_draft(lm, 0).model(input_ids=ids).logits
+    kl = kl_per_token(out.logits[0, :-1], exit_logits[0, :-1], 1.0).mean()
+    model = copy.deepcopy(lm.model).requires_grad_(True)
+    blocks = exit_blocks(model, [0], 2.0)
+    loss = lm_loss(model, ids, blocks, 2.0, "final")
+    assert loss.item() == pytest.approx((out.loss + 2.0 * kl).item(), 1e-5)
+    (loss - model(input_ids=ids, labels=ids).loss).backward()  # the KL term alone
+    last = find_parts(model).layers[-1]
+    assert all(p.grad is None or not p.grad.any() for p in last.parameters())  # the last layer is the fixed teacher
+    assert find_parts(model).layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("share", [False, True])
 def test_last_layer_with_target_head_has_zero_kl_and_full_acceptance(lm, share):
     draft = build_draft(lm, lm.n_layers - 1)
@@ -112,6 +130,7 @@ def test_last_layer_with_target_head_has_zero_kl_and_full_acceptance(lm, share):
     metrics = evaluate(draft, sets_for(lm).held_out["val"], profile, torch.device("cpu"))
     assert metrics["kl"] == pytest.approx(0, abs=1e-6) and metrics["kl_t1"] == pytest.approx(0, abs=1e-6)
     assert metrics["top1"] == metrics["target_top1"] and metrics["ce"] == pytest.approx(metrics["target_ce"])
+    assert metrics["agreement"] == 1.0
     prompt = lm.tokenizer(TEXTS[0])["input_ids"][:6]
     torch.manual_seed(0)
     decoding = Decoding(*static_pair(lm.model, draft.model, 32, share), gamma=4, sampling=Sampling(1.0))

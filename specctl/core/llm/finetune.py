@@ -162,7 +162,8 @@ def finetune_heads(profile: Profile, device: torch.device, run: RunDir, progress
         saved = export(result.best_dir, str(Path(cfg.save_to) / f"layer{layer}")) if cfg.save_to else result.best_dir
         rows.append(row(draft, sets, profile, device, "tuned", checkpoint=str(saved), epochs=result.epochs_done,
                         best_val_loss=result.best_val, train_seconds=time.perf_counter() - started))
-        say(f"exit layer {layer}: val KL {rows[-1]['val_kl']:.4f}, top1 {rows[-1]['val_top1']:.3f} -> {saved}")
+        say(f"exit layer {layer}: val KL {rows[-1]['val_kl']:.4f}, top1 {rows[-1]['val_top1']:.3f}, agreement "
+            f"{rows[-1]['val_agreement']:.3f} -> {saved}")
     unchanged = checksum(lm.model) == before
     if not unchanged:
         raise SpecctlError("internal error: the target's parameters changed while tuning a draft")

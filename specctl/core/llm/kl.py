@@ -62,6 +62,7 @@ class HeldOut:
             "kl_t1": kl_per_token(t, d, 1.0),
             "ce": F.cross_entropy(d, labels, reduction="none"),
             "top1": (d.argmax(-1) == labels).float(),
+            "agreement": (d.argmax(-1) == t.argmax(-1)).float(),  # the greedy acceptance rate, teacher-forced
             f"top{self.k}": (topk == labels[:, None]).any(-1).float(),
             "target_ce": F.cross_entropy(t, labels, reduction="none"),
             "target_top1": (t.argmax(-1) == labels).float(),

@@ -16,7 +16,7 @@ LLM_LABELS = {
     "exit_layer": "exit layer ℓ (0-based block index)",
     "val_kl": "val KL(target ‖ draft) (nats/token)",
     "val_ppl": "val draft perplexity (×)",
-    "val_top1": "val top-1 agreement (%)",
+    "val_top1": "val top-1 accuracy (%)",
     "tv": "total variation 1 − overlap (fraction)",
     GAMMA: "γ, draft tokens per round",
 }

@@ -14,11 +14,13 @@ def _fmt(value) -> str:
 
 
 def results_table(rows: list[dict], title: str) -> Table:
-    """One line per draft: KL at the training temperature, perplexity and top-1 on every held-out set."""
+    """One line per draft: KL at the training temperature, perplexity, top-1 accuracy and top-1 agreement with the
+    target on every held-out set."""
     sets = [k[: -len("_kl")] for k in rows[0] if k.endswith("_kl") and not k.endswith("_kl_t1")] if rows else []
-    table = Table("layer", "head", *[f"{s} {m}" for s in sets for m in ("KL", "ppl", "top1")], title=title)
+    metrics = {"kl": "KL", "ppl": "ppl", "top1": "top1", "agreement": "agree"}
+    table = Table("layer", "head", *[f"{s} {m}" for s in sets for m in metrics.values()], title=title)
     for r in rows:
-        cells = [_fmt(r[f"{s}_{m}"]) for s in sets for m in ("kl", "ppl", "top1")]
+        cells = [_fmt(r[f"{s}_{m}"]) for s in sets for m in metrics]
         table.add_row(str(r["exit_layer"]), r["head"], *cells)
     return table
 
