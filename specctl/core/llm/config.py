@@ -2,7 +2,7 @@
 
 Research-plan names: exit layer `ℓ` -> llm.exit_layer / llm.exit_layers, `--ft_last_transformer` -> llm.tune_block,
 KL temperature `T` -> llm.kl_temperature, `CE + KL` -> llm.ce_weight, `γ` -> llm.spec.gamma,
-`--checkpoint_glob` -> llm.eval_only; LayerSkip's early-exit loss in the target's training -> llm.early_exit_weight (and _layers, _target).
+`--checkpoint_glob` -> llm.eval_only; LayerSkip's early-exit loss in the target's training -> llm.early_exit_weight.
 Optimisation (lr, epochs, patience, ...) lives in the shared [train] table.
 """
 
@@ -71,12 +71,10 @@ class LLMConfig(_Strict):
     max_examples: int | None = Field(None, ge=2)  # cap on examples read per train file
     max_eval_examples: int = Field(200, ge=1)  # per held-out set
     top_k_accuracy: int = Field(5, ge=1)
-    # pretrain (LayerSkip's early-exit loss): loss = CE + early_exit_weight * mean loss of the exits at
-    # early_exit_layers (through the shared final norm and head; empty = every layer but the last), the exit loss
-    # being CE with the next tokens ("labels") or KL from the last layer's distribution, held fixed ("final")
+    # pretrain (LayerSkip's early-exit loss): loss = CE + early_exit_weight * mean CE of the exits at
+    # early_exit_layers (through the shared final norm and head; empty = every layer but the last)
     early_exit_weight: float = Field(0.0, ge=0.0)
     early_exit_layers: list[int] = []
-    early_exit_target: Literal["labels", "final"] = "labels"
     eval_only: str | None = None  # glob of draft checkpoints to evaluate without training
     eval_baseline: bool = True  # also evaluate the untuned head copy at each exit layer
     arch: ArchConfig = ArchConfig()

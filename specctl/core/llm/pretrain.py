@@ -22,7 +22,6 @@ from specctl.core.checkpoint import load_weights
 from specctl.core.data import data_dir
 from specctl.core.errors import SpecctlError
 from specctl.core.llm.config import ArchConfig
-from specctl.core.llm.kl import kl_per_token
 from specctl.core.llm.lm import autocast, check_exit_layer, find_parts, load_lm, load_tokenizer, quiet_transformers
 from specctl.core.llm.text import (
     ROLE_TAGS, SIMPLE_TEMPLATE, Example, contents, encode, read_files, resolve_text_file, split,
@@ -165,22 +164,16 @@ def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
-def lm_loss(model: nn.Module, ids: torch.Tensor, blocks: list[nn.Module], weight: float,
-            target: str = "labels") -> torch.Tensor:
-    """CE of the last layer, plus (LayerSkip) `weight` x the mean loss of early exits after `blocks`, each read
-    through the model's own final norm and head, so the first layers learn to predict what the last one does:
-    CE with the next tokens (target "labels"), or KL(p_last || p_exit) with the last layer's distribution held
-    fixed (target "final": self-distillation, which is what greedy acceptance of the exit measures)."""
+def lm_loss(model: nn.Module, ids: torch.Tensor, blocks: list[nn.Module], weight: float) -> torch.Tensor:
+    """CE of the last layer, plus (LayerSkip) `weight` x the mean CE of early exits after `blocks`, each read
+    through the model's own final norm and head, so the first layers learn to predict what the last one does."""
     with block_outputs(blocks) as states:
-        out = model(input_ids=ids, labels=ids)
+        loss = model(input_ids=ids, labels=ids).loss
     if not blocks:
-        return out.loss
+        return loss
     parts = find_parts(model)
-    last = out.logits[:, :-1].detach().flatten(0, 1)
-    exits = torch.stack([
-        next_token_ce(logits, ids) if target == "labels" else kl_per_token(last, logits[:, :-1].flatten(0, 1), 1.0).mean()
-        for logits in (parts.head(parts.norm(h)) for h in states)])
-    return out.loss + weight * exits.mean()
+    exits = torch.stack([next_token_ce(parts.head(parts.norm(h)), ids) for h in states])
+    return loss + weight * exits.mean()
 
 
 def log_epoch(say: Callable[[str], None] | None):
@@ -216,7 +209,7 @@ def pretrain_lm(profile: Profile, device: torch.device, run: RunDir, resume: boo
 
     def train_loss(ids: torch.Tensor) -> torch.Tensor:
         with autocast(device, llm.dtype):
-            return lm_loss(model, ids.to(device), blocks, llm.early_exit_weight, llm.early_exit_target)
+            return lm_loss(model, ids.to(device), blocks, llm.early_exit_weight)
 
     def train_batches(epoch: int):
         order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(profile.seed + epoch))
