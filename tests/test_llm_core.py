@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.stats import chisquare
 from torch import nn
 
@@ -17,7 +18,7 @@ from specctl.core.llm.draft import build_draft, load_draft
 from specctl.core.llm.finetune import TextSets, checksum, evaluate, train_draft
 from specctl.core.llm.lm import LM, find_parts, load_lm
 from specctl.core.llm.pretrain import exit_blocks, llama_config, lm_loss, next_token_ce, train_bpe
-from specctl.core.llm.speculative import Decoding, Sampling, distribution, verify
+from specctl.core.llm.speculative import Decoding, Sampling, distribution, verify, verify_greedy
 from specctl.core.llm.static import DynamicLM, StaticLM, static_pair
 from specctl.core.profile import load_profile
 
@@ -189,6 +190,16 @@ def test_verify_output_is_distributed_as_the_target():
         counts[drafts[0] if n > 0 else token[0]] += 1  # the first emitted token
     assert pooled_chisquare(counts, p[0]) > 1e-3
     assert pooled_chisquare(counts, q[0]) < 1e-6  # the test can tell p from q
+
+
+def test_greedy_verification_is_verify_on_one_hot_distributions():
+    torch.manual_seed(0)
+    for _ in range(20):
+        best, drafts = torch.randint(0, 3, (4,)), torch.randint(0, 3, (3,))
+        p, q = F.one_hot(best, 5).float(), F.one_hot(drafts, 5).float()
+        n, token, overlap = verify_greedy(best, drafts)
+        assert (n, token) == verify(p, q, drafts, Sampling(1.0))
+        assert torch.equal(overlap, torch.minimum(p[:3], q).sum(-1))
 
 
 def test_speculative_sampling_matches_the_target_distribution():

@@ -77,15 +77,21 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, s: Sampling) 
     p [g+1, V] target, q [g, V] draft, drafts [g]."""
     g = q.shape[0]
     rows = torch.arange(g, device=p.device)
-    # greedy: p and q are one-hot and q(d) = 1, so u = 1/2 accepts exactly when p(d) = 1; no random draw needed
-    u = torch.full((g,), 0.5, device=p.device) if s.greedy else torch.rand(g, device=p.device)
-    ok = u * q[rows, drafts] < p[rows, drafts]  # u < p(x)/q(x), q(x) > 0 since x ~ q
+    ok = torch.rand(g, device=p.device) * q[rows, drafts] < p[rows, drafts]  # u < p(x)/q(x), q(x) > 0 as x ~ q
     n = ok.long().cumprod(0).sum().view(1)  # up to the first rejection; g if none
     p_n, q_n = p.index_select(0, n)[0], F.pad(q, (0, 0, 0, 1)).index_select(0, n)[0]  # q_{g+1} = 0: bonus ~ p
     residual = (p_n - q_n).clamp(min=0)  # max(0, p - q)
     total = residual.sum()
     probs = torch.where(total > 0, residual / total, p_n)  # p = q exactly cannot reject; guard rounding
     return n, sample(probs, s)
+
+
+def verify_greedy(best: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """verify() for one-hot p and q, from the target's argmax tokens best [g+1]: d_i is accepted while it is
+    best_i, then best_n is emitted. Returns (n [1], token [1], the matches [g] = sum_v min(p, q) per position)."""
+    match = drafts == best[:-1]
+    n = match.long().cumprod(0).sum().view(1)
+    return n, best.index_select(0, n), match.float()
 
 
 @dataclass
@@ -107,20 +113,28 @@ class Tape:
         return len(prompt)
 
 
-def decode_one(lm: Decoder, tape: Tape, s: Sampling, offset: int = 0, catch_up: bool = False) -> torch.Tensor:
-    """Feed the token at n-1+offset, sample seq[n+offset] from its logits; its distribution [V]. With `catch_up`
-    (offset 0) the token at n-2 is fed again too: a draft with a cache of its own has not seen it after a fully
-    accepted round, and feeding a seen token again rewrites the same cache entry."""
+def next_logits(lm: Decoder, tape: Tape, offset: int = 0, catch_up: bool = False) -> torch.Tensor:
+    """The logits [1, V] after feeding the token at n-1+offset. With `catch_up` (offset 0) the token at n-2 is fed
+    again too: a draft with a cache of its own has not seen it after a fully accepted round, and feeding a seen
+    token again rewrites the same cache entry."""
     n = tape.n
-    if catch_up:
-        start = (n - 2).clamp(min=0)  # a 1-token prompt has no n-2: position 1 then gets a placeholder, then d_1
-        logits = lm.forward(tape.seq.index_select(0, start + torch.arange(2, device=n.device)), start)
-        logits = logits.index_select(0, n - 1 - start)
-    else:
+    if not catch_up:
         start = n - 1 + offset
-        logits = lm.forward(tape.seq.index_select(0, start), start)
+        return lm.forward(tape.seq.index_select(0, start), start)
+    start = (n - 2).clamp(min=0)  # a 1-token prompt has no n-2: position 1 then gets a placeholder, then d_1
+    return lm.forward(tape.seq.index_select(0, start + torch.arange(2, device=n.device)), start).index_select(
+        0, n - 1 - start)
+
+
+def decode_one(lm: Decoder, tape: Tape, s: Sampling, offset: int = 0, catch_up: bool = False) -> torch.Tensor | None:
+    """Sample seq[n+offset] from the logits after the token at n-1+offset; its distribution [V] (None when greedy:
+    the argmax needs none)."""
+    logits = next_logits(lm, tape, offset, catch_up)
+    if s.greedy:
+        tape.seq.index_copy_(0, tape.n + offset, logits.argmax(-1))
+        return None
     probs = distribution(logits, s)
-    tape.seq.index_copy_(0, n + offset, sample(probs, s)[0])
+    tape.seq.index_copy_(0, tape.n + offset, sample(probs, s)[0])
     return probs[0]
 
 
@@ -130,10 +144,11 @@ def vanilla_step(target: Decoder, tape: Tape, s: Sampling) -> None:
 
 
 def verify_call(target: Decoder, tape: Tape, gamma: int, s: Sampling) -> torch.Tensor:
-    """The target's distributions [gamma+1, V] at the pending token and the gamma tokens after it, in one call."""
+    """The target's view of the pending token and the gamma tokens after it, in one call: its distributions
+    [gamma+1, V], or when greedy its argmax tokens [gamma+1]."""
     start = tape.n - 1
-    return distribution(target.forward(tape.seq.index_select(0, start + torch.arange(gamma + 1, device=start.device)),
-                                       start), s)
+    logits = target.forward(tape.seq.index_select(0, start + torch.arange(gamma + 1, device=start.device)), start)
+    return logits.argmax(-1) if s.greedy else distribution(logits, s)
 
 
 def speculative_round(target: Decoder, draft: Decoder, tape: Tape, gamma: int, s: Sampling,
@@ -141,13 +156,18 @@ def speculative_round(target: Decoder, draft: Decoder, tape: Tape, gamma: int, s
     """One round with the pending token at n-1, without a host sync: the draft samples seq[n..n+gamma-1], the target
     scores seq[n-1..n-1+gamma] in one call, seq[n + accepted] gets the emitted token and n moves past it.
     Returns (accepted [1], sum_v min(p, q) at each drafted position [gamma]) as device tensors."""
-    q = torch.stack([decode_one(draft, tape, s, i, catch_up and i == 0) for i in range(gamma)])
+    qs = [decode_one(draft, tape, s, i, catch_up and i == 0) for i in range(gamma)]
+    drafts = tape.seq.index_select(0, tape.n + torch.arange(gamma, device=tape.n.device))
     p = verify_call(target, tape, gamma, s)
-    drafts = tape.seq.index_select(0, tape.n + torch.arange(gamma, device=q.device))
-    accepted, token = verify(p, q, drafts, s)
+    if s.greedy:
+        accepted, token, overlap = verify_greedy(p, drafts)
+    else:
+        q = torch.stack(qs)
+        accepted, token = verify(p, q, drafts, s)
+        overlap = torch.minimum(p[:gamma], q).sum(-1)
     tape.seq.index_copy_(0, tape.n + accepted, token)  # seq[n + accepted] = token
     tape.n += accepted + 1
-    return accepted, torch.minimum(p[:gamma], q).sum(-1)
+    return accepted, overlap
 
 
 class Replay:

@@ -95,19 +95,22 @@ class StaticLM:
     def __init__(self, model: nn.Module, max_len: int, cache: KVCache | None = None) -> None:
         parts = find_parts(model)
         check_static(model, parts)
-        self.embed, self.rotary, self.layers = parts.base.embed_tokens, parts.base.rotary_emb, list(parts.layers)
+        self.embed, self.layers = parts.base.embed_tokens, list(parts.layers)
         self.norm, self.head = parts.norm, parts.head
         self.windows = windows(model.config, len(self.layers))
         self.device = parts.head.weight.device
         self.cache = cache or new_cache(model, max_len)
         self.slots = torch.arange(self.cache.max_len, device=self.device)
+        with torch.inference_mode():  # RoPE's cos and sin at every slot, once: a call looks its positions up
+            like = torch.empty(1, dtype=parts.head.weight.dtype, device=self.device)
+            self.cos, self.sin = (t[0] for t in parts.base.rotary_emb(like, self.slots[None]))  # [max_len, head_dim]
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         """Logits [T, V] for ids [T] at positions start[0] + 0..T-1; capturable (no host sync)."""
         pos = start + torch.arange(ids.shape[0], device=self.device)
         x = self.embed(ids)[None]
-        cos, sin = (t[:, None] for t in self.rotary(x, pos[None]))  # [1, 1, T, head_dim], broadcast over heads
+        cos, sin = (t.index_select(0, pos)[None, None] for t in (self.cos, self.sin))  # [1, 1, T, head_dim]
         masks = {w: visible(self.slots, pos, w) for w in set(self.windows)}
         for i, layer in enumerate(self.layers):
             x = x + attend(layer.self_attn, layer.input_layernorm(x), cos, sin, pos, masks[self.windows[i]],
