@@ -17,7 +17,9 @@ from specctl.core.llm.config import ArchConfig
 from specctl.core.llm.draft import build_draft, load_draft
 from specctl.core.llm.finetune import TextSets, checksum, evaluate, train_draft
 from specctl.core.llm.lm import LM, find_parts, load_lm
-from specctl.core.llm.pretrain import exit_blocks, llama_config, lm_loss, next_token_ce, train_bpe
+from specctl.core.llm.pretrain import (
+    block_outputs, dropout_rates, exit_blocks, layer_dropout, llama_config, lm_loss, next_token_ce, train_bpe,
+)
 from specctl.core.llm.speculative import Decoding, Sampling, distribution, verify, verify_greedy
 from specctl.core.llm.static import DynamicLM, StaticLM, static_pair
 from specctl.core.profile import load_profile
@@ -104,6 +106,27 @@ def test_early_exit_loss_adds_the_drafts_ce_at_each_exit(lm):
     assert len(exit_blocks(lm.model, [], 1.0)) == lm.n_layers - 1  # default: every layer but the last
     with pytest.raises(SpecctlError, match="llm.early_exit_layers: exit layer 9 out of range"):
         exit_blocks(lm.model, [9], 1.0)
+
+
+def test_layer_dropout_skips_later_blocks_per_sequence_in_training_only(lm):
+    assert dropout_rates(3, 0.2) == pytest.approx([0.0, 0.2 * (2**0.5 - 1), 0.2])
+    ids = torch.tensor([lm.tokenizer(TEXTS[0])["input_ids"]] * 64)
+    blocks = lm.parts.layers
+    with torch.no_grad(), block_outputs(blocks) as plain:
+        lm.model(input_ids=ids)
+    torch.manual_seed(0)
+    lm.model.train()
+    try:
+        with torch.no_grad(), layer_dropout(lm.model, 0.5), block_outputs(blocks) as dropped:
+            lm.model(input_ids=ids)
+    finally:
+        lm.model.eval()
+    assert torch.equal(dropped[0], plain[0])  # block 0 is never skipped
+    skipped = (dropped[-1] == dropped[-2]).flatten(1).all(-1)  # the last block passed its input through
+    assert 10 < int(skipped.sum()) < 54  # about half of the 64 sequences
+    with torch.no_grad(), layer_dropout(lm.model, 0.5), block_outputs(blocks) as evaluated:
+        lm.model(input_ids=ids)
+    assert all(torch.equal(a, b) for a, b in zip(evaluated, plain))  # no effect outside training
 
 
 @pytest.mark.parametrize("share", [False, True])

@@ -2,7 +2,8 @@
 
 Research-plan names: exit layer `ℓ` -> llm.exit_layer / llm.exit_layers, `--ft_last_transformer` -> llm.tune_block,
 KL temperature `T` -> llm.kl_temperature, `CE + KL` -> llm.ce_weight, `γ` -> llm.spec.gamma,
-`--checkpoint_glob` -> llm.eval_only; LayerSkip's early-exit loss in the target's training -> llm.early_exit_weight.
+`--checkpoint_glob` -> llm.eval_only; LayerSkip's early-exit loss in the target's training -> llm.early_exit_weight,
+its layer dropout -> llm.layer_dropout.
 Optimisation (lr, epochs, patience, ...) lives in the shared [train] table.
 """
 
@@ -75,6 +76,7 @@ class LLMConfig(_Strict):
     # early_exit_layers (through the shared final norm and head; empty = every layer but the last)
     early_exit_weight: float = Field(0.0, ge=0.0)
     early_exit_layers: list[int] = []
+    layer_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # pretrain: LayerSkip's dropout rate of the last block
     eval_only: str | None = None  # glob of draft checkpoints to evaluate without training
     eval_baseline: bool = True  # also evaluate the untuned head copy at each exit layer
     arch: ArchConfig = ArchConfig()

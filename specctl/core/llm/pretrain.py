@@ -159,6 +159,37 @@ def block_outputs(blocks: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
             hook.remove()
 
 
+def dropout_rates(n_layers: int, top: float) -> list[float]:
+    """LayerSkip's layer dropout schedule: p_l = top * (2^(l/(L-1)) - 1), 0 for the first block, `top` for the last."""
+    return [top * (2 ** (i / max(n_layers - 1, 1)) - 1) for i in range(n_layers)]
+
+
+@contextmanager
+def layer_dropout(model: nn.Module, top: float) -> Iterator[None]:
+    """Inside the `with`, each training forward skips block l for each sequence with probability p_l
+    (dropout_rates): the block's output is replaced by its input, so later blocks learn to refine rather than
+    rely on every block before them, and early exits get closer to the full model (LayerSkip)."""
+    blocks = find_parts(model).layers
+
+    def skip(rate: float):
+        def hook(module, args, out):
+            if not module.training:
+                return out
+            x, h = args[0], out[0] if isinstance(out, tuple) else out
+            dropped = torch.rand(h.shape[0], 1, 1, device=h.device) < rate  # per sequence
+            h = torch.where(dropped, x, h)
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+        return hook
+
+    hooks = [b.register_forward_hook(skip(rate)) for b, rate in zip(blocks, dropout_rates(len(blocks), top))
+             if rate > 0]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Token-mean CE of predicting ids[:, t+1] from logits[:, t] (the causal-LM loss)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
@@ -208,7 +239,7 @@ def pretrain_lm(profile: Profile, device: torch.device, run: RunDir, resume: boo
     blocks = exit_blocks(model, llm.early_exit_layers, llm.early_exit_weight)
 
     def train_loss(ids: torch.Tensor) -> torch.Tensor:
-        with autocast(device, llm.dtype):
+        with autocast(device, llm.dtype), layer_dropout(model, llm.layer_dropout):
             return lm_loss(model, ids.to(device), blocks, llm.early_exit_weight)
 
     def train_batches(epoch: int):
