@@ -139,7 +139,7 @@ def test_last_layer_with_target_head_has_zero_kl_and_full_acceptance(lm, share):
     assert metrics["agreement"] == 1.0
     prompt = lm.tokenizer(TEXTS[0])["input_ids"][:6]
     torch.manual_seed(0)
-    decoding = Decoding(*static_pair(lm.model, draft.model, 32, share), gamma=4, sampling=Sampling(1.0))
+    decoding = Decoding(*static_pair(lm.model, draft.model, 40, share), gamma=4, sampling=Sampling(1.0))
     out = decoding.speculative(prompt, 20)  # a draft cache left behind would cost acceptance
     assert sum(a for _, a in out.rounds) == sum(g for g, _ in out.rounds)
     assert min(out.overlaps) > 1 - 1e-4
@@ -182,6 +182,17 @@ def test_greedy_speculative_equals_vanilla_greedy(lm, layer, share):
         seen |= set(base.tokens)
         rejected += sum(a < g for g, a in fast.rounds)
     assert len(seen) > 3 and rejected > 0  # non-degenerate outputs, and the rejection path was taken
+
+
+def test_decoding_stops_at_eos_and_speculative_still_equals_vanilla(lm):
+    decoding = Decoding(*static_pair(lm.model, build_draft(lm, 1).model, 40, True), 3, Sampling(0.0))
+    prompt = lm.tokenizer(TEXTS[3])["input_ids"][:5]
+    full = decoding.vanilla(prompt, 24).tokens
+    for cut in (2, 9, 14):  # EOS in the first block, and in later ones (vanilla reads a block behind)
+        stop = full.index(full[cut])
+        eos = frozenset({full[cut]})
+        assert decoding.vanilla(prompt, 24, eos).tokens == full[:stop + 1]
+        assert decoding.speculative(prompt, 24, eos).tokens == full[:stop + 1]
 
 
 def test_top_k_top_p_filter():
@@ -231,7 +242,7 @@ def test_speculative_sampling_matches_the_target_distribution():
     prompt = [1, 2, 3]
     torch.manual_seed(0)
     first, second = torch.zeros(12), torch.zeros(12)
-    decoding = Decoding(*static_pair(lm.model, draft.model, 9), 2, Sampling(1.0))
+    decoding = Decoding(*static_pair(lm.model, draft.model, 11), 2, Sampling(1.0))
     for _ in range(600):
         tokens = decoding.speculative(prompt, 3).tokens
         first[tokens[0]] += 1
@@ -346,6 +357,10 @@ def test_cuda_graphs_reproduce_eager_decoding(share):
         base, fast = eager.vanilla(prompt, 24), graphed.speculative(prompt, 24)
         assert fast.tokens == base.tokens == graphed.vanilla(prompt, 24).tokens == eager.speculative(prompt, 24).tokens
         assert fast.rounds == eager.speculative(prompt, 24).rounds
+        eos = frozenset({base.tokens[10]})
+        stop = base.tokens.index(base.tokens[10])
+        assert graphed.speculative(prompt, 24, eos).tokens == graphed.vanilla(prompt, 24, eos).tokens == \
+            base.tokens[:stop + 1]
     sampled = Decoding(*static_pair(model, draft.model, 40, share), 3, Sampling(1.0), graphs=True)
     torch.manual_seed(0)
     first = sampled.speculative(prompt, 24).tokens

@@ -99,10 +99,10 @@ def pick_draft(profile: Profile, lm: LM) -> Draft:
 
 def setup(profile: Profile, lm: LM, draft: Draft) -> Setup:
     """Prompts, sampling policy and the static decoders, sized for the longest prompt (max_len = prompt +
-    max_new_tokens + gamma + 1) and reused for every prompt."""
+    max_new_tokens + 2 gamma + 1) and reused for every prompt."""
     spec = profile.llm.spec
     prompts = load_prompts(profile, lm.tokenizer)
-    max_len = max(map(len, prompts)) + spec.max_new_tokens + spec.gamma + 1
+    max_len = max(map(len, prompts)) + spec.max_new_tokens + 2 * spec.gamma + 1
     target, draft_dec = static_pair(lm.model, draft.model, max_len, spec.share_cache)
     sampling = Sampling(spec.temperature, spec.top_k, spec.top_p)
     decoding = Decoding(target, draft_dec, spec.gamma, sampling, spec.cuda_graphs)

@@ -204,30 +204,66 @@ def cut_at_eos(tokens: list[int], eos: frozenset[int]) -> tuple[list[int], bool]
     return tokens, False
 
 
+class Fence:
+    """A point in the device's queued work that the host can wait for (already passed on a CPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.event = torch.cuda.Event() if device.type == "cuda" else None
+        if self.event is not None:
+            self.event.record()
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+
 class Decoding:
     """Vanilla and speculative decoding of one target (and draft) at one gamma and sampling policy, over one Tape
     sized to the target's cache. With `graphs` (CUDA, static decoders) the vanilla step and the whole speculative
     round are each captured once, here, and replayed for every prompt (the warm-up writes are overwritten by the
-    next prompt's prefill); otherwise the same functions run eagerly."""
+    next prompt's prefill); otherwise the same functions run eagerly.
+
+    The host never makes the device wait: it reads what a round (or a block of EOS_EVERY vanilla steps) produced,
+    through asynchronous copies to pinned memory, while the next one already runs; that next one is queued only
+    when it is needed whatever the current one yields (a round yields at least one token), so only EOS can
+    leave one extra round (or block) running."""
 
     @torch.inference_mode()
     def __init__(self, target: Decoder, draft: Decoder | None = None, gamma: int = 1, sampling: Sampling = Sampling(),
                  graphs: bool = False) -> None:
         self.target, self.draft, self.gamma, self.sampling = target, draft, gamma, sampling
         self.shared = draft is not None and draft.cache.shares(target.cache)
-        device = target.device
-        self.tape = Tape(torch.zeros(target.cache.max_len, dtype=torch.long, device=device),
+        self.device = device = target.device
+        max_len = target.cache.max_len
+        if draft is not None and max_len < gamma + 2:
+            raise SpecctlError(f"a static cache of {max_len} positions cannot hold a round of gamma {gamma}")
+        self.tape = Tape(torch.zeros(max_len, dtype=torch.long, device=device),
                          torch.ones(1, dtype=torch.long, device=device))
-        if draft is not None and target.cache.max_len < gamma + 2:
-            raise SpecctlError(f"a static cache of {target.cache.max_len} positions cannot hold a round of gamma {gamma}")
+        # per round k: accepted and the gamma+1 tokens from the round's first drafted position; sum min(p, q)
+        self.log = torch.zeros(max_len, gamma + 2, dtype=torch.long, device=device)
+        self.overlaps = torch.zeros(max_len, gamma, device=device)
+        self.k = torch.zeros(1, dtype=torch.long, device=device)
+        pinned = device.type == "cuda"
+        self.host_log = torch.zeros(max_len, gamma + 2, dtype=torch.long, pin_memory=pinned)
+        self.host_seq = torch.zeros(max_len, dtype=torch.long, pin_memory=pinned)
         self.graphs = graphs and device.type == "cuda" and all(isinstance(m, StaticLM) for m in (target, draft) if m)
         self.step = Replay(lambda: vanilla_step(target, self.tape, sampling), device, self.graphs, self.rewind)
-        self.round = Replay(lambda: speculative_round(target, draft, self.tape, gamma, sampling, not self.shared),
-                            device, self.graphs, self.rewind) if draft is not None else None
+        self.round = Replay(self.logged_round, device, self.graphs, self.rewind) if draft is not None else None
+
+    def logged_round(self) -> None:
+        """speculative_round, with its results written to row k of the round logs."""
+        first = self.tape.n.clone()
+        accepted, overlap = speculative_round(self.target, self.draft, self.tape, self.gamma, self.sampling,
+                                              not self.shared)
+        window = self.tape.seq.index_select(0, first + torch.arange(self.gamma + 1, device=first.device))
+        self.log.index_copy_(0, self.k, torch.cat([accepted, window])[None])
+        self.overlaps.index_copy_(0, self.k, overlap[None])
+        self.k += 1
 
     def rewind(self) -> None:
-        """Back to the first position, so that capture warm-ups stay inside the cache."""
+        """Back to the first position and round, so that capture warm-ups stay inside the cache and the logs."""
         self.tape.n.fill_(1)
+        self.k.zero_()
 
     @property
     def graphed(self) -> bool:
@@ -237,6 +273,7 @@ class Decoding:
         """Load the prompt and cache every token but the pending one (positions 0..n-2) in the target, and in a
         draft with a cache of its own; returns n."""
         n = self.tape.load(prompt, room)
+        self.k.zero_()
         for lm in (self.target, self.draft if self.draft is not None and not self.shared else None):
             if lm is not None and n > 1:
                 lm(self.tape.seq[: n - 1], 0)
@@ -244,35 +281,52 @@ class Decoding:
 
     @torch.inference_mode()
     def vanilla(self, prompt: list[int], max_new: int, eos: frozenset[int] = frozenset()) -> Generation:
-        """Target-only decoding: one 1-token target call per token; host syncs only to look for EOS, every EOS_EVERY
-        tokens."""
+        """Target-only decoding: one 1-token target call per token; looks for EOS every EOS_EVERY tokens, in the
+        block before the one running."""
         n = self.start(prompt, max_new)
+        seq, host, blocks = self.tape.seq, self.host_seq, []  # (fence, first, end) of the copied blocks
         for made in range(1, max_new + 1):
             self.step()
-            if eos and made % EOS_EVERY == 0 and not eos.isdisjoint(self.tape.seq[n + made - EOS_EVERY:n + made].tolist()):
-                break
-        tokens, _ = cut_at_eos(self.tape.seq[n:n + made].tolist(), eos)
+            if eos and made % EOS_EVERY == 0:
+                host[n + made - EOS_EVERY:n + made].copy_(seq[n + made - EOS_EVERY:n + made], non_blocking=True)
+                blocks.append((Fence(self.device), n + made - EOS_EVERY, n + made))
+                if len(blocks) > 1:
+                    fence, first, end = blocks[-2]
+                    fence.wait()
+                    if not eos.isdisjoint(host[first:end].tolist()):
+                        break
+        tokens, _ = cut_at_eos(seq[n:n + made].tolist(), eos)
         return Generation(tokens, target_calls=made + (n > 1))
 
     @torch.inference_mode()
     def speculative(self, prompt: list[int], max_new: int, eos: frozenset[int] = frozenset()) -> Generation:
-        """Speculative sampling with gamma draft tokens per round (the last round's extra tokens are dropped); one
-        host sync per round, for the accepted count and the new tokens."""
-        gamma, seq = self.gamma, self.tape.seq
-        n = self.start(prompt, max_new + gamma + 1)
-        result, overlaps = Generation([], target_calls=int(n > 1)), []
-        while len(result.tokens) < max_new:
-            accepted, overlap = self.round()
-            a, *new = torch.cat([accepted, seq[n:n + gamma + 1]]).tolist()  # the round's one host sync
+        """Speculative sampling with gamma draft tokens per round (the last round's extra tokens are dropped); the
+        host reads each round's log row while the next round runs."""
+        n = self.start(prompt, max_new + 2 * self.gamma + 1)  # room for a round queued past the last one needed
+        result, fences = Generation([], target_calls=int(n > 1)), []
+
+        def launch() -> None:
+            k = len(fences)
+            self.round()
+            self.host_log[k].copy_(self.log[k], non_blocking=True)
+            fences.append(Fence(self.device))
+
+        launch()
+        while True:
+            k = len(result.rounds)  # the round read next; it is running or done
+            if len(fences) == k + 1 and len(result.tokens) + 1 < max_new:
+                launch()  # needed even if round k yields a single token
+            fences[k].wait()
+            a, *window = self.host_log[k].tolist()
+            result.rounds.append((self.gamma, a))
             result.target_calls += 1
-            result.rounds.append((gamma, a))
-            overlaps.append(overlap.clone())  # a replay's outputs are overwritten by the next one
-            n += a + 1
-            result.tokens, stop = cut_at_eos(result.tokens + new[:a + 1], eos)
-            if stop:
+            result.tokens, stop = cut_at_eos(result.tokens + window[:a + 1], eos)
+            if stop or len(result.tokens) >= max_new:
                 break
+            if len(fences) == k + 1:
+                launch()
         result.tokens = result.tokens[:max_new]
-        result.overlaps = torch.cat(overlaps).tolist()
+        result.overlaps = self.overlaps[:len(result.rounds)].flatten().tolist()
         return result
 
     @torch.inference_mode()
