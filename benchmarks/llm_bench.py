@@ -328,7 +328,8 @@ def drafts_section(drafts: list[dict]) -> list[str]:
     ood = [k[:-3] for k in drafts[0] if k.endswith("_kl") and not k.startswith("val_")]
     header = ["exit layer", "head", "val KL", "val KL T=1", "val ppl (target)", "val top1 (target)", "val top5",
               "val agreement", *[f"{o} {m}" for o in ood for m in ("KL", "top1")]]
-    rows = [[r["exit_layer"], r["head"] + (" + block" if r["tune_block"] else ""), fmt(r["val_kl"], 4), fmt(r["val_kl_t1"], 4),
+    rows = [[r["exit_layer"], r["head"] + (" + block" if r["tune_block"] else ""), fmt(r["val_kl"], 4),
+             fmt(r["val_kl_t1"], 4),
              f"{fmt(r['val_ppl'], 2)} ({fmt(r['val_target_ppl'], 2)})",
              f"{fmt(r['val_top1'])} ({fmt(r['val_target_top1'])})", fmt(r["val_top5"]), fmt(r["val_agreement"]),
              *[x for o in ood for x in (fmt(r[f"{o}_kl"], 4), fmt(r[f"{o}_top1"]))]] for r in drafts]

@@ -20,7 +20,7 @@ from specctl.core.llm.speculative import Decoding, Sampling
 from specctl.core.llm.static import static_pair
 from specctl.core.llm.text import load_examples, prompt_ids, resolve_text_file
 from specctl.core.rundir import RunDir
-from specctl.core.runtime import synchronize, time_call
+from specctl.core.runtime import synchronize
 from specctl.core.schema import Profile
 
 # metric: (numerator, denominator) summed over prompts; bootstrap resamples prompts and recomputes the ratio

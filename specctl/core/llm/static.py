@@ -178,7 +178,8 @@ def decoder(model: nn.Module, max_len: int) -> Decoder:
     return StaticLM(model, max_len)
 
 
-def static_pair(target: nn.Module, draft: nn.Module, max_len: int, share_cache: bool = False) -> tuple[Decoder, Decoder]:
+def static_pair(target: nn.Module, draft: nn.Module, max_len: int,
+                share_cache: bool = False) -> tuple[Decoder, Decoder]:
     """The target's and the draft's decoders; with `share_cache` the draft's cache is the target's layers 0..l, which
     the target's passes keep up to date. Models outside the static path get DynamicLM."""
     layers = find_parts(draft).layers
