@@ -159,3 +159,18 @@ def test_missing_checkpoint_for_spec_test():
                                                 ("spec.bias=0.9", "spec.bias"), ("spec.horizon=0", "spec.horizon")])
 def test_impossible_spec_settings(override, fragment):
     assert_clean_error(invoke("spec-test", "--profile", "quickstart", "--set", override), fragment)
+
+
+def test_ctrl_c_marks_the_run_interrupted_and_says_how_to_resume(monkeypatch):
+    import specctl.core.pretrain
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(specctl.core.pretrain, "pretrain", interrupted)
+    result = invoke("pretrain", "--profile", "quickstart/target", *FAST)
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert "specctl pretrain --profile quickstart/target --resume" in " ".join(result.output.split())  # unwrapped
+    run = next(Path("runs/pretrain").iterdir())
+    assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
+    assert not (run / "metrics.json").exists()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import torch
 import typer
@@ -65,6 +66,18 @@ class Session:
         run = RunDir.latest(self.profile, command) if resume else RunDir.create(self.profile, command, str(self.device))
         self.say(f"run directory: {run.path}")
         return run
+
+    @contextmanager
+    def resumable(self, run: RunDir, command: str, profile: str) -> Iterator[None]:
+        """Training inside: Ctrl-C marks the run interrupted and says how to resume (the training loop has saved
+        the last weights under the run's checkpoints)."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            run.finish("interrupted")
+            self.say(f"interrupted: weights saved under {run.checkpoints}; `specctl {command} --profile {profile} "
+                     "--resume` continues from the last finished epoch")
+            raise
 
 
 def open_session(

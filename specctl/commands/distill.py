@@ -58,14 +58,8 @@ def distill(
         for message in last_warnings:
             warn(message)
 
-    try:
-        with session.progress() as progress:
-            result = distill_draft(p, setup, session.device, run, resume, progress, log_epoch)
-    except KeyboardInterrupt:
-        run.finish("interrupted")
-        session.say(f"interrupted: weights saved in {run.checkpoints / 'interrupted'}; "
-                    f"`specctl distill --profile {profile} --resume` continues from the last finished epoch")
-        raise
+    with session.resumable(run, "distill", profile), session.progress() as progress:
+        result = distill_draft(p, setup, session.device, run, resume, progress, log_epoch)
     e = result.estimate
     metrics = {
         "parameters": result.parameters,

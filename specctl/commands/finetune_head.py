@@ -30,12 +30,8 @@ def finetune_head(
     session = open_session(profile, sets, device, seed, json_out, dry_run, verbose)
     p = session.profile
     run = session.open_run("finetune-head", resume)
-    try:
-        with session.progress() as progress:
-            result = finetune_heads(p, session.device, run, progress, session.say, resume)
-    except KeyboardInterrupt:
-        run.finish("interrupted")
-        raise
+    with session.resumable(run, "finetune-head", profile), session.progress() as progress:
+        result = finetune_heads(p, session.device, run, progress, session.say, resume)
     run.write_json("metrics.json", result)
     run.finish()
     session.out(result, lambda: console.print(results_table(result["rows"], f"{p.name}: early-exit drafts "

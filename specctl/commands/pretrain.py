@@ -18,7 +18,7 @@ def pretrain(
     session = open_session(profile, set_, device, seed, json_out, dry_run, verbose)
     p = session.profile
     run = session.open_run("pretrain", resume)
-    with run, session.progress() as progress:
+    with run, session.progress() as progress, session.resumable(run, "pretrain", profile):
         if p.kind == "llm":
             from specctl.core.llm.pretrain import pretrain_lm
             from specctl.core.llm.report import summary_table
@@ -34,12 +34,7 @@ def pretrain(
             session.say(f"epoch {epoch}: train {record['train_loss']:.4f}  val {record['val_loss']:.4f}  "
                         f"({record['seconds']:.1f}s)")
 
-        try:
-            result = pretrain_timeseries(p, session.device, run, resume, progress, log_epoch)
-        except KeyboardInterrupt:
-            session.say(f"interrupted: weights saved in {run.checkpoints / 'interrupted'}; "
-                        f"`specctl pretrain --profile {profile} --resume` continues from the last finished epoch")
-            raise
+        result = pretrain_timeseries(p, session.device, run, resume, progress, log_epoch)
         metrics = result.metrics()
         run.write_json("metrics.json", metrics)
         run.finish()
