@@ -52,7 +52,7 @@ DEFINITIONS = {
     "v_hat": "median verification-call time (g + 1 tokens, distributions included) / median target decode-step time",
     "predicted_speedup_v": "(1 - a^(g+1)) / ((1 - a)(g c + v)) with v = v_hat: predicted_speedup with the measured "
                            "cost of a verification instead of one step; the rest of a gap to speedup is per-round "
-                           "overhead (acceptance, bookkeeping, the round's host sync)",
+                           "overhead (acceptance, bookkeeping, prefill, the last round's overshoot)",
     "identical_fraction": "greedy only: fraction of prompts where speculative output == vanilla output",
     "peak_mem_gb": "torch.cuda.max_memory_allocated over the run (None on CPU)",
     "cuda_graphs": "whether vanilla steps and speculative rounds replayed CUDA graphs (never on CPU)",
@@ -66,7 +66,6 @@ class Setup:
     draft: Draft
     decoding: Decoding  # vanilla and speculative decoding on the static path
     prompts: list[list[int]]
-    sampling: Sampling
     eos: frozenset[int]
 
 
@@ -104,10 +103,10 @@ def setup(profile: Profile, lm: LM, draft: Draft) -> Setup:
     prompts = load_prompts(profile, lm.tokenizer)
     max_len = max(map(len, prompts)) + spec.max_new_tokens + 2 * spec.gamma + 1
     target, draft_dec = static_pair(lm.model, draft.model, max_len, spec.share_cache)
-    sampling = Sampling(spec.temperature, spec.top_k, spec.top_p)
-    decoding = Decoding(target, draft_dec, spec.gamma, sampling, spec.cuda_graphs)
+    decoding = Decoding(target, draft_dec, spec.gamma, Sampling(spec.temperature, spec.top_k, spec.top_p),
+                        spec.cuda_graphs)
     eos = eos_ids(lm) if spec.stop_at_eos else frozenset()
-    return Setup(lm, draft, decoding, prompts, sampling, eos)
+    return Setup(lm, draft, decoding, prompts, eos)
 
 
 def timed(fn, device: torch.device):
@@ -211,7 +210,7 @@ def measure(s: Setup, profile: Profile, device: torch.device, progress=None) -> 
         predicted_speedup=predicted_speedup(metrics["alpha_hat"], spec.gamma, c_hat), v_hat=v_hat,
         predicted_speedup_v=predicted_speedup(metrics["alpha_hat"], spec.gamma, c_hat, v_hat),
         peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        identical_fraction=sum(r["identical"] for r in rows) / len(rows) if s.sampling.greedy else None,
+        identical_fraction=sum(r["identical"] for r in rows) / len(rows) if s.decoding.sampling.greedy else None,
         ci=bootstrap(rows, spec.bootstrap, spec.ci, profile.seed),
         n_prompts=len(rows), gamma=spec.gamma, exit_layer=s.draft.layer, target_layers=s.lm.n_layers,
         temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, max_new_tokens=spec.max_new_tokens,

@@ -32,7 +32,7 @@ from specctl.core.errors import SpecctlError
 from specctl.core.llm.static import Decoder, StaticLM
 from specctl.core.runtime import capture_graph, time_call
 
-EOS_EVERY = 4  # vanilla looks for EOS every 4 tokens: a host sync per 4 tokens instead of per token
+EOS_EVERY = 4  # vanilla copies its tokens to the host every 4 steps to look for EOS (one block behind)
 
 
 @dataclass(frozen=True)
@@ -172,11 +172,12 @@ def speculative_round(target: Decoder, draft: Decoder, tape: Tape, gamma: int, s
 
 class Replay:
     """`fn` (which reads and writes only persistent tensors) as a callable: a CUDA graph replay where `graphs` is
-    on and capture works, else fn itself. Outputs of a replay are the graph's and change with the next one."""
+    on (a CUDA device) and capture works, else fn itself. Outputs of a replay are the graph's and change with the
+    next one."""
 
-    def __init__(self, fn: Callable, device: torch.device, graphs: bool, reset: Callable | None = None) -> None:
+    def __init__(self, fn: Callable, graphs: bool, reset: Callable | None = None) -> None:
         self.fn, self.graph, self.out = fn, None, None
-        if graphs and device.type == "cuda":
+        if graphs:
             try:
                 self.graph, self.out = capture_graph(fn, reset=reset)
             except RuntimeError as e:  # keep going eagerly, and say so
@@ -247,8 +248,8 @@ class Decoding:
         self.host_log = torch.zeros(max_len, gamma + 2, dtype=torch.long, pin_memory=pinned)
         self.host_seq = torch.zeros(max_len, dtype=torch.long, pin_memory=pinned)
         self.graphs = graphs and device.type == "cuda" and all(isinstance(m, StaticLM) for m in (target, draft) if m)
-        self.step = Replay(lambda: vanilla_step(target, self.tape, sampling), device, self.graphs, self.rewind)
-        self.round = Replay(self.logged_round, device, self.graphs, self.rewind) if draft is not None else None
+        self.step = Replay(lambda: vanilla_step(target, self.tape, sampling), self.graphs, self.rewind)
+        self.round = Replay(self.logged_round, self.graphs, self.rewind) if draft is not None else None
 
     def logged_round(self) -> None:
         """speculative_round, with its results written to row k of the round logs."""
@@ -338,7 +339,7 @@ class Decoding:
                  "verify": lambda: verify_call(self.target, self.tape, self.gamma, self.sampling)}
         out = {}
         for name, fn in calls.items():
-            replay = Replay(fn, self.target.device, self.graphs, self.rewind)
+            replay = Replay(fn, self.graphs, self.rewind)
             self.start(prompt, self.gamma + 1)
             out[name] = time_call(replay, self.target.device, repeats, warmup=5).median
         return out
