@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from specctl.cli import app
+from specctl.core.profile import load_profile
 
 runner = CliRunner()
 FAST = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=5", "--set", "data.max_eval_windows=16",
@@ -56,6 +57,20 @@ def test_pretrain_can_pick_the_best_epoch_by_validation_rollout_mse():
     history = metrics["history"]
     assert all(0 < r["val_loss"] < 10 and "val_next_patch" in r for r in history)
     assert metrics["best_val_loss"] == min(r["val_loss"] for r in history)
+
+
+def test_pretrain_trains_on_extra_series_and_says_so():
+    too_sparse = invoke("pretrain", "--profile", "quickstart/target", *FAST,
+                        "--set", 'data.extra_train=[{name="synthetic", every=100}]')
+    assert_clean_error(too_sparse, "data.extra_train[0] ('synthetic')", "fewer than one training window")
+    extra = 'data.extra_train=[{name="synthetic", every=2}]'
+    result = invoke("pretrain", "--profile", "quickstart/target", *FAST, "--set", extra, "--json")
+    assert result.exit_code == 0, result.output
+    (note,) = json.loads(result.output[result.output.index("{"):])["data_notes"]
+    assert note.startswith("data.extra_train: 1782 more training windows from 2 series of synthetic (every 2)")
+    finished = next(p for p in Path("runs/pretrain").iterdir() if (p / "metrics.json").is_file())
+    saved = load_profile(str(finished / "profile.toml"))
+    assert [(e.name, e.every) for e in saved.data.extra_train] == [("synthetic", 2)]
 
 
 def test_recipe_sweep_runs_one_pretrain_per_trial_and_ranks_by_validation():

@@ -19,7 +19,7 @@ from specctl.core.data import (
     synthetic_series,
 )
 from specctl.core.errors import SpecctlError
-from specctl.core.schema import DataConfig, SyntheticConfig
+from specctl.core.schema import DataConfig, ExtraTrainSet, SyntheticConfig
 
 
 def write_csv(path, values: np.ndarray, columns: list[str] | None = None) -> None:
@@ -51,6 +51,20 @@ def test_etth1_reference_split_and_window_counts(data_dir):
     assert split_bounds(17420, lookback, KNOWN["ETTh1"].ends) == [(0, 8640), (7968, 11520), (10848, 14400)]
     assert np.allclose(data.train.mean(0), 0, atol=1e-4) and np.allclose(data.train.std(0), 1, atol=1e-4)
     assert any("unused" in note for note in data.notes)
+
+
+def test_ettm1_every_4_adds_etth1_and_three_shifted_copies(data_dir):
+    if not (data_dir / "ETTm1.csv").is_file():
+        pytest.skip(f"ETTm1.csv not in {data_dir}")
+    cfg = DataConfig(name="ETTh1", dir=str(data_dir), extra_train=[ExtraTrainSet(name="ETTm1", every=4)])
+    data = load_series(cfg, 672 + 720, extra_train=True)
+    assert [len(a) for a in data.extra_train] == [8640] * 4  # ETTm1's train split covers ETTh1's 12 months
+    # ETTm1 at phase 0 is ETTh1 row for row; the scalers differ slightly (fitted on all 15-minute rows)
+    raw_h = data.train * data.std + data.mean
+    assert np.corrcoef(raw_h[:, -1], data.extra_train[0][:, -1])[0, 1] > 0.9999
+    assert not np.allclose(data.extra_train[0], data.extra_train[1])
+    assert "data.extra_train: 28996 more training windows from 4 series" in data.notes[-1]
+    assert load_series(cfg, 672 + 720).extra_train == []  # only training commands load them
 
 
 def test_weather_sentinels_interpolated(data_dir):
@@ -205,6 +219,26 @@ def test_unparsable_file_is_one_line_error(tmp_path):
 
 
 # --- windows ------------------------------------------------------------------------------------------
+
+
+def test_extra_train_phases_scaling_and_errors(tmp_path):
+    write_csv(tmp_path / "main.csv", ramp(100, 3))
+    write_csv(tmp_path / "more.csv", 5.0 + 2.0 * ramp(300, 3))
+    extra = ExtraTrainSet(name="more", path=str(tmp_path / "more.csv"), every=3)
+    cfg = DataConfig(name="main", path=str(tmp_path / "main.csv"), lookback=8, extra_train=[extra])
+    data = load_series(cfg, 12, extra_train=True)
+    assert [a.shape for a in data.extra_train] == [(70, 3)] * 3  # 70% of 300 rows, every 3rd row, 3 phases
+    phases = np.stack(data.extra_train, axis=1).reshape(210, 3)  # interleaved back into time order
+    assert np.allclose(phases.mean(0), 0, atol=1e-5) and np.allclose(phases.std(0), 1, atol=1e-5)  # own scaler
+    assert data.val.shape == (10 + 8, 3) and data.test.shape == (20 + 8, 3)  # val/test are the main set's only
+
+    write_csv(tmp_path / "wide.csv", ramp(300, 4))
+    wide = cfg.model_copy(update={"extra_train": [ExtraTrainSet(name="wide", path=str(tmp_path / "wide.csv"))]})
+    with pytest.raises(SpecctlError, match=r"data.extra_train\[0\] \('wide'\) has 4 variables; the main dataset has 3"):
+        load_series(wide, 12, extra_train=True)
+    sparse = cfg.model_copy(update={"extra_train": [extra.model_copy(update={"every": 20})]})
+    with pytest.raises(SpecctlError, match="10 per phase at every = 20, fewer than one training window"):
+        load_series(sparse, 12, extra_train=True)
 
 
 def test_eval_windows_all_and_subset():

@@ -59,7 +59,7 @@ def target(tmp_path_factory) -> str:
 
 
 def val_metrics(profile: Profile, setup) -> dict[str, float]:
-    batches = loader(setup.data.val, window_length(profile), profile.train.batch_size, False, 0)
+    batches = loader([setup.data.val], window_length(profile), profile.train.batch_size, False, 0)
     with torch.no_grad():
         return validation_metrics(profile.distill, setup.draft, setup.target, batches, LOOKBACK)
 

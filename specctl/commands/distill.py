@@ -49,6 +49,8 @@ def distill(
     setup = prepare(p, session.device)
     for message in setup.warnings:
         warn(message)
+    for note in setup.data.notes:
+        session.say(note)
     run = session.open_run("distill", resume)
     last_warnings: list[str] = []
 
@@ -75,6 +77,7 @@ def distill(
         "acceptance": [{"sigma": s, "acceptance": a} for s, a in e.acceptance.items()],
         "spec_sigma": p.spec.sigma,
         "warnings": setup.warnings + last_warnings,
+        "data_notes": setup.data.notes,
         "definitions": DEFINITIONS,
     }
     run.write_json("metrics.json", metrics)

@@ -35,6 +35,8 @@ def pretrain(
                         f"({record['seconds']:.1f}s)")
 
         result = pretrain_timeseries(p, session.device, run, resume, progress, log_epoch)
+        for note in result.data_notes:
+            session.say(note)
         metrics = result.metrics()
         run.write_json("metrics.json", metrics)
         run.finish()

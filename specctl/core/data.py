@@ -20,6 +20,10 @@ before splitting, so a gap on a split border borrows one neighbour from the next
 ~1.1M values in weather.csv this is negligible, and it is the price of never dropping rows (which would
 shift the reference split borders).
 
+More training data (`data.extra_train`): the train splits of other files, each scaled by its own
+train-fitted scaler, optionally cut into phases (`every`), are added to the training windows only; the
+validation and test splits are always the main dataset's.
+
 The embedded synthetic generator (`data.name = "synthetic"`, the default) needs no files: a deterministic
 sum of seasonalities, a trend, a lagged coupling between variables and noise, split 70/10/20.
 """
@@ -75,6 +79,7 @@ class SeriesData:
     std: np.ndarray
     lookback: int
     notes: list[str] = field(default_factory=list)
+    extra_train: list[np.ndarray] = field(default_factory=list)  # more training series (data.extra_train)
 
     @property
     def n_vars(self) -> int:
@@ -198,51 +203,99 @@ def _fill_missing(values: np.ndarray, columns: list[str], cfg: DataConfig, sourc
     return filled, [f"{source}: {counts.sum()} missing values ({what}) replaced by linear interpolation: {per_column}"]
 
 
-def load_series(cfg: DataConfig, min_length: int) -> SeriesData:
-    """Load, clean, split and scale one dataset. Every split must hold `min_length` rows (the longest window
-    any consumer cuts from it, e.g. lookback + horizon), else a SpecctlError says which split falls short."""
-    notes: list[str] = []
+@dataclass
+class Table:
+    """One file (or the synthetic series) read and cleaned, before splitting: values [time, vars]."""
+
+    name: str
+    columns: list[str]
+    values: np.ndarray
+    ends: tuple[int, int, int] | None
+    notes: list[str]
+
+
+def read_table(cfg: DataConfig) -> Table:
+    """Find, read and clean `data.name` / `data.path` (or generate the synthetic series)."""
     if cfg.name == "synthetic" and not cfg.path:
-        name, ends = "synthetic", None
         values = synthetic_series(cfg.synthetic).astype(np.float64)
-        columns = [f"x{j}" for j in range(values.shape[1])]
-    else:
-        path = resolve_data_file(cfg)
-        name = cfg.name if cfg.name in KNOWN else path.stem
-        ends = KNOWN[name].ends if name in KNOWN else None
-        try:
-            columns, values = _read_table(path)
-        except (ValueError, OSError, zipfile.BadZipFile) as e:  # unparsable content: one line, no traceback
-            raise SpecctlError(f"{path}: cannot read as {path.suffix} data: {str(e).splitlines()[0]}") from None
-        values, notes = _fill_missing(values, columns, cfg, path.name)
-        if ends and len(values) < ends[2]:
-            raise SpecctlError(f"{path}: {len(values)} rows, but the fixed {name} split needs {ends[2]}")
-        if ends and len(values) > ends[2]:
-            unused = f"rows {ends[2]}..{len(values)} are unused"
-            notes.append(f"{path.name}: {unused} (fixed {name} split, as in the reference)")
-    bounds = split_bounds(len(values), cfg.lookback, ends)
+        return Table("synthetic", [f"x{j}" for j in range(values.shape[1])], values, None, [])
+    path = resolve_data_file(cfg)
+    name = cfg.name if cfg.name in KNOWN else path.stem
+    ends = KNOWN[name].ends if name in KNOWN else None
+    try:
+        columns, values = _read_table(path)
+    except (ValueError, OSError, zipfile.BadZipFile) as e:  # unparsable content: one line, no traceback
+        raise SpecctlError(f"{path}: cannot read as {path.suffix} data: {str(e).splitlines()[0]}") from None
+    values, notes = _fill_missing(values, columns, cfg, path.name)
+    if ends and len(values) < ends[2]:
+        raise SpecctlError(f"{path}: {len(values)} rows, but the fixed {name} split needs {ends[2]}")
+    if ends and len(values) > ends[2]:
+        notes.append(f"{path.name}: rows {ends[2]}..{len(values)} are unused (fixed {name} split, as in the reference)")
+    return Table(name, columns, values, ends, notes)
+
+
+def fit_scaler(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-variable mean and std (ddof 0) of the train rows; a constant column scales to zeros, as in sklearn."""
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    return mean, np.where(std > 0, std, 1.0)
+
+
+def load_series(cfg: DataConfig, min_length: int, extra_train: bool = False) -> SeriesData:
+    """Load, clean, split and scale one dataset. Every split must hold `min_length` rows (the longest window
+    any consumer cuts from it, e.g. lookback + horizon), else a SpecctlError says which split falls short.
+    With `extra_train` (training commands), the series of `data.extra_train` are loaded too."""
+    table = read_table(cfg)
+    bounds = split_bounds(len(table.values), cfg.lookback, table.ends)
     need = max(min_length, cfg.lookback)  # train >= lookback also keeps the val/test starts at row >= 0
     for split, (start, stop) in zip(SPLITS, bounds):
         if stop - start < need:
             raise SpecctlError(
-                f"{name}: the {split} split has {stop - start} rows but needs at least {need} "
-                f"(lookback {cfg.lookback}, longest window {min_length}; the series has {len(values)} rows)"
+                f"{table.name}: the {split} split has {stop - start} rows but needs at least {need} "
+                f"(lookback {cfg.lookback}, longest window {min_length}; the series has {len(table.values)} rows)"
             )
-    train = values[: bounds[0][1]]
-    mean, std = train.mean(axis=0), train.std(axis=0)
-    std = np.where(std > 0, std, 1.0)  # a constant column scales to zeros, as sklearn does
-    scaled = ((values - mean) / std).astype(np.float32)
+    mean, std = fit_scaler(table.values[: bounds[0][1]])
+    scaled = ((table.values - mean) / std).astype(np.float32)
+    extra = load_extra_train(cfg, len(table.columns), min_length) if extra_train else []
+    if extra:
+        windows = sum(count_windows(len(a), min_length) for a in extra)
+        names = ", ".join(f"{e.name} (every {e.every})" for e in cfg.extra_train)
+        table.notes.append(f"data.extra_train: {windows} more training windows from {len(extra)} series of {names}, "
+                           f"beside {count_windows(bounds[0][1] - bounds[0][0], min_length)} from {table.name}")
     return SeriesData(
-        name=name,
-        columns=columns,
+        name=table.name,
+        columns=table.columns,
         train=scaled[bounds[0][0] : bounds[0][1]],
         val=scaled[bounds[1][0] : bounds[1][1]],
         test=scaled[bounds[2][0] : bounds[2][1]],
         mean=mean.astype(np.float32),
         std=std.astype(np.float32),
         lookback=cfg.lookback,
-        notes=notes,
+        notes=table.notes,
+        extra_train=extra,
     )
+
+
+def load_extra_train(cfg: DataConfig, n_vars: int, min_length: int) -> list[np.ndarray]:
+    """The train splits of `data.extra_train` as [time, vars] arrays to add to the training windows: each
+    scaled by its own train-fitted scaler (as the main set is) and cut into its `every` phases. Each must
+    have `n_vars` variables and every phase must hold one window of `min_length` rows."""
+    arrays = []
+    for i, extra in enumerate(cfg.extra_train):
+        where = f"data.extra_train[{i}] ('{extra.name}')"
+        table = read_table(cfg.model_copy(update={"name": extra.name, "path": extra.path, "extra_train": []}))
+        if len(table.columns) != n_vars:
+            raise SpecctlError(f"{where} has {len(table.columns)} variables; the main dataset has {n_vars}")
+        stop = split_bounds(len(table.values), 0, table.ends)[0][1]
+        mean, std = fit_scaler(table.values[:stop])
+        train = ((table.values[:stop] - mean) / std).astype(np.float32)
+        phases = [train[k :: extra.every] for k in range(extra.every)]
+        if min(len(p) for p in phases) < min_length:
+            raise SpecctlError(
+                f"{where}: its train split has {stop} rows, {min(len(p) for p in phases)} per phase at every = "
+                f"{extra.every}, fewer than one training window ({min_length} rows)"
+            )
+        arrays += phases
+    return arrays
 
 
 def count_windows(n_rows: int, length: int) -> int:

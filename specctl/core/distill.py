@@ -143,7 +143,7 @@ def prepare(profile: Profile, device: torch.device) -> Setup:
                            '(or distill.loss = "mse")')
     if not profile.distill.target:
         raise SpecctlError("distill.target is not set: give the target checkpoint to distill from")
-    data = load_series(profile.data, window_length(profile))
+    data = load_series(profile.data, window_length(profile), extra_train=True)
     draft = build_model(profile, data, device)
     target = load_target(profile.distill, draft, device)
     return Setup(data, draft, target, setup_warnings(profile, draft, target))

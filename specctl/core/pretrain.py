@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from specctl.core.checkpoint import load_weights
 from specctl.core.data import SeriesData, Windows, load_series
@@ -35,6 +35,7 @@ class PretrainResult:
     scores: list[HorizonScore]
     parameters: int
     checkpoint: Path
+    data_notes: list[str]
 
     def metrics(self) -> dict[str, Any]:
         """metrics.json of a pretrain run: training history and the rolling-forecast scores."""
@@ -44,6 +45,7 @@ class PretrainResult:
             "best_val_loss": self.fit.best_val,
             "stopped_early": self.fit.stopped_early,
             "checkpoint": str(self.checkpoint),
+            "data_notes": self.data_notes,
             "history": self.fit.history,
             **scores_to_dict(self.scores),
         }
@@ -61,9 +63,11 @@ def check_lookback(lookback: int, patch_len: int, source: str = "model.patch_len
         raise SpecctlError(f"data.lookback {lookback} is not a multiple of {source} {patch_len}")
 
 
-def loader(array: np.ndarray, length: int, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+def loader(arrays: list[np.ndarray], length: int, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    """Batches of stride-1 windows from all `arrays` (the train split and data.extra_train, or the val split)."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(Windows(array, length), batch_size=batch_size, shuffle=shuffle, generator=generator)
+    windows = ConcatDataset([Windows(a, length) for a in arrays])
+    return DataLoader(windows, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
 def build_model(profile: Profile, data: SeriesData, device: torch.device) -> TimerXL:
@@ -99,7 +103,7 @@ def train_timer(
     best checkpoint; by default that is the next-patch MSE against the truth, or with train.val_metric = "rollout"
     the rolling forecast's average MSE over the horizons."""
     length, lookback, train = window_length(profile), profile.data.lookback, profile.train
-    val_loader = loader(data.val, length, train.batch_size, False, profile.seed)
+    val_loader = loader([data.val], length, train.batch_size, False, profile.seed)
 
     def truth_loss(batches: Iterable[torch.Tensor]) -> dict[str, float]:
         return {"val_loss": float(np.mean([next_patch_loss(model, batch, lookback).item() for batch in batches]))}
@@ -120,7 +124,7 @@ def train_timer(
 
     return fit(
         model, model.parameters(), lambda batch: loss_fn(batch.to(device)),
-        lambda epoch: loader(data.train, length, train.batch_size, True, profile.seed + epoch),
+        lambda epoch: loader([data.train, *data.extra_train], length, train.batch_size, True, profile.seed + epoch),
         validate, train, run.checkpoints,
         checkpoint_config(model, lookback, data.columns, profile.model_dump()),
         resume=resume, progress=progress, on_epoch_end=on_epoch_end,
@@ -149,7 +153,7 @@ def pretrain(profile: Profile, device: torch.device, run: RunDir, resume: bool, 
              on_epoch_end=None) -> PretrainResult:
     check_lookback(profile.data.lookback, profile.model.patch_len)
     seed_everything(profile.seed)  # the same initial weights whoever calls (a command, a sweep worker)
-    data = load_series(profile.data, window_length(profile))
+    data = load_series(profile.data, window_length(profile), extra_train=True)
     model = build_model(profile, data, device)
     result = train_timer(profile, model, data, device, run,
                          lambda batch: next_patch_loss(model, batch, profile.data.lookback, profile.train.self_feed),
@@ -160,7 +164,7 @@ def pretrain(profile: Profile, device: torch.device, run: RunDir, resume: bool, 
                               profile.spec.batch_size, device, max_windows=profile.data.max_eval_windows,
                               progress=progress)
     checkpoint = export(result.best_dir, profile.train.save_to) if profile.train.save_to else result.best_dir
-    return PretrainResult(result, scores, count_parameters(model), checkpoint)
+    return PretrainResult(result, scores, count_parameters(model), checkpoint, data.notes)
 
 
 def sweep_row(metrics: dict[str, Any]) -> dict[str, Any]:

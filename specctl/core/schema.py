@@ -33,6 +33,18 @@ class SyntheticConfig(Strict):
     seed: int = 0
 
 
+class ExtraTrainSet(Strict):
+    """Another series whose train split is added to the training windows (never to validation or test).
+
+    `every` = n keeps every n-th row and makes each of the n phases its own series: ETTm1 (15 min) at
+    every = 4 is ETTh1's hourly grid (phase 0 equals ETTh1 row for row) and three copies shifted by 15, 30
+    and 45 minutes, over the same months as ETTh1's train split."""
+
+    name: str
+    path: str | None = None
+    every: int = Field(1, ge=1)
+
+
 class DataConfig(Strict):
     name: str = "synthetic"
     path: str | None = None
@@ -43,6 +55,7 @@ class DataConfig(Strict):
     sentinels: list[float] = [-9999.0]
     max_eval_windows: int | None = Field(None, gt=0)
     synthetic: SyntheticConfig = SyntheticConfig()
+    extra_train: list[ExtraTrainSet] = []
 
     @field_validator("horizons")
     @classmethod
