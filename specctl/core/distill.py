@@ -151,7 +151,7 @@ def prepare(profile: Profile, device: torch.device) -> Setup:
 
 def forward_pass(draft: TimerXL, target: TimerXL, window: Tensor, lookback: int, target_dropout: bool = False) -> Pass:
     P = draft.cfg.patch_len
-    norm = Norm.fit(window[:, :lookback])
+    norm = Norm.fit(window[:, :lookback], target.cfg)
     tokens = norm.tokens(window, P)
     times = times_for(window.shape[0], 0, tokens.shape[2] - 1, window.device)
     target.train(target_dropout)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specctl.core.model import Stepper, TimerXL
+from specctl.core.model import Stepper, TimerConfig, TimerXL
 
 EPS = 1e-5
 
@@ -25,8 +25,11 @@ class Norm:
     std: torch.Tensor
 
     @classmethod
-    def fit(cls, context: torch.Tensor) -> "Norm":
-        mean = context.mean(dim=1, keepdim=True)
+    def fit(cls, context: torch.Tensor, cfg: TimerConfig | None = None) -> "Norm":
+        """Statistics of a real context [B, L, C]: the std over all of it; the centre is its mean, or with
+        the model's norm_center = "last_patch" the mean of its last patch."""
+        recent = context[:, -cfg.patch_len :] if cfg is not None and cfg.norm_center == "last_patch" else context
+        mean = recent.mean(dim=1, keepdim=True)
         std = torch.sqrt(context.var(dim=1, keepdim=True, unbiased=False) + EPS)
         return cls(mean, std)
 
@@ -62,7 +65,7 @@ def next_patch_loss(model: TimerXL, window: torch.Tensor, lookback: int, self_fe
     own rolling forecast as inputs instead of the truth (`rollout`, no gradient through it): generation feeds
     the model its forecasts there, and teacher forcing alone never shows it such inputs."""
     P = model.cfg.patch_len
-    norm = Norm.fit(window[:, :lookback])
+    norm = Norm.fit(window[:, :lookback], model.cfg)
     tokens = norm.tokens(window, P)
     inputs, times = tokens[:, :, :-1], times_for(window.shape[0], 0, tokens.shape[2] - 1, window.device)
     if self_feed > 0:
@@ -101,7 +104,7 @@ def forecast_cached(model: TimerXL, context: torch.Tensor, horizon: int, stepper
     """Growing-context rolling forecast with a KV cache: one prefill, then one token per step."""
     P = model.cfg.patch_len
     steps = n_tokens(horizon, P)
-    norm = Norm.fit(context)
+    norm = Norm.fit(context, model.cfg)
     tokens = norm.tokens(context, P)
     B, _, n0, _ = tokens.shape
     forecast = roll(stepper or Stepper(model, B, n0 + steps), tokens, steps)
@@ -112,7 +115,7 @@ def forecast_cached(model: TimerXL, context: torch.Tensor, horizon: int, stepper
 def forecast_recompute(model: TimerXL, context: torch.Tensor, horizon: int) -> torch.Tensor:
     """Growing-context rolling forecast without a cache (full forward each step); the cache's reference."""
     P = model.cfg.patch_len
-    norm = Norm.fit(context)
+    norm = Norm.fit(context, model.cfg)
     tokens = norm.tokens(context, P)
     for _ in range(n_tokens(horizon, P)):
         mean, _ = model(tokens, times_for(tokens.shape[0], 0, tokens.shape[2], tokens.device))
@@ -127,7 +130,7 @@ def forecast_sliding(model: TimerXL, context: torch.Tensor, horizon: int) -> tor
     P, L = model.cfg.patch_len, context.shape[1]
     window, out = context, []
     for _ in range(n_tokens(horizon, P)):
-        norm = Norm.fit(window)
+        norm = Norm.fit(window, model.cfg)
         tokens = norm.tokens(window, P)
         mean, _ = model(tokens, times_for(tokens.shape[0], 0, tokens.shape[2], tokens.device))
         patch = norm.series(mean[:, :, -1:])

@@ -33,6 +33,7 @@ class TimerConfig:
     stochastic: bool = False
     logvar_min: float = -10.0
     logvar_max: float = 4.0
+    norm_center: str = "mean"
 
     @property
     def head_dim(self) -> int:
@@ -65,6 +66,7 @@ def scaled_config(model: ModelConfig, n_vars: int) -> TimerConfig:
         stochastic=model.stochastic,
         logvar_min=model.logvar_min,
         logvar_max=model.logvar_max,
+        norm_center=model.norm_center,
     )
 
 
@@ -219,8 +221,8 @@ def load_timer(ref: str, device: torch.device | str = "cpu") -> tuple[TimerXL, d
 
 
 def check_compatible(cfg: TimerConfig, other: TimerConfig, what: str) -> None:
-    """Raise if two models (or a model and data) disagree on patch length or variable count."""
-    for key in ("patch_len", "n_vars"):
+    """Raise if two models (or a model and data) disagree on patch length, variable count or normalisation."""
+    for key in ("patch_len", "n_vars", "norm_center"):
         if getattr(cfg, key) != getattr(other, key):
             raise SpecctlError(f"{what}: {key} {getattr(other, key)} does not match {getattr(cfg, key)}")
 

@@ -79,6 +79,9 @@ class ModelConfig(Strict):
     scale_d_ff: float = Field(1.0, gt=0.0)
     scale_e_layers: float = Field(1.0, gt=0.0)
     stochastic: bool = False
+    # centre of the frozen instance normalisation: the lookback's mean (the paper), or the mean of its last
+    # patch, the level the forecast starts from (robust to level shifts, like NLinear's last-value subtraction)
+    norm_center: Literal["mean", "last_patch"] = "mean"
     logvar_min: float = -10.0
     logvar_max: float = 4.0
 

@@ -104,7 +104,7 @@ def measure(fn: Callable[[Window], Any], batches: list[Window], device, repeats:
 @torch.no_grad()
 def step_time(step: Stepper, context: torch.Tensor, device, repeats: int = 20) -> float:
     """Median time of one cached one-token decode step at this batch size (for c_hat)."""
-    tokens = Norm.fit(context).tokens(context, step.model.cfg.patch_len)
+    tokens = Norm.fit(context, step.model.cfg).tokens(context, step.model.cfg.patch_len)
     B, n0 = tokens.shape[0], tokens.shape[2]
     step(tokens, times_for(B, 0, n0, device))
     one, at = tokens[:, :, -1:], times_for(B, n0, 1, device)

@@ -298,7 +298,7 @@ def speculative_forecast(
     check_pair(tstep.model, dstep.model, L)
     if clock is not None:
         clock.start()
-    norm = Norm.fit(context)
+    norm = Norm.fit(context, tstep.model.cfg)
     tokens = norm.tokens(context, tstep.model.cfg.patch_len)
     n0 = tokens.shape[2]
     warm = times_for(B, 0, n0 - 1, device)
