@@ -9,10 +9,10 @@ from specctl.core.schema import ModelConfig
 
 
 def tiny_timer(n_vars: int = 3, d_model: int = 32, e_layers: int = 2, stochastic: bool = False, seed: int = 0,
-               patch_len: int = 8) -> TimerXL:
+               patch_len: int = 8, **model) -> TimerXL:
     torch.manual_seed(seed)
     cfg = ModelConfig(patch_len=patch_len, d_model=d_model, n_heads=4, d_ff=2 * d_model, e_layers=e_layers,
-                      dropout=0.0, stochastic=stochastic)
+                      dropout=0.0, stochastic=stochastic, **model)
     return TimerXL(scaled_config(cfg, n_vars)).eval()
 
 

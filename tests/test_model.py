@@ -7,9 +7,13 @@ from specctl.core.schema import ModelConfig
 from tests.helpers import smooth_series, tiny_timer
 
 
+VARIANTS = [{}, {"norm_center": "last_patch"}, {"norm_position": "post"}]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["paper", "last_patch", "post_norm"])
 @pytest.mark.parametrize("n_vars", [1, 7])
-def test_cached_decoding_equals_full_forward(n_vars):
-    model = tiny_timer(n_vars=n_vars)
+def test_cached_decoding_equals_full_forward(n_vars, variant):
+    model = tiny_timer(n_vars=n_vars, **variant)
     context = smooth_series(3, 32, n_vars)
     cached = forecast_cached(model, context, horizon=37)
     full = forecast_recompute(model, context, horizon=37)
@@ -42,6 +46,28 @@ def test_variables_see_each_other_within_a_time_step():
     other[:, 1, 0] += 3.0  # variable 1 at time 0 changes variable 0's output at time 0
     moved, _ = model(other, times)
     assert not torch.allclose(base[:, 0, 0], moved[:, 0, 0])
+
+
+def test_last_patch_centre_and_lookback_scale():
+    context = smooth_series(2, 32, 3) + torch.linspace(0, 4, 32)[None, :, None]  # a level that drifts
+    model = tiny_timer(n_vars=3, norm_center="last_patch")
+    norm, paper = Norm.fit(context, model.cfg), Norm.fit(context)
+    torch.testing.assert_close(norm.mean, context[:, -8:].mean(dim=1, keepdim=True))
+    torch.testing.assert_close(norm.std, paper.std)
+    assert norm.tokens(context, 8)[:, :, -1].mean().abs() < 1e-5  # the last patch sits at zero
+    shift = forecast_cached(model, context + 3.0, 20) - forecast_cached(model, context, 20)
+    torch.testing.assert_close(shift, torch.full_like(shift, 3.0), atol=1e-4, rtol=0)
+
+
+def test_post_norm_block_normalises_each_residual_sum():
+    model = tiny_timer(n_vars=2, e_layers=1, norm_position="post")
+    tokens = torch.randn(1, 2, 3, 8)
+    out = model.blocks[0](model.embed(tokens) * 10, times_for(1, 0, 3, tokens.device), None, 0)
+    torch.testing.assert_close(out.mean(-1), torch.zeros(1, 2, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.std(-1, unbiased=False), torch.ones(1, 2, 3), atol=1e-3, rtol=0)
+    pre = tiny_timer(n_vars=2, e_layers=1)
+    assert not torch.allclose(pre.blocks[0](pre.embed(tokens) * 10, times_for(1, 0, 3, tokens.device), None, 0).std(-1),
+                              torch.ones(1, 2, 3), atol=1e-2)
 
 
 def test_sliding_forecast_shape_and_window():

@@ -116,6 +116,9 @@ def test_incompatible_draft_is_rejected():
     with pytest.raises(SpecctlError, match="n_vars"):
         speculative_forecast(tiny_timer(n_vars=3), tiny_timer(n_vars=2), smooth_series(1, 32, 3), H,
                              SpecConfig(), series_seeds(0, torch.arange(1)))
+    with pytest.raises(SpecctlError, match="norm_center last_patch does not match mean"):  # one normalisation for both
+        speculative_forecast(tiny_timer(), tiny_timer(norm_center="last_patch"), smooth_series(1, 32, 3), H,
+                             SpecConfig(), series_seeds(0, torch.arange(1)))
 
 
 def test_flat_layout_round_trip():

@@ -34,6 +34,7 @@ class TimerConfig:
     logvar_min: float = -10.0
     logvar_max: float = 4.0
     norm_center: str = "mean"
+    norm_position: str = "pre"
 
     @property
     def head_dim(self) -> int:
@@ -67,6 +68,7 @@ def scaled_config(model: ModelConfig, n_vars: int) -> TimerConfig:
         logvar_min=model.logvar_min,
         logvar_max=model.logvar_max,
         norm_center=model.norm_center,
+        norm_position=model.norm_position,
     )
 
 
@@ -141,10 +143,15 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
         self.attn = Attention(cfg)
-        self.ffn = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
+        self.post = cfg.norm_position == "post"
+        inner = [nn.Dropout(cfg.dropout)] if self.post else []  # the reference also drops inside its FFN
+        self.ffn = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), *inner, nn.Linear(cfg.d_ff, cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, times: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        if self.post:
+            x = self.norm1(x + self.drop(self.attn(x, times, cache, layer)))
+            return self.norm2(x + self.drop(self.ffn(x)))
         x = x + self.drop(self.attn(self.norm1(x), times, cache, layer))
         return x + self.drop(self.ffn(self.norm2(x)))
 

@@ -82,6 +82,8 @@ class ModelConfig(Strict):
     # centre of the frozen instance normalisation: the lookback's mean (the paper), or the mean of its last
     # patch, the level the forecast starts from (robust to level shifts, like NLinear's last-value subtraction)
     norm_center: Literal["mean", "last_patch"] = "mean"
+    # LayerNorm before each sublayer (pre) or after each residual sum, as the reference code's TimerLayer (post)
+    norm_position: Literal["pre", "post"] = "pre"
     logvar_min: float = -10.0
     logvar_max: float = 4.0
 
