@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from specctl.core.forecast import Norm, forecast_cached, forecast_recompute, forecast_sliding, next_patch_loss, times_for
+from specctl.core.forecast import (
+    Norm, forecast_cached, forecast_recompute, forecast_sliding, next_patch_loss, rollout_mse, times_for,
+)
 from specctl.core.model import TimerXL, count_parameters, scaled_config
 from specctl.core.schema import ModelConfig
 from tests.helpers import smooth_series, tiny_timer
@@ -46,6 +48,19 @@ def test_variables_see_each_other_within_a_time_step():
     other[:, 1, 0] += 3.0  # variable 1 at time 0 changes variable 0's output at time 0
     moved, _ = model(other, times)
     assert not torch.allclose(base[:, 0, 0], moved[:, 0, 0])
+
+
+def test_rollout_mse_is_the_forecasts_error_with_the_gradient_through_fed_back_tokens():
+    model = tiny_timer(n_vars=2)  # patch 8: lookback 32, then 4 generated tokens
+    window = smooth_series(3, 64, 2)
+    loss = rollout_mse(model, window, 32)
+    expected = torch.mean((forecast_recompute(model, window[:, :32], 32) - window[:, 32:]) ** 2)
+    torch.testing.assert_close(loss, expected)
+    fed = {}  # the last step's inputs: the gradient must reach the tokens the model generated itself
+    hook = model.embed.register_forward_hook(lambda module, args, out: fed.update(x=args[0]))
+    rollout_mse(model, window, 32).backward()
+    hook.remove()
+    assert fed["x"].requires_grad and model.embed.weight.grad is not None
 
 
 def test_last_patch_centre_and_lookback_scale():

@@ -75,6 +75,19 @@ def next_patch_loss(model: TimerXL, window: torch.Tensor, lookback: int, self_fe
     return torch.mean((norm.series(mean) - window[:, P:]) ** 2)
 
 
+def rollout_mse(model: TimerXL, window: torch.Tensor, lookback: int) -> torch.Tensor:
+    """MSE of the model's own growing-context forecast after the lookback, with the gradient through every
+    fed-back token: the test metric as a training loss (multi-step training; no cache, which would cut it)."""
+    P = model.cfg.patch_len
+    norm = Norm.fit(window[:, :lookback], model.cfg)
+    tokens = norm.tokens(window[:, :lookback], P)
+    n0, steps = tokens.shape[2], (window.shape[1] - lookback) // P
+    for _ in range(steps):
+        mean, _ = model(tokens, times_for(window.shape[0], 0, tokens.shape[2], window.device))
+        tokens = torch.cat([tokens, mean[:, :, -1:]], dim=2)
+    return torch.mean((norm.series(tokens[:, :, n0:]) - window[:, lookback:]) ** 2)
+
+
 def roll(step: Stepper, tokens: torch.Tensor, steps: int) -> torch.Tensor:
     """The `steps` tokens [B, C, steps, P] that follow `tokens` [B, C, n0, P], each forecast fed back: one
     prefill call, then one call per token on the stepper's KV cache."""

@@ -20,7 +20,7 @@ from specctl.core.checkpoint import load_weights
 from specctl.core.data import SeriesData, Windows, load_series
 from specctl.core.errors import SpecctlError
 from specctl.core.evaluate import HorizonScore, evaluate_rolling
-from specctl.core.forecast import n_tokens, next_patch_loss
+from specctl.core.forecast import n_tokens, next_patch_loss, rollout_mse
 from specctl.core.model import TimerXL, checkpoint_config, count_parameters, init_logvar_head, load_timer, scaled_config
 from specctl.core.report import scores_to_dict
 from specctl.core.rundir import RunDir
@@ -155,9 +155,15 @@ def pretrain(profile: Profile, device: torch.device, run: RunDir, resume: bool, 
     seed_everything(profile.seed)  # the same initial weights whoever calls (a command, a sweep worker)
     data = load_series(profile.data, window_length(profile), extra_train=True)
     model = build_model(profile, data, device)
-    result = train_timer(profile, model, data, device, run,
-                         lambda batch: next_patch_loss(model, batch, profile.data.lookback, profile.train.self_feed),
-                         resume, progress, on_epoch_end)
+    lookback, train = profile.data.lookback, profile.train
+
+    def loss(batch: torch.Tensor) -> torch.Tensor:
+        value = next_patch_loss(model, batch, lookback, train.self_feed)
+        if train.rollout_weight:
+            value = value + train.rollout_weight * rollout_mse(model, batch, lookback)
+        return value
+
+    result = train_timer(profile, model, data, device, run, loss, resume, progress, on_epoch_end)
     model.load_state_dict(load_weights(result.best_dir, device))
     model.eval()
     scores = evaluate_rolling(model, data.test, profile.data.lookback, profile.data.horizons,

@@ -107,6 +107,9 @@ class TrainConfig(Strict):
     # share of training windows whose tokens after the lookback are the model's own rolling forecast, as
     # generation feeds it (pretrain; against exposure bias in growing-context generation; docs/results.md)
     self_feed: float = Field(0.0, ge=0.0, le=1.0)
+    # weight of a second loss term (pretrain): the MSE of the model's own rolling forecast over the window after
+    # the lookback, with the gradient through every fed-back token (forecast.rollout_mse); ~steps x the compute
+    rollout_weight: float = Field(0.0, ge=0.0)
     init_from: str | None = None
     save_to: str | None = None
 
