@@ -164,6 +164,13 @@ def test_checkpoint_that_does_not_match_profile():
                               "--set", 'train.init_from="artifacts/small"'), "does not match the profile", "d_model")
 
 
+def test_missing_init_checkpoint_names_the_profile_that_trains_it():
+    assert_clean_error(invoke("pretrain", "--profile", "quickstart/draft", *FAST,
+                              "--set", 'train.init_from="artifacts/quickstart/target"'),
+                       "train.init_from: checkpoint not found: artifacts/quickstart/target",
+                       "(train it first: specctl pretrain --profile quickstart/target)")
+
+
 def test_missing_checkpoint_for_spec_test():
     assert_clean_error(invoke("spec-test", "--profile", "quickstart", "--set", 'spec.target="nowhere"',
                               "--set", 'spec.target_profile=""',

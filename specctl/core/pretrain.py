@@ -22,6 +22,7 @@ from specctl.core.errors import SpecctlError
 from specctl.core.evaluate import HorizonScore, evaluate_rolling
 from specctl.core.forecast import n_tokens, next_patch_loss, rollout_mse
 from specctl.core.model import TimerXL, checkpoint_config, count_parameters, init_logvar_head, load_timer, scaled_config
+from specctl.core.profile import profile_saving_to
 from specctl.core.report import scores_to_dict
 from specctl.core.rundir import RunDir
 from specctl.core.runtime import seed_everything
@@ -75,7 +76,12 @@ def build_model(profile: Profile, data: SeriesData, device: torch.device) -> Tim
     model = TimerXL(scaled_config(profile.model, data.n_vars))
     init_logvar_head(model)
     if profile.train.init_from:
-        load_into(model, profile.train.init_from)
+        try:
+            load_into(model, profile.train.init_from)
+        except SpecctlError as e:
+            builder = profile_saving_to(profile.train.init_from) if not Path(profile.train.init_from).exists() else None
+            hint = f" (train it first: specctl pretrain --profile {builder})" if builder else ""
+            raise SpecctlError(f"train.init_from: {e}{hint}") from None
     return model.to(device)
 
 

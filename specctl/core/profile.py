@@ -180,6 +180,17 @@ def load_profile(ref: str, overrides: list[str] | None = None) -> Profile:
         raise SpecctlError(explain(e, files, overrides)) from None
 
 
+def profile_saving_to(checkpoint: str) -> str | None:
+    """The shipped profile that sets train.save_to = `checkpoint` itself, to suggest when the checkpoint is missing."""
+    for name in shipped_profiles():
+        try:
+            if read_toml(find_profile(name)).get("train", {}).get("save_to") == checkpoint:
+                return name
+        except SpecctlError:
+            continue
+    return None
+
+
 def with_overrides(profile: Profile, overrides: dict[str, Any]) -> Profile:
     """A copy of `profile` with dotted-key overrides applied and re-validated (used by sweeps)."""
     raw = profile.model_dump()
