@@ -162,6 +162,17 @@ def test_checkpoint_that_does_not_match_profile():
         metrics.unlink()
     assert_clean_error(invoke("pretrain", "--profile", "quickstart/target", *FAST,
                               "--set", 'train.init_from="artifacts/small"'), "does not match the profile", "d_model")
+    assert_clean_error(invoke("pretrain", "--profile", "quickstart/draft", *FAST, "--set", 'model.norm_position="post"',
+                              "--set", 'train.init_from="artifacts/small"'), "norm_position pre (profile: post)")
+
+
+def test_a_checkpoint_starts_a_dataset_with_another_variable_count():
+    first = invoke("pretrain", "--profile", "quickstart/draft", *FAST, "--set", 'train.save_to="artifacts/three"')
+    assert first.exit_code == 0, first.output
+    five = invoke("pretrain", "--profile", "quickstart/draft", *FAST, "--set", "data.synthetic.n_vars=5",
+                  "--set", 'train.init_from="artifacts/three"', "--set", 'train.save_to="artifacts/five"', "--json")
+    assert five.exit_code == 0, five.output
+    assert json.loads(Path("artifacts/five/config.json").read_text())["model"]["n_vars"] == 5
 
 
 def test_missing_init_checkpoint_names_the_profile_that_trains_it():
