@@ -28,9 +28,10 @@ from specctl.core.spectest import SpecTestSession
 TRAIN = {
     "full": [
         [("pretrain", "etth1/target"), ("pretrain", "etth1/target-large"),
-         ("pretrain", "etth1/draft-025"), ("pretrain", "etth1/draft-050")],
+         ("pretrain", "etth1/draft-025"), ("pretrain", "etth1/draft-050"), ("pretrain", "etth1/pretrain-etth2")],
         [("distill", "etth1/distill-025"), ("distill", "etth1/distill-025-stochastic"),
-         ("distill", "etth1/distill-050"), ("distill", "etth1/distill-050-stochastic")],
+         ("distill", "etth1/distill-050"), ("distill", "etth1/distill-050-stochastic"),
+         ("pretrain", "etth1/target-from-etth2")],
     ],
     "quick": [[("pretrain", "quickstart/target"), ("pretrain", "quickstart/draft")], [("distill", "quickstart/distill")]],
 }

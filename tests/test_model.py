@@ -2,12 +2,17 @@ import pytest
 import torch
 
 from specctl.core.forecast import (
-    Norm, forecast_cached, forecast_recompute, forecast_sliding, next_patch_loss, rollout_mse, times_for,
+    Norm,
+    forecast_cached,
+    forecast_recompute,
+    forecast_sliding,
+    next_patch_loss,
+    rollout_mse,
+    times_for,
 )
 from specctl.core.model import TimerXL, count_parameters, scaled_config
 from specctl.core.schema import ModelConfig
 from tests.helpers import smooth_series, tiny_timer
-
 
 VARIANTS = [{}, {"norm_center": "last_patch"}, {"norm_position": "post"}]
 
