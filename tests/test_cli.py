@@ -207,3 +207,20 @@ def test_ctrl_c_marks_the_run_interrupted_and_says_how_to_resume(monkeypatch):
     run = next(Path("runs/pretrain").iterdir())
     assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
     assert not (run / "metrics.json").exists()
+
+
+def test_a_training_that_fails_marks_its_run_failed(monkeypatch):
+    import specctl.commands.distill
+    from specctl.core.errors import SpecctlError
+
+    assert invoke("pretrain", "--profile", "quickstart/target", *FAST).exit_code == 0
+    for metrics in Path("runs").rglob("metrics.json"):
+        metrics.unlink()
+
+    def diverged(*args, **kwargs):
+        raise SpecctlError("training diverged: loss is nan")
+
+    monkeypatch.setattr(specctl.commands.distill, "distill_draft", diverged)
+    assert_clean_error(invoke("distill", "--profile", "quickstart/distill", *FAST), "training diverged")
+    manifest = json.loads((next(Path("runs/distill").iterdir()) / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "diverged" in manifest["error"]

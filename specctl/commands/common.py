@@ -69,15 +69,15 @@ class Session:
 
     @contextmanager
     def resumable(self, run: RunDir, command: str, profile: str) -> Iterator[None]:
-        """Training inside: Ctrl-C marks the run interrupted and says how to resume (the training loop has saved
-        the last weights under the run's checkpoints)."""
-        try:
-            yield
-        except KeyboardInterrupt:
-            run.finish("interrupted")
-            self.say(f"interrupted: weights saved under {run.checkpoints}; `specctl {command} --profile {profile} "
-                     "--resume` continues from the last finished epoch")
-            raise
+        """Training inside `run`: an error marks the run failed; Ctrl-C marks it interrupted and says how to resume
+        (the training loop has saved the last weights under the run's checkpoints)."""
+        with run:
+            try:
+                yield
+            except KeyboardInterrupt:
+                self.say(f"interrupted: weights saved under {run.checkpoints}; `specctl {command} --profile {profile} "
+                         "--resume` continues from the last finished epoch")
+                raise
 
 
 def open_session(

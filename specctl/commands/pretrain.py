@@ -18,7 +18,7 @@ def pretrain(
     session = open_session(profile, set_, device, seed, json_out, dry_run, verbose)
     p = session.profile
     run = session.open_run("pretrain", resume)
-    with run, session.progress() as progress, session.resumable(run, "pretrain", profile):
+    with session.resumable(run, "pretrain", profile), session.progress() as progress:
         if p.kind == "llm":
             from specctl.core.llm.pretrain import pretrain_lm
             from specctl.core.llm.report import summary_table
