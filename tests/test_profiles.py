@@ -69,6 +69,13 @@ def test_overrides_are_revalidated_and_parsed_as_toml():
     assert profile.spec.sigma == 0.75 and profile.data.horizons == [16, 32] and profile.spec.rule == "tolerance"
 
 
+def test_null_unsets_an_optional_key_and_only_an_optional_one():
+    assert load_profile("quickstart/target", ["train.save_to=null"]).train.save_to is None
+    assert load_profile("quickstart/target", ['train.save_to="null"']).train.save_to == "null"
+    with pytest.raises(SpecctlError, match=r"spec.k"):
+        load_profile("quickstart/target", ["spec.k=null"])
+
+
 def test_extends_cycle_is_reported(tmp_path):
     (tmp_path / "a.toml").write_text('extends = "b"\n')
     (tmp_path / "b.toml").write_text('extends = "a"\n')

@@ -22,7 +22,7 @@ from specctl.core.runtime import resolve_device, seed_everything
 from specctl.core.schema import Profile
 
 ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="Profile: a TOML path or a shipped name (quickstart/target).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key: --set spec.sigma=0.5 (repeatable).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key: --set spec.sigma=0.5 (repeatable; =null unsets an optional key).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved profile and exit.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda (overrides the profile).")]

@@ -86,13 +86,16 @@ def load_raw(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], 
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """`spec.sigma=0.5` -> (["spec", "sigma"], 0.5). Values are TOML literals; bare words are strings."""
+    """`spec.sigma=0.5` -> (["spec", "sigma"], 0.5). Values are TOML literals; bare words are strings, except
+    `null`, which unsets an optional key (TOML has no null): `train.save_to=null` exports nothing."""
     if "=" not in item:
         raise SpecctlError(f"--set '{item}': expected key.sub=value")
     key, text = item.split("=", 1)
     key = key.strip()
     if not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key):
         raise SpecctlError(f"--set '{item}': '{key}' is not a dotted key")
+    if text.strip() == "null":
+        return key.split("."), None
     try:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
