@@ -236,6 +236,11 @@ def test_extra_train_phases_scaling_and_errors(tmp_path):
     wide = cfg.model_copy(update={"extra_train": [ExtraTrainSet(name="wide", path=str(tmp_path / "wide.csv"))]})
     with pytest.raises(SpecctlError, match=r"data.extra_train\[0\] \('wide'\) has 4 variables; the main dataset has 3"):
         load_series(wide, 12, extra_train=True)
+    gappy = ramp(300, 3)
+    gappy[5, 1] = -9999.0
+    write_csv(tmp_path / "gappy.csv", gappy)
+    noted = cfg.model_copy(update={"extra_train": [ExtraTrainSet(name="gappy", path=str(tmp_path / "gappy.csv"))]})
+    assert any("gappy.csv: 1 missing values" in note for note in load_series(noted, 12, extra_train=True).notes)
     sparse = cfg.model_copy(update={"extra_train": [extra.model_copy(update={"every": 20})]})
     with pytest.raises(SpecctlError, match="10 per phase at every = 20, fewer than one training window"):
         load_series(sparse, 12, extra_train=True)

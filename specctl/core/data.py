@@ -255,7 +255,8 @@ def load_series(cfg: DataConfig, min_length: int, extra_train: bool = False) -> 
             )
     mean, std = fit_scaler(table.values[: bounds[0][1]])
     scaled = ((table.values - mean) / std).astype(np.float32)
-    extra = load_extra_train(cfg, len(table.columns), min_length) if extra_train else []
+    extra, extra_notes = load_extra_train(cfg, len(table.columns), min_length) if extra_train else ([], [])
+    table.notes += extra_notes
     if extra:
         windows = sum(count_windows(len(a), min_length) for a in extra)
         names = ", ".join(f"{e.name} (every {e.every})" for e in cfg.extra_train)
@@ -275,11 +276,11 @@ def load_series(cfg: DataConfig, min_length: int, extra_train: bool = False) -> 
     )
 
 
-def load_extra_train(cfg: DataConfig, n_vars: int, min_length: int) -> list[np.ndarray]:
-    """The train splits of `data.extra_train` as [time, vars] arrays to add to the training windows: each
-    scaled by its own train-fitted scaler (as the main set is) and cut into its `every` phases. Each must
-    have `n_vars` variables and every phase must hold one window of `min_length` rows."""
-    arrays = []
+def load_extra_train(cfg: DataConfig, n_vars: int, min_length: int) -> tuple[list[np.ndarray], list[str]]:
+    """The train splits of `data.extra_train` as [time, vars] arrays to add to the training windows, and their
+    files' notes: each scaled by its own train-fitted scaler (as the main set is) and cut into its `every`
+    phases. Each must have `n_vars` variables and every phase must hold one window of `min_length` rows."""
+    arrays, notes = [], []
     for i, extra in enumerate(cfg.extra_train):
         where = f"data.extra_train[{i}] ('{extra.name}')"
         table = read_table(cfg.model_copy(update={"name": extra.name, "path": extra.path, "extra_train": []}))
@@ -295,7 +296,8 @@ def load_extra_train(cfg: DataConfig, n_vars: int, min_length: int) -> list[np.n
                 f"{extra.every}, fewer than one training window ({min_length} rows)"
             )
         arrays += phases
-    return arrays
+        notes += table.notes
+    return arrays, notes
 
 
 def count_windows(n_rows: int, length: int) -> int:
