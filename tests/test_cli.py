@@ -180,6 +180,9 @@ def test_missing_init_checkpoint_names_the_profile_that_trains_it():
                               "--set", 'train.init_from="artifacts/quickstart/target"'),
                        "train.init_from: checkpoint not found: artifacts/quickstart/target",
                        "(train it first: specctl pretrain --profile quickstart/target)")
+    assert_clean_error(invoke("pretrain", "--profile", "quickstart/draft", *FAST,
+                              "--set", 'train.init_from="artifacts/quickstart/distilled"'),
+                       "(train it first: specctl distill --profile quickstart/distill)")
 
 
 def test_missing_checkpoint_for_spec_test():
