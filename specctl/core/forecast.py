@@ -78,14 +78,8 @@ def next_patch_loss(model: TimerXL, window: torch.Tensor, lookback: int, self_fe
 def rollout_mse(model: TimerXL, window: torch.Tensor, lookback: int) -> torch.Tensor:
     """MSE of the model's own growing-context forecast after the lookback, with the gradient through every
     fed-back token: the test metric as a training loss (multi-step training; no cache, which would cut it)."""
-    P = model.cfg.patch_len
-    norm = Norm.fit(window[:, :lookback], model.cfg)
-    tokens = norm.tokens(window[:, :lookback], P)
-    n0, steps = tokens.shape[2], (window.shape[1] - lookback) // P
-    for _ in range(steps):
-        mean, _ = model(tokens, times_for(window.shape[0], 0, tokens.shape[2], window.device))
-        tokens = torch.cat([tokens, mean[:, :, -1:]], dim=2)
-    return torch.mean((norm.series(tokens[:, :, n0:]) - window[:, lookback:]) ** 2)
+    forecast = forecast_recompute(model, window[:, :lookback], window.shape[1] - lookback)
+    return torch.mean((forecast - window[:, lookback:]) ** 2)
 
 
 def roll(step: Stepper, tokens: torch.Tensor, steps: int) -> torch.Tensor:
@@ -124,9 +118,9 @@ def forecast_cached(model: TimerXL, context: torch.Tensor, horizon: int, stepper
     return norm.series(forecast)[:, :horizon]
 
 
-@torch.no_grad()
 def forecast_recompute(model: TimerXL, context: torch.Tensor, horizon: int) -> torch.Tensor:
-    """Growing-context rolling forecast without a cache (full forward each step); the cache's reference."""
+    """Growing-context rolling forecast without a cache (full forward each step): the cache's reference, and with
+    gradients enabled the differentiable rollout of `rollout_mse`."""
     P = model.cfg.patch_len
     norm = Norm.fit(context, model.cfg)
     tokens = norm.tokens(context, P)

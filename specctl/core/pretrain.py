@@ -22,7 +22,7 @@ from specctl.core.errors import SpecctlError
 from specctl.core.evaluate import HorizonScore, evaluate_rolling
 from specctl.core.forecast import n_tokens, next_patch_loss, rollout_mse
 from specctl.core.model import TimerXL, checkpoint_config, count_parameters, init_logvar_head, load_timer, scaled_config
-from specctl.core.profile import load_profile, profile_saving_to
+from specctl.core.profile import training_command
 from specctl.core.report import scores_to_dict
 from specctl.core.rundir import RunDir
 from specctl.core.runtime import seed_everything
@@ -79,9 +79,8 @@ def build_model(profile: Profile, data: SeriesData, device: torch.device) -> Tim
         try:
             load_into(model, profile.train.init_from)
         except SpecctlError as e:
-            builder = profile_saving_to(profile.train.init_from) if not Path(profile.train.init_from).exists() else None
-            command = builder and ("distill" if load_profile(builder).distill.target else "pretrain")
-            hint = f" (train it first: specctl {command} --profile {builder})" if builder else ""
+            command = None if Path(profile.train.init_from).exists() else training_command(profile.train.init_from)
+            hint = f" (train it first: {command})" if command else ""
             raise SpecctlError(f"train.init_from: {e}{hint}") from None
     return model.to(device)
 

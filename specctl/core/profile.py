@@ -183,12 +183,13 @@ def load_profile(ref: str, overrides: list[str] | None = None) -> Profile:
         raise SpecctlError(explain(e, files, overrides)) from None
 
 
-def profile_saving_to(checkpoint: str) -> str | None:
-    """The shipped profile that sets train.save_to = `checkpoint` itself, to suggest when the checkpoint is missing."""
+def training_command(checkpoint: str) -> str | None:
+    """`specctl pretrain|distill --profile NAME` for the shipped profile that sets train.save_to = `checkpoint`
+    itself: what to suggest when the checkpoint is missing."""
     for name in shipped_profiles():
         try:
             if read_toml(find_profile(name)).get("train", {}).get("save_to") == checkpoint:
-                return name
+                return f"specctl {'distill' if load_profile(name).distill.target else 'pretrain'} --profile {name}"
         except SpecctlError:
             continue
     return None
