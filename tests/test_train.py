@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from specctl.core.checkpoint import load_weights
+from specctl.core.errors import SpecctlError
 from specctl.core.schema import TrainConfig
 from specctl.core.train import fit, learning_rate
 
@@ -56,6 +57,58 @@ def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path):
     weights = load_weights(tmp_path / "interrupted")
     torch.testing.assert_close(weights["weight"], model.weight.detach())
     assert (tmp_path / "last/state.json").is_file()  # the finished first epoch is resumable
+
+
+def test_weight_average_is_what_validation_and_checkpoints_see_and_leaves_training_alone(tmp_path):
+    cfg = TrainConfig(epochs=2, lr=0.05, schedule="constant")
+    plain, batches, loss, validate = problem()
+    fit(plain, plain.parameters(), loss, batches, validate, cfg, tmp_path / "plain", {})
+    model, batches, loss, validate = problem()
+    averaged = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    seen = []
+    steps = 0
+
+    def tracking(batch):  # after each optimizer step: average += (1 - d) (raw - average), d = min(0.9, warm-up)
+        nonlocal steps
+        if steps:
+            d = min(0.9, steps / (9 + steps))
+            for k, v in model.state_dict().items():
+                averaged[k] += (1 - d) * (v.detach() - averaged[k])
+        steps += 1
+        return loss(batch)
+
+    def validating():
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return validate()
+
+    fit(model, model.parameters(), tracking, batches, validating, cfg.model_copy(update={"ema_decay": 0.9}),
+        tmp_path / "ema", {})
+    torch.testing.assert_close(model.weight, plain.weight)  # the raw trajectory is plain training's
+    d = min(0.9, steps / (9 + steps))  # the last step's update, which no later loss call saw
+    for k, v in model.state_dict().items():
+        averaged[k] += (1 - d) * (v.detach() - averaged[k])
+    torch.testing.assert_close(seen[-1]["weight"], averaged["weight"])
+    torch.testing.assert_close(load_weights(tmp_path / "ema/last")["weight"], averaged["weight"])
+    assert not torch.allclose(averaged["weight"], model.weight)
+
+
+def test_resume_with_weight_average_continues_exactly(tmp_path):
+    cfg = TrainConfig(epochs=4, lr=0.05, schedule="constant", ema_decay=0.8)
+    model, batches, loss, validate = problem()
+    fit(model, model.parameters(), loss, batches, validate, cfg, tmp_path / "straight", {})
+    model, batches, loss, validate = problem()
+    fit(model, model.parameters(), loss, batches, validate, cfg.model_copy(update={"epochs": 2}), tmp_path / "split", {})
+    model, batches, loss, validate = problem()
+    fit(model, model.parameters(), loss, batches, validate, cfg, tmp_path / "split", {}, resume=True)
+    for name in ("last", "best"):
+        torch.testing.assert_close(load_weights(tmp_path / "split" / name)["weight"],
+                                   load_weights(tmp_path / "straight" / name)["weight"])
+    plain = cfg.model_copy(update={"ema_decay": None})
+    model, batches, loss, validate = problem()
+    fit(model, model.parameters(), loss, batches, validate, plain, tmp_path / "plain", {})
+    with pytest.raises(SpecctlError, match="without train.ema_decay"):
+        fit(model, model.parameters(), loss, batches, validate, cfg.model_copy(update={"epochs": 6}),
+            tmp_path / "plain", {}, resume=True)
 
 
 def test_schedules():

@@ -110,6 +110,9 @@ class TrainConfig(Strict):
     # weight of a second loss term (pretrain): the MSE of the model's own rolling forecast over the window after
     # the lookback, with the gradient through every fed-back token (forecast.rollout_mse); ~steps x the compute
     rollout_weight: float = Field(0.0, ge=0.0)
+    # exponential moving average of the trainable weights, updated every step; validation, checkpoints and the
+    # exported model use the average (training keeps updating the raw weights). None = off
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
     init_from: str | None = None
     save_to: str | None = None
 

@@ -2,6 +2,8 @@
 
 Checkpoints under ckpt_dir: `last/` after every epoch (what --resume continues from), `best/` whenever the
 validation loss improves, `interrupted/` when Ctrl-C stops training mid-epoch (usable weights, not resumed).
+With train.ema_decay every one of them holds the weight average, and `last/` adds the raw weights training
+continues from (`training_weights.safetensors`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from specctl.core.checkpoint import load_state, load_weights, restore_optimizer, save_checkpoint
+from safetensors.torch import load_file
+
+from specctl.core.checkpoint import load_state, load_weights, restore_optimizer, save_checkpoint, save_tensors
 from specctl.core.errors import SpecctlError
 from specctl.core.schema import TrainConfig
 
@@ -45,6 +49,46 @@ def learning_rate(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr
 
 
+RAW_WEIGHTS = "training_weights.safetensors"
+
+
+class WeightAverage:
+    """Exponential moving average of `params` (train.ema_decay). `swap()` exchanges the model's weights and the
+    average in place, so validation and checkpoints see the average and training resumes on the raw weights."""
+
+    def __init__(self, params: list[nn.Parameter], decay: float) -> None:
+        self.params, self.decay, self.updates = params, decay, 0
+        self.average = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        # average += (1 - d) * (param - average), d warmed up as (1 + n) / (10 + n) so the start is soon forgotten
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - decay)
+        self.updates += 1
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        for param, average in zip(self.params, self.average):
+            raw = param.detach().clone()
+            param.copy_(average)
+            average.copy_(raw)
+
+    def raw_weights(self) -> dict[str, torch.Tensor]:
+        """While swapped in: the raw weights, by parameter index (what `last/` adds for --resume)."""
+        return {str(i): t for i, t in enumerate(self.average)}
+
+    @torch.no_grad()
+    def restore(self, folder: Path) -> None:
+        """After loading `folder`'s averaged weights into the model: the average from them, the raw weights from
+        the file `raw_weights` wrote."""
+        raw = load_file(str(folder / RAW_WEIGHTS), device=str(self.params[0].device))
+        for i, (param, average) in enumerate(zip(self.params, self.average)):
+            average.copy_(param)
+            param.copy_(raw[str(i)])
+        self.updates = int(load_state(folder).get("ema_updates", 0))
+
+
 def fit(
     model: nn.Module,
     params: Iterable[nn.Parameter],
@@ -67,12 +111,17 @@ def fit(
     result = FitResult(best_val=math.inf, epochs_done=0, stopped_early=False, interrupted=False,
                        best_dir=best_dir, last_dir=last_dir)
     bad_epochs = 0
+    average = WeightAverage(params, cfg.ema_decay) if cfg.ema_decay is not None else None
     if resume:
         if not (last_dir / "state.json").is_file():
             raise SpecctlError(f"--resume: no finished epoch to resume from in {last_dir}")
         state = load_state(last_dir)
         model.load_state_dict(load_weights(last_dir, next(model.parameters()).device), strict=False)
         restore_optimizer(optimizer, last_dir)
+        if average is not None:
+            if not (last_dir / RAW_WEIGHTS).is_file():
+                raise SpecctlError(f"--resume: {last_dir} was trained without train.ema_decay; resume without it")
+            average.restore(last_dir)
         result.epochs_done, result.best_val = state["epoch"], state["best_val"]
         result.history, bad_epochs = state["history"], state["bad_epochs"]
         if state.get("stopped_early"):
@@ -100,15 +149,21 @@ def fit(
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
+                if average is not None:
+                    average.update()
                 total, steps = total + loss.item(), steps + 1
                 if progress is not None:
                     progress.update(task, advance=1, info=f"loss {total / steps:.4f}")
                 if cfg.max_steps_per_epoch is not None and steps >= cfg.max_steps_per_epoch:
                     break
         except KeyboardInterrupt:
+            if average is not None:
+                average.swap()
             save_checkpoint(ckpt_dir / "interrupted", weights(), config, state={"epoch": epoch, "partial": True})
             result.interrupted = True
             raise
+        if average is not None:
+            average.swap()
         model.eval()
         with torch.no_grad():
             metrics = validate()
@@ -123,10 +178,15 @@ def fit(
         else:
             bad_epochs += 1
         result.stopped_early = bad_epochs >= cfg.patience
+        if average is not None:
+            save_tensors(last_dir / RAW_WEIGHTS, average.raw_weights())
         save_checkpoint(last_dir, weights(), config, optimizer, state={
             "epoch": epoch + 1, "best_val": result.best_val, "bad_epochs": bad_epochs,
             "history": result.history, "stopped_early": result.stopped_early,
+            **({"ema_updates": average.updates} if average is not None else {}),
         })
+        if average is not None:
+            average.swap()
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
         if result.stopped_early:
