@@ -164,6 +164,8 @@ def test_checkpoint_that_does_not_match_profile():
                               "--set", 'train.init_from="artifacts/small"'), "does not match the profile", "d_model")
     assert_clean_error(invoke("pretrain", "--profile", "quickstart/draft", *FAST, "--set", 'model.norm_position="post"',
                               "--set", 'train.init_from="artifacts/small"'), "norm_position pre (profile: post)")
+    assert_clean_error(invoke("pretrain", "--profile", "quickstart/draft", *FAST, "--set", "model.rope_fraction=0.5",
+                              "--set", 'train.init_from="artifacts/small"'), "rope_fraction 1.0 (profile: 0.5)")
 
 
 def test_a_checkpoint_starts_a_dataset_with_another_variable_count():

@@ -10,14 +10,15 @@ from specctl.core.forecast import (
     rollout_mse,
     times_for,
 )
-from specctl.core.model import TimerXL, count_parameters, scaled_config
+from specctl.core.model import TimerXL, count_parameters, rope, scaled_config
 from specctl.core.schema import ModelConfig
 from tests.helpers import smooth_series, tiny_timer
 
-VARIANTS = [{}, {"norm_center": "last_patch"}, {"norm_position": "post"}]
+VARIANTS = [{}, {"norm_center": "last_patch"}, {"norm_position": "post"},
+            {"norm_position": "post", "rope_fraction": 0.5, "activation": "relu"}]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=["paper", "last_patch", "post_norm"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=["paper", "last_patch", "post_norm", "reference_layer"])
 @pytest.mark.parametrize("n_vars", [1, 7])
 def test_cached_decoding_equals_full_forward(n_vars, variant):
     model = tiny_timer(n_vars=n_vars, **variant)
@@ -77,6 +78,21 @@ def test_last_patch_centre_and_lookback_scale():
     assert norm.tokens(context, 8)[:, :, -1].mean().abs() < 1e-5  # the last patch sits at zero
     shift = forecast_cached(model, context + 3.0, 20) - forecast_cached(model, context, 20)
     torch.testing.assert_close(shift, torch.full_like(shift, 3.0), atol=1e-4, rtol=0)
+
+
+def test_partial_rope_rotates_the_first_channels_by_relative_time_and_leaves_the_rest():
+    q, k = torch.randn(2, 1, 1, 3, 8), torch.randn(2, 1, 1, 3, 8)
+    times = torch.tensor([[0, 1, 2]]).expand(2, -1)
+    rotated = rope(q, times, 4)
+    torch.testing.assert_close(rotated[..., 4:], q[..., 4:])
+    assert not torch.allclose(rotated[..., 1:, :4], q[..., 1:, :4])
+
+    def scores(shift: int) -> torch.Tensor:  # q at each time against k at each time, everything shifted in time
+        return rope(q, times + shift, 4) @ rope(k, times + shift, 4).transpose(-1, -2)
+
+    torch.testing.assert_close(scores(5), scores(0))
+    assert tiny_timer(rope_fraction=0.5).cfg.rotated_dim == 4  # head_dim 8
+    assert tiny_timer(rope_fraction=0.1).cfg.rotated_dim == 2
 
 
 def test_post_norm_block_normalises_each_residual_sum():

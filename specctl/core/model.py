@@ -35,10 +35,17 @@ class TimerConfig:
     logvar_max: float = 4.0
     norm_center: str = "mean"
     norm_position: str = "pre"
+    rope_fraction: float = 1.0
+    activation: str = "gelu"
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def rotated_dim(self) -> int:
+        """Channels per head that RoPE rotates: the first rope_fraction of them, an even count of at least 2."""
+        return max(2, int(self.head_dim * self.rope_fraction) // 2 * 2)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +76,8 @@ def scaled_config(model: ModelConfig, n_vars: int) -> TimerConfig:
         logvar_max=model.logvar_max,
         norm_center=model.norm_center,
         norm_position=model.norm_position,
+        rope_fraction=model.rope_fraction,
+        activation=model.activation,
     )
 
 
@@ -93,20 +102,23 @@ class KVCache:
         self.v[layer].scatter_(3, index, v)
 
 
-def rope(x: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of channels by angle n * theta_i, n = temporal index. x: [B, H, C, N, hd], times: [B, N]."""
-    half = x.shape[-1] // 2
+def rope(x: torch.Tensor, times: torch.Tensor, rotated: int | None = None) -> torch.Tensor:
+    """Rotate pairs of the first `rotated` channels (default: all) by angle n * theta_i, n = temporal index;
+    the other channels pass unchanged. x: [B, H, C, N, hd], times: [B, N]."""
+    rotated = rotated or x.shape[-1]
+    half = rotated // 2
     freqs = 1.0 / (10000.0 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
     angles = times.to(torch.float32)[:, None, None, :, None] * freqs  # [B, 1, 1, N, half]
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    x1, x2, rest = x[..., :half], x[..., half:rotated], x[..., rotated:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: TimerConfig) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.dropout = cfg.n_heads, cfg.head_dim, cfg.dropout
+        self.rotated = cfg.rotated_dim
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
         self.var_bias = nn.Parameter(torch.zeros(cfg.n_heads, 2))  # [same variable, other variable]
@@ -114,7 +126,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, times: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, C, N, _ = x.shape
         q, k, v = self.qkv(x).view(B, C, N, 3, self.n_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
-        q, k = rope(q, times), rope(k, times)  # [B, H, C, N, hd]
+        q, k = rope(q, times, self.rotated), rope(k, times, self.rotated)  # [B, H, C, N, hd]
         if cache is None:
             key_times = times
         else:
@@ -145,7 +157,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.post = cfg.norm_position == "post"
         inner = [nn.Dropout(cfg.dropout)] if self.post else []  # the reference also drops inside its FFN
-        self.ffn = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), *inner, nn.Linear(cfg.d_ff, cfg.d_model))
+        activation = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
+        self.ffn = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), activation, *inner, nn.Linear(cfg.d_ff, cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, times: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:

@@ -84,6 +84,10 @@ class ModelConfig(Strict):
     norm_center: Literal["mean", "last_patch"] = "mean"
     # LayerNorm before each sublayer (pre) or after each residual sum, as the reference code's TimerLayer (post)
     norm_position: Literal["pre", "post"] = "pre"
+    # share of each head's channels that RoPE rotates (the reference code rotates half; the rest carry no
+    # position, so attention on them is by content alone) and the feed-forward activation (the reference: relu)
+    rope_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    activation: Literal["gelu", "relu"] = "gelu"
     logvar_min: float = -10.0
     logvar_max: float = 4.0
 
