@@ -65,11 +65,16 @@ def load_config(folder: Path) -> dict[str, Any]:
         raise SpecctlError(f"{folder}: unreadable checkpoint config: {e}") from None
 
 
-def load_weights(folder: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_tensors(path: Path, device: str | torch.device = "cpu", what: str = "tensors") -> dict[str, torch.Tensor]:
+    """The twin of `save_tensors`; a corrupt or missing file is a one-line SpecctlError naming its folder."""
     try:
-        return load_file(str(Path(folder) / WEIGHTS), device=str(device))
+        return load_file(str(path), device=str(device))
     except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise SpecctlError(f"{folder}: unreadable weights: {e}") from None
+        raise SpecctlError(f"{Path(path).parent}: unreadable {what}: {e}") from None
+
+
+def load_weights(folder: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    return load_tensors(Path(folder) / WEIGHTS, device, "weights")
 
 
 def load_state(folder: Path) -> dict[str, Any]:

@@ -17,9 +17,14 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from safetensors.torch import load_file
-
-from specctl.core.checkpoint import load_state, load_weights, restore_optimizer, save_checkpoint, save_tensors
+from specctl.core.checkpoint import (
+    load_state,
+    load_tensors,
+    load_weights,
+    restore_optimizer,
+    save_checkpoint,
+    save_tensors,
+)
 from specctl.core.errors import SpecctlError
 from specctl.core.schema import TrainConfig
 
@@ -82,7 +87,7 @@ class WeightAverage:
     def restore(self, folder: Path) -> None:
         """After loading `folder`'s averaged weights into the model: the average from them, the raw weights from
         the file `raw_weights` wrote."""
-        raw = load_file(str(folder / RAW_WEIGHTS), device=str(self.params[0].device))
+        raw = load_tensors(folder / RAW_WEIGHTS, self.params[0].device, "raw training weights")
         for i, (param, average) in enumerate(zip(self.params, self.average)):
             average.copy_(param)
             param.copy_(raw[str(i)])
