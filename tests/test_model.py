@@ -10,7 +10,7 @@ from specctl.core.forecast import (
     rollout_mse,
     times_for,
 )
-from specctl.core.model import TimerXL, count_parameters, rope, scaled_config
+from specctl.core.model import TimerXL, count_parameters, drop_path, rope, scaled_config
 from specctl.core.schema import ModelConfig
 from tests.helpers import smooth_series, tiny_timer
 
@@ -104,6 +104,23 @@ def test_post_norm_block_normalises_each_residual_sum():
     pre = tiny_timer(n_vars=2, e_layers=1)
     assert not torch.allclose(pre.blocks[0](pre.embed(tokens) * 10, times_for(1, 0, 3, tokens.device), None, 0).std(-1),
                               torch.ones(1, 2, 3), atol=1e-2)
+
+
+def test_drop_path_skips_whole_samples_in_training_and_nothing_in_evaluation():
+    torch.manual_seed(0)
+    branch = torch.ones(4000, 2, 3)
+    dropped = drop_path(branch, 0.25, training=True)
+    per_sample = dropped.flatten(1)
+    assert ((per_sample == 0).all(1) | (per_sample == 1 / 0.75).all(1)).all()  # a sample is kept or skipped whole
+    assert (per_sample[:, 0] == 0).float().mean().item() == pytest.approx(0.25, abs=0.03)
+    assert torch.equal(drop_path(branch, 0.25, training=False), branch)
+
+    model = tiny_timer(e_layers=3, drop_path=0.4)
+    assert [block.drop_rate for block in model.blocks] == pytest.approx([0.0, 0.2, 0.4])
+    plain = tiny_timer(e_layers=3)
+    plain.load_state_dict(model.state_dict())
+    tokens, times = torch.randn(2, 3, 4, 8), torch.arange(4).expand(2, 4)
+    assert torch.equal(model(tokens, times)[0], plain(tokens, times)[0])  # evaluation: stochastic depth is off
 
 
 def test_sliding_forecast_shape_and_window():

@@ -37,6 +37,7 @@ class TimerConfig:
     norm_position: str = "pre"
     rope_fraction: float = 1.0
     activation: str = "gelu"
+    drop_path: float = 0.0
 
     @property
     def head_dim(self) -> int:
@@ -78,6 +79,7 @@ def scaled_config(model: ModelConfig, n_vars: int) -> TimerConfig:
         norm_position=model.norm_position,
         rope_fraction=model.rope_fraction,
         activation=model.activation,
+        drop_path=model.drop_path,
     )
 
 
@@ -150,8 +152,16 @@ class Attention(nn.Module):
         return self.out(y.view(B, self.n_heads, C, N, self.head_dim).permute(0, 2, 3, 1, 4).reshape(B, C, N, -1))
 
 
+def drop_path(branch: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop a residual branch for whole samples with probability `rate`, rescale the rest."""
+    if not training or rate == 0.0:
+        return branch
+    keep = branch.new_empty(branch.shape[0], *(1,) * (branch.dim() - 1)).bernoulli_(1.0 - rate)
+    return branch * keep / (1.0 - rate)  # E[output] = branch, so evaluation needs no rescaling
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: TimerConfig) -> None:
+    def __init__(self, cfg: TimerConfig, drop_rate: float = 0.0) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
         self.attn = Attention(cfg)
@@ -160,13 +170,17 @@ class Block(nn.Module):
         activation = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
         self.ffn = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), activation, *inner, nn.Linear(cfg.d_ff, cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)
+        self.drop_rate = drop_rate
+
+    def branch(self, y: torch.Tensor) -> torch.Tensor:
+        return drop_path(self.drop(y), self.drop_rate, self.training)
 
     def forward(self, x: torch.Tensor, times: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
         if self.post:
-            x = self.norm1(x + self.drop(self.attn(x, times, cache, layer)))
-            return self.norm2(x + self.drop(self.ffn(x)))
-        x = x + self.drop(self.attn(self.norm1(x), times, cache, layer))
-        return x + self.drop(self.ffn(self.norm2(x)))
+            x = self.norm1(x + self.branch(self.attn(x, times, cache, layer)))
+            return self.norm2(x + self.branch(self.ffn(x)))
+        x = x + self.branch(self.attn(self.norm1(x), times, cache, layer))
+        return x + self.branch(self.ffn(self.norm2(x)))
 
 
 class TimerXL(nn.Module):
@@ -181,7 +195,9 @@ class TimerXL(nn.Module):
             raise SpecctlError(f"d_model {cfg.d_model} / n_heads {cfg.n_heads} must give an even head_dim")
         self.cfg = cfg
         self.embed = nn.Linear(cfg.patch_len, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.e_layers))
+        # stochastic depth grows linearly with depth: 0 at the first layer, drop_path at the last
+        rates = [cfg.drop_path * i / max(1, cfg.e_layers - 1) for i in range(cfg.e_layers)]
+        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.patch_len * (2 if cfg.stochastic else 1))
 

@@ -88,6 +88,9 @@ class ModelConfig(Strict):
     # position, so attention on them is by content alone) and the feed-forward activation (the reference: relu)
     rope_fraction: float = Field(1.0, gt=0.0, le=1.0)
     activation: Literal["gelu", "relu"] = "gelu"
+    # stochastic depth for deep targets on small data: in training, each sample skips a layer's residual
+    # branches with a probability rising linearly from 0 (first layer) to drop_path (last); 0 = off
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     logvar_min: float = -10.0
     logvar_max: float = 4.0
 
