@@ -15,10 +15,10 @@ from specctl.core.schema import ModelConfig
 from tests.helpers import smooth_series, tiny_timer
 
 VARIANTS = [{}, {"norm_center": "last_patch"}, {"norm_position": "post"},
-            {"norm_position": "post", "rope_fraction": 0.5, "activation": "relu"}]
+            {"norm_position": "post", "rope_fraction": 0.5, "activation": "relu"}, {"layer_scale": 0.1}]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=["paper", "last_patch", "post_norm", "reference_layer"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=["paper", "last_patch", "post_norm", "reference_layer", "layer_scale"])
 @pytest.mark.parametrize("n_vars", [1, 7])
 def test_cached_decoding_equals_full_forward(n_vars, variant):
     model = tiny_timer(n_vars=n_vars, **variant)
@@ -121,6 +121,14 @@ def test_drop_path_skips_whole_samples_in_training_and_nothing_in_evaluation():
     plain.load_state_dict(model.state_dict())
     tokens, times = torch.randn(2, 3, 4, 8), torch.arange(4).expand(2, 4)
     assert torch.equal(model(tokens, times)[0], plain(tokens, times)[0])  # evaluation: stochastic depth is off
+
+
+def test_layer_scale_starts_each_block_near_the_identity_and_is_learned():
+    model = tiny_timer(n_vars=2, e_layers=2, layer_scale=1e-4)
+    x, times = torch.randn(1, 2, 3, 32), times_for(1, 0, 3, "cpu")
+    torch.testing.assert_close(model.blocks[0](x, times, None, 0), x, atol=1e-3, rtol=0)
+    scales = [name for name, _ in model.named_parameters() if "scales" in name]
+    assert len(scales) == 4 and not any("scales" in name for name, _ in tiny_timer().named_parameters())
 
 
 def test_sliding_forecast_shape_and_window():

@@ -38,6 +38,7 @@ class TimerConfig:
     rope_fraction: float = 1.0
     activation: str = "gelu"
     drop_path: float = 0.0
+    layer_scale: float | None = None
 
     @property
     def head_dim(self) -> int:
@@ -80,6 +81,7 @@ def scaled_config(model: ModelConfig, n_vars: int) -> TimerConfig:
         rope_fraction=model.rope_fraction,
         activation=model.activation,
         drop_path=model.drop_path,
+        layer_scale=model.layer_scale,
     )
 
 
@@ -171,16 +173,22 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), activation, *inner, nn.Linear(cfg.d_ff, cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)
         self.drop_rate = drop_rate
+        # LayerScale (CaiT): a learned per-channel gain on each residual branch, started small so a deep stack
+        # starts close to the identity and each layer's contribution grows only as far as training asks
+        self.scales = nn.ParameterList(nn.Parameter(torch.full((cfg.d_model,), cfg.layer_scale)) for _ in range(2)) \
+            if cfg.layer_scale is not None else None
 
-    def branch(self, y: torch.Tensor) -> torch.Tensor:
+    def branch(self, y: torch.Tensor, which: int) -> torch.Tensor:
+        if self.scales is not None:
+            y = y * self.scales[which]
         return drop_path(self.drop(y), self.drop_rate, self.training)
 
     def forward(self, x: torch.Tensor, times: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
         if self.post:
-            x = self.norm1(x + self.branch(self.attn(x, times, cache, layer)))
-            return self.norm2(x + self.branch(self.ffn(x)))
-        x = x + self.branch(self.attn(self.norm1(x), times, cache, layer))
-        return x + self.branch(self.ffn(self.norm2(x)))
+            x = self.norm1(x + self.branch(self.attn(x, times, cache, layer), 0))
+            return self.norm2(x + self.branch(self.ffn(x), 1))
+        x = x + self.branch(self.attn(self.norm1(x), times, cache, layer), 0)
+        return x + self.branch(self.ffn(self.norm2(x)), 1)
 
 
 class TimerXL(nn.Module):

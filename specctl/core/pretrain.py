@@ -89,7 +89,8 @@ def load_into(model: TimerXL, ref: str) -> None:
     """Copy a checkpoint's weights into `model`; sizes must match, the head may differ in stochasticity. The
     variable count may differ (no weight depends on it), so a model pretrained on one dataset starts another."""
     source, _ = load_timer(ref)
-    keys = ("patch_len", "d_model", "n_heads", "d_ff", "e_layers", "norm_position", "rope_fraction", "activation")
+    keys = ("patch_len", "d_model", "n_heads", "d_ff", "e_layers", "norm_position", "rope_fraction", "activation",
+            "layer_scale")
     differ = [f"{k} {getattr(source.cfg, k)} (profile: {getattr(model.cfg, k)})" for k in keys
               if getattr(source.cfg, k) != getattr(model.cfg, k)]
     if differ:

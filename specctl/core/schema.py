@@ -91,6 +91,8 @@ class ModelConfig(Strict):
     # stochastic depth for deep targets on small data: in training, each sample skips a layer's residual
     # branches with a probability rising linearly from 0 (first layer) to drop_path (last); 0 = off
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    # LayerScale: initial value of a learned per-channel gain on every residual branch (e.g. 0.1); None = off
+    layer_scale: float | None = Field(None, gt=0.0)
     logvar_min: float = -10.0
     logvar_max: float = 4.0
 
