@@ -166,6 +166,8 @@ def test_checkpoint_that_does_not_match_profile():
                               "--set", 'train.init_from="artifacts/small"'), "norm_position pre (profile: post)")
     assert_clean_error(invoke("pretrain", "--profile", "quickstart/draft", *FAST, "--set", "model.rope_fraction=0.5",
                               "--set", 'train.init_from="artifacts/small"'), "rope_fraction 1.0 (profile: 0.5)")
+    assert_clean_error(invoke("pretrain", "--profile", "quickstart/draft", *FAST, "--set", "model.layer_scale=0.1",
+                              "--set", 'train.init_from="artifacts/small"'), "layer_scale None (profile: 0.1)")
 
 
 def test_a_checkpoint_starts_a_dataset_with_another_variable_count():
