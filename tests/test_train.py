@@ -111,6 +111,26 @@ def test_resume_with_weight_average_continues_exactly(tmp_path):
             tmp_path / "plain", {}, resume=True)
 
 
+def test_resume_inside_the_warm_up_continues_the_ramp_exactly(tmp_path):
+    cfg = TrainConfig(epochs=3, lr=0.05, schedule="constant", warmup_steps=6)  # 4 steps per epoch
+    model, batches, loss, validate = problem()
+    fit(model, model.parameters(), loss, batches, validate, cfg, tmp_path / "straight", {})
+    model, batches, loss, validate = problem()
+    fit(model, model.parameters(), loss, batches, validate, cfg.model_copy(update={"epochs": 1}), tmp_path / "split", {})
+    model, batches, loss, validate = problem()
+    fit(model, model.parameters(), loss, batches, validate, cfg, tmp_path / "split", {}, resume=True)
+    torch.testing.assert_close(load_weights(tmp_path / "split/last")["weight"],
+                               load_weights(tmp_path / "straight/last")["weight"])
+    model, batches, loss, validate = problem()
+    fit(model, model.parameters(), loss, batches, validate, cfg.model_copy(update={"warmup_steps": 0}),
+        tmp_path / "plain", {})
+    assert not torch.allclose(load_weights(tmp_path / "plain/last")["weight"],
+                              load_weights(tmp_path / "straight/last")["weight"])
+
+
 def test_schedules():
     assert learning_rate(TrainConfig(lr=1.0, step_gamma=0.1), 2) == pytest.approx(0.01)
+    warm = TrainConfig(lr=1.0, schedule="step", step_gamma=0.1, warmup_steps=4)
+    assert [learning_rate(warm, 0, step) for step in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    assert learning_rate(warm, 1, 2) == pytest.approx(0.075) and learning_rate(warm, 1) == pytest.approx(0.1)
     assert learning_rate(TrainConfig(lr=1.0, schedule="cosine", epochs=4), 2) == pytest.approx(0.5)

@@ -107,6 +107,8 @@ class TrainConfig(Strict):
     step_gamma: float = Field(0.1, gt=0.0, le=1.0)
     patience: int = Field(3, ge=1)
     grad_clip: float | None = Field(None, gt=0.0)
+    # linear lr warm-up over the run's first optimizer steps (deep post-norm stacks need it); 0 = off
+    warmup_steps: int = Field(0, ge=0)
     max_steps_per_epoch: int | None = Field(None, ge=1)
     max_val_batches: int | None = Field(None, ge=1)
     # what picks pretrain's best epoch (distill always uses draft-vs-teacher MSE): teacher-forced next-patch MSE,

@@ -45,13 +45,18 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.op
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def learning_rate(cfg: TrainConfig, epoch: int) -> float:
-    """lr for a 0-based epoch: step decays by step_gamma each epoch; cosine anneals to 0 over all epochs."""
+def learning_rate(cfg: TrainConfig, epoch: int, step: int | None = None) -> float:
+    """lr for a 0-based epoch: step decays by step_gamma each epoch; cosine anneals to 0 over all epochs. Given
+    the run's 0-based optimizer step, the first train.warmup_steps steps ramp it up linearly."""
     if cfg.schedule == "step":
-        return cfg.lr * cfg.step_gamma**epoch
-    if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
-    return cfg.lr
+        lr = cfg.lr * cfg.step_gamma**epoch
+    elif cfg.schedule == "cosine":
+        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    else:
+        lr = cfg.lr
+    if step is not None and step < cfg.warmup_steps:
+        lr *= (step + 1) / cfg.warmup_steps  # lr_t = lr * (t + 1) / warmup_steps
+    return lr
 
 
 RAW_WEIGHTS = "training_weights.safetensors"
@@ -115,7 +120,7 @@ def fit(
     last_dir, best_dir = ckpt_dir / "last", ckpt_dir / "best"
     result = FitResult(best_val=math.inf, epochs_done=0, stopped_early=False, interrupted=False,
                        best_dir=best_dir, last_dir=last_dir)
-    bad_epochs = 0
+    bad_epochs, optimizer_steps = 0, 0
     average = WeightAverage(params, cfg.ema_decay) if cfg.ema_decay is not None else None
     if resume:
         if not (last_dir / "state.json").is_file():
@@ -129,14 +134,13 @@ def fit(
             average.restore(last_dir)
         result.epochs_done, result.best_val = state["epoch"], state["best_val"]
         result.history, bad_epochs = state["history"], state["bad_epochs"]
+        optimizer_steps = state.get("optimizer_steps", 0)
         if state.get("stopped_early"):
             result.stopped_early = True
             return result
 
     task = progress.add_task("train", total=None, info="") if progress is not None else None
     for epoch in range(result.epochs_done, cfg.epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, epoch)
         model.train()
         started, total, steps = time.perf_counter(), 0.0, 0
         batches = list(train_batches(epoch)) if cfg.max_steps_per_epoch is None else None
@@ -153,7 +157,10 @@ def fit(
                 loss.backward()
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(cfg, epoch, optimizer_steps)
                 optimizer.step()
+                optimizer_steps += 1
                 if average is not None:
                     average.update()
                 total, steps = total + loss.item(), steps + 1
@@ -187,7 +194,7 @@ def fit(
             save_tensors(last_dir / RAW_WEIGHTS, average.raw_weights())
         save_checkpoint(last_dir, weights(), config, optimizer, state={
             "epoch": epoch + 1, "best_val": result.best_val, "bad_epochs": bad_epochs,
-            "history": result.history, "stopped_early": result.stopped_early,
+            "history": result.history, "stopped_early": result.stopped_early, "optimizer_steps": optimizer_steps,
             **({"ema_updates": average.updates} if average is not None else {}),
         })
         if average is not None:
