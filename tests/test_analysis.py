@@ -12,7 +12,14 @@ from typer.testing import CliRunner
 
 from specctl.commands.analyze import analyze as analyze_cmd
 from specctl.core.analysis import (
-    Criterion, analyze, decision_criteria, finished, load_results, marginal_effects, pareto_front, recommend,
+    Criterion,
+    analyze,
+    decision_criteria,
+    finished,
+    load_results,
+    marginal_effects,
+    pareto_front,
+    recommend,
 )
 from specctl.core.errors import SpecctlError
 

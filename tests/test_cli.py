@@ -44,7 +44,8 @@ def test_pretrain_quickstart_end_to_end_and_resume():
     assert manifest["status"] == "finished" and manifest["seed"] == 0 and "torch" in manifest["versions"]
     assert (run / "profile.toml").is_file() and (run / "checkpoints/best/model.safetensors").is_file()
     assert (Path("artifacts/quickstart/target") / "config.json").is_file()
-    resumed = invoke("pretrain", "--profile", "quickstart/target", *FAST, "--set", "train.epochs=3", "--resume", "--json")
+    resumed = invoke("pretrain", "--profile", "quickstart/target", *FAST, "--set", "train.epochs=3",
+                     "--resume", "--json")
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(resumed.output[resumed.output.index("{"):])["epochs"] == 3
 

@@ -15,7 +15,14 @@ from typer.testing import CliRunner
 from specctl.commands.distill import distill as distill_command
 from specctl.core.checkpoint import save_checkpoint
 from specctl.core.distill import (
-    Pass, collapse_penalty, distill, distill_loss, epoch_warnings, objective, prepare, token_acceptance,
+    Pass,
+    collapse_penalty,
+    distill,
+    distill_loss,
+    epoch_warnings,
+    objective,
+    prepare,
+    token_acceptance,
     validation_metrics,
 )
 from specctl.core.forecast import Norm
@@ -49,7 +56,8 @@ def save_target(folder: Path, patch_len: int = 8, n_vars: int = 2, d_model: int 
     torch.manual_seed(0)
     model = TimerXL(TimerConfig(patch_len=patch_len, d_model=d_model, n_heads=2, d_ff=2 * d_model, e_layers=1,
                                 n_vars=n_vars, dropout=0.1))
-    save_checkpoint(folder, model.state_dict(), checkpoint_config(model, LOOKBACK, [f"x{i}" for i in range(n_vars)], {}))
+    columns = [f"x{i}" for i in range(n_vars)]
+    save_checkpoint(folder, model.state_dict(), checkpoint_config(model, LOOKBACK, columns, {}))
     return str(folder)
 
 
@@ -79,8 +87,8 @@ def test_nll_lowers_teacher_error_without_collapse(target):
 
 @pytest.mark.parametrize("loss", ["mse", "nll"])
 def test_checkpoint_resume_and_estimate(target, loss):
-    tables = dict(model={"stochastic": loss == "nll"}, distill={"target": target, "loss": loss, "sigmas": [0.5, 1.0]},
-                  train={"epochs": 1, "max_steps_per_epoch": 4, "save_to": "artifacts/distilled"})
+    tables = {"model": {"stochastic": loss == "nll"}, "distill": {"target": target, "loss": loss, "sigmas": [0.5, 1.0]},
+                  "train": {"epochs": 1, "max_steps_per_epoch": 4, "save_to": "artifacts/distilled"}}
     profile = tiny_profile(**tables)
     first = distill(profile, prepare(profile, CPU), CPU, RunDir.create(profile, "distill", "cpu"), resume=False)
     for name in ("best", "last"):

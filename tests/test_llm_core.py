@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,13 +20,21 @@ from specctl.core.llm.draft import build_draft, load_draft
 from specctl.core.llm.finetune import TextSets, checksum, evaluate, train_draft
 from specctl.core.llm.lm import LM, find_parts, load_lm
 from specctl.core.llm.pretrain import (
-    block_outputs, dropout_rates, exit_blocks, layer_dropout, llama_config, lm_loss, next_token_ce, train_bpe,
+    block_outputs,
+    dropout_rates,
+    exit_blocks,
+    layer_dropout,
+    llama_config,
+    lm_loss,
+    next_token_ce,
+    train_bpe,
 )
 from specctl.core.llm.speculative import Decoding, Sampling, distribution, verify, verify_greedy
 from specctl.core.llm.static import DynamicLM, StaticLM, static_pair
 from specctl.core.profile import load_profile
 
-WORDS = "the cat sat on a mat and then the dog ran to the park where birds sing all day long".split()
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "the", "dog", "ran", "to", "the", "park", "where",
+         "birds", "sing", "all", "day", "long"]
 TEXTS = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12)) for i in range(60)]
 
 
@@ -250,7 +260,7 @@ def test_speculative_sampling_matches_the_target_distribution():
     with torch.no_grad():
         p1 = lm.model(torch.tensor([prompt])).logits[0, -1].softmax(-1)
         q1 = draft.model(torch.tensor([prompt])).logits[0, -1].softmax(-1)
-        rows = torch.tensor([prompt + [t] for t in range(12)])
+        rows = torch.tensor([[*prompt, t] for t in range(12)])
         p2 = (p1[:, None] * lm.model(rows).logits[:, -1].softmax(-1)).sum(0)  # sum_t1 p(t1) p(t2 | t1)
     assert pooled_chisquare(first, p1) > 1e-3 and pooled_chisquare(second, p2) > 1e-3
     assert pooled_chisquare(first, q1) < 1e-6
@@ -262,8 +272,8 @@ def random_decoder(kind: str, seed: int = 0) -> nn.Module:
     import transformers
 
     torch.manual_seed(seed)
-    arch = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, initializer_range=0.2)
+    arch = {"vocab_size": 40, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.2}
     extra = {"llama": {}, "mistral": {"sliding_window": 5},
              "qwen2": {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}}[kind]
     name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[kind]
@@ -274,7 +284,7 @@ def random_decoder(kind: str, seed: int = 0) -> nn.Module:
 def feed(lm: StaticLM, ids: torch.Tensor, cuts: list[int]) -> torch.Tensor:
     """Logits of ids fed to the static path in chunks ending at `cuts` (positions continue across chunks)."""
     bounds = [0, *cuts, len(ids)]
-    return torch.cat([lm(ids[a:b], a) for a, b in zip(bounds, bounds[1:])])
+    return torch.cat([lm(ids[a:b], a) for a, b in itertools.pairwise(bounds)])
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])

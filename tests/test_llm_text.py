@@ -12,7 +12,14 @@ import pytest
 from specctl.core.errors import SpecctlError
 from specctl.core.llm.pretrain import train_bpe
 from specctl.core.llm.text import (
-    SIMPLE_TEMPLATE, Example, encode, load_examples, prompt_ids, render, resolve_text_file, split,
+    SIMPLE_TEMPLATE,
+    Example,
+    encode,
+    load_examples,
+    prompt_ids,
+    render,
+    resolve_text_file,
+    split,
 )
 
 

@@ -18,7 +18,8 @@ VARIANTS = [{}, {"norm_center": "last_patch"}, {"norm_position": "post"},
             {"norm_position": "post", "rope_fraction": 0.5, "activation": "relu"}, {"layer_scale": 0.1}]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=["paper", "last_patch", "post_norm", "reference_layer", "layer_scale"])
+@pytest.mark.parametrize("variant", VARIANTS,
+                         ids=["paper", "last_patch", "post_norm", "reference_layer", "layer_scale"])
 @pytest.mark.parametrize("n_vars", [1, 7])
 def test_cached_decoding_equals_full_forward(n_vars, variant):
     model = tiny_timer(n_vars=n_vars, **variant)
@@ -142,7 +143,8 @@ def test_draft_scaling_keeps_rope_compatible_heads():
     target = scaled_config(base, n_vars=7)
     assert count_parameters(TimerXL(target)) == pytest.approx(67.4e6, rel=0.01)
     for scale, layers in ((0.25, 2), (0.5, 4)):
-        cfg = scaled_config(base.model_copy(update={f"scale_{k}": scale for k in ("d_model", "n_heads", "d_ff", "e_layers")}), 7)
+        scales = {f"scale_{k}": scale for k in ("d_model", "n_heads", "d_ff", "e_layers")}
+        cfg = scaled_config(base.model_copy(update=scales), 7)
         assert cfg.d_model == int(1024 * scale) and cfg.e_layers == layers and cfg.d_ff == int(2048 * scale)
         assert cfg.head_dim % 4 == 0 and cfg.d_model == cfg.head_dim * cfg.n_heads
         assert count_parameters(TimerXL(cfg)) < count_parameters(TimerXL(target)) * scale

@@ -60,9 +60,9 @@ def test_verification_pass_equals_step_by_step_decoding(models):
 
 
 @pytest.mark.parametrize("spec", [
-    dict(rule="tolerance", tol=0.5, k=3),
-    dict(rule="gaussian", sigma=2.5, k=3),
-    dict(rule="exact", sigma=2.5, k=2, emit="sample"),
+    {"rule": "tolerance", "tol": 0.5, "k": 3},
+    {"rule": "gaussian", "sigma": 2.5, "k": 3},
+    {"rule": "exact", "sigma": 2.5, "k": 2, "emit": "sample"},
 ])
 def test_mixed_acceptance_in_a_batch_matches_batch_of_one(models, spec):
     context = smooth_series(5, 32, 3, seed=3)

@@ -97,7 +97,8 @@ def test_resume_with_weight_average_continues_exactly(tmp_path):
     model, batches, loss, validate = problem()
     fit(model, model.parameters(), loss, batches, validate, cfg, tmp_path / "straight", {})
     model, batches, loss, validate = problem()
-    fit(model, model.parameters(), loss, batches, validate, cfg.model_copy(update={"epochs": 2}), tmp_path / "split", {})
+    fit(model, model.parameters(), loss, batches, validate, cfg.model_copy(update={"epochs": 2}),
+        tmp_path / "split", {})
     model, batches, loss, validate = problem()
     fit(model, model.parameters(), loss, batches, validate, cfg, tmp_path / "split", {}, resume=True)
     for name in ("last", "best"):
@@ -116,7 +117,8 @@ def test_resume_inside_the_warm_up_continues_the_ramp_exactly(tmp_path):
     model, batches, loss, validate = problem()
     fit(model, model.parameters(), loss, batches, validate, cfg, tmp_path / "straight", {})
     model, batches, loss, validate = problem()
-    fit(model, model.parameters(), loss, batches, validate, cfg.model_copy(update={"epochs": 1}), tmp_path / "split", {})
+    fit(model, model.parameters(), loss, batches, validate, cfg.model_copy(update={"epochs": 1}),
+        tmp_path / "split", {})
     model, batches, loss, validate = problem()
     fit(model, model.parameters(), loss, batches, validate, cfg, tmp_path / "split", {}, resume=True)
     torch.testing.assert_close(load_weights(tmp_path / "split/last")["weight"],

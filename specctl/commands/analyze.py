@@ -13,7 +13,13 @@ from rich.table import Table
 from specctl.commands.common import JsonOpt, console, handle_errors
 from specctl.core.analysis import analyze as analyze_results
 from specctl.core.analysis import (
-    decision_criteria, fmt, load_results, recommendation_lines, report_to_dict, report_to_markdown, sections,
+    decision_criteria,
+    fmt,
+    load_results,
+    recommendation_lines,
+    report_to_dict,
+    report_to_markdown,
+    sections,
 )
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Iterator, Optional
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -21,14 +22,22 @@ from specctl.core.rundir import RunDir, profile_to_toml
 from specctl.core.runtime import resolve_device, seed_everything
 from specctl.core.schema import Profile
 
-ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="Profile: a TOML path or a shipped name (quickstart/target).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key: --set spec.sigma=0.5 (repeatable; =null unsets an optional key).")]
+ProfileOpt = Annotated[
+    str, typer.Option("--profile", "-p", help="Profile: a TOML path or a shipped name (quickstart/target).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s",
+                 help="Override a key: --set spec.sigma=0.5 (repeatable; =null unsets an optional key)."),
+]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved profile and exit.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda (overrides the profile).")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (overrides the profile).")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda (overrides the profile).")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (overrides the profile).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail while running.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the latest run of this profile from its last finished epoch.")]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue the latest run of this profile from its last finished epoch.")
+]
 
 console = Console()
 err_console = Console(stderr=True)

@@ -6,10 +6,21 @@ from rich.columns import Columns
 from rich.table import Table
 
 from specctl.commands.common import (
-    DeviceOpt, DryRunOpt, JsonOpt, ProfileOpt, ResumeOpt, SeedOpt, SetOpt, VerboseOpt, console, err_console, handle_errors,
+    DeviceOpt,
+    DryRunOpt,
+    JsonOpt,
+    ProfileOpt,
+    ResumeOpt,
+    SeedOpt,
+    SetOpt,
+    VerboseOpt,
+    console,
+    err_console,
+    handle_errors,
     open_session,
 )
-from specctl.core.distill import DEFINITIONS, Estimate, distill as distill_draft, epoch_warnings, prepare
+from specctl.core.distill import DEFINITIONS, Estimate, epoch_warnings, prepare
+from specctl.core.distill import distill as distill_draft
 
 
 def warn(message: str) -> None:

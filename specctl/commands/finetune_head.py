@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from specctl.commands.common import (
-    DeviceOpt, DryRunOpt, JsonOpt, ProfileOpt, ResumeOpt, SeedOpt, SetOpt, VerboseOpt, console, handle_errors, open_session,
+    DeviceOpt,
+    DryRunOpt,
+    JsonOpt,
+    ProfileOpt,
+    ResumeOpt,
+    SeedOpt,
+    SetOpt,
+    VerboseOpt,
+    console,
+    handle_errors,
+    open_session,
 )
 
-EvalOnlyOpt = Annotated[Optional[str], typer.Option(
+EvalOnlyOpt = Annotated[str | None, typer.Option(
     "--eval-only", help="Evaluate draft checkpoints matching this glob instead of training (= llm.eval_only).")]
 
 

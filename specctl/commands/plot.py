@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
+import specctl.core.llm.plots  # noqa: F401  (registers the LLM plots)
 from specctl.commands.common import JsonOpt, console, handle_errors
 from specctl.core.analysis import finished, load_results
 from specctl.core.errors import SpecctlError
-import specctl.core.llm.plots  # noqa: F401  (registers the LLM plots)
 from specctl.core.plots import PLOTS, render
 
 
 @handle_errors
 def plot(
     results: Annotated[list[Path], typer.Argument(help="Sweep results CSV(s); several are merged by trial id.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the figures (default: plots/ beside the first CSV).")] = None,
-    only: Annotated[Optional[list[str]], typer.Option("--only", help=f"Draw only this plot (repeatable): {', '.join(PLOTS)}.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Folder for the figures (default: plots/ beside the first CSV).")] = None,
+    only: Annotated[list[str] | None, typer.Option(
+        "--only", help=f"Draw only this plot (repeatable): {', '.join(PLOTS)}.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Sweep figures as PNG and PDF; a plot whose columns were not swept is skipped, with a note."""

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from specctl.commands.common import (
-    DeviceOpt, DryRunOpt, JsonOpt, ProfileOpt, ResumeOpt, SeedOpt, SetOpt, VerboseOpt, console, handle_errors, open_session,
+    DeviceOpt,
+    DryRunOpt,
+    JsonOpt,
+    ProfileOpt,
+    ResumeOpt,
+    SeedOpt,
+    SetOpt,
+    VerboseOpt,
+    console,
+    handle_errors,
+    open_session,
 )
 from specctl.core.report import horizon_table
 

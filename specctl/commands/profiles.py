@@ -23,7 +23,9 @@ def list_profiles() -> None:
 
 @app.command("show")
 @handle_errors
-def show(name: str, resolved: bool = typer.Option(False, "--resolved", help="Print with extends and defaults applied.")) -> None:
+def show(
+    name: str, resolved: bool = typer.Option(False, "--resolved", help="Print with extends and defaults applied.")
+) -> None:
     """Print a shipped profile (as written, or fully resolved)."""
     if resolved:
         from specctl.core.rundir import profile_to_toml

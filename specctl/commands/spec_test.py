@@ -8,11 +8,22 @@ from typing import Annotated
 import typer
 
 from specctl.commands.common import (
-    DeviceOpt, DryRunOpt, JsonOpt, ProfileOpt, SeedOpt, SetOpt, VerboseOpt, console, handle_errors, open_session,
+    DeviceOpt,
+    DryRunOpt,
+    JsonOpt,
+    ProfileOpt,
+    SeedOpt,
+    SetOpt,
+    VerboseOpt,
+    console,
+    handle_errors,
+    open_session,
 )
 from specctl.core.report import spec_tables
 
-DebugOpt = Annotated[bool, typer.Option("--debug-csv", help="Write per-series, per-round acceptance details (debug.csv).")]
+DebugOpt = Annotated[
+    bool, typer.Option("--debug-csv", help="Write per-series, per-round acceptance details (debug.csv).")
+]
 
 
 @handle_errors

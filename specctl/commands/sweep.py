@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import pandas as pd
 import torch
@@ -15,7 +15,15 @@ from rich.table import Table
 
 from specctl.commands.analyze import frame_table
 from specctl.commands.common import (
-    DeviceOpt, JsonOpt, ProfileOpt, SeedOpt, SetOpt, VerboseOpt, Session, console, handle_errors,
+    DeviceOpt,
+    JsonOpt,
+    ProfileOpt,
+    SeedOpt,
+    Session,
+    SetOpt,
+    VerboseOpt,
+    console,
+    handle_errors,
     open_session,
 )
 from specctl.core.analysis import finished, load_results, rank_metric, records, top
@@ -76,9 +84,13 @@ def row_info(row: dict[str, Any]) -> str:
 @handle_errors
 def sweep(
     profile: ProfileOpt, set_: SetOpt = None,
-    grid: Annotated[Optional[list[str]], typer.Option("--grid", "-g", help="Replace or add a sweep dimension: --grid 'spec.k=[3,4]' (repeatable).")] = None,
-    workers: int = typer.Option(1, "--workers", "-w", min=1, help="Trials in parallel processes, each with its own models (CPU; on cuda only for pretrain sweeps, whose timings do not matter)."),
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Results CSV (default: <run_root>/sweep/<profile name>/results.csv).")] = None,
+    grid: Annotated[list[str] | None, typer.Option(
+        "--grid", "-g", help="Replace or add a sweep dimension: --grid 'spec.k=[3,4]' (repeatable).")] = None,
+    workers: int = typer.Option(1, "--workers", "-w", min=1, help=(
+        "Trials in parallel processes, each with its own models "
+        "(CPU; on cuda only for pretrain sweeps, whose timings do not matter).")),
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Results CSV (default: <run_root>/sweep/<profile name>/results.csv).")] = None,
     top_n: int = typer.Option(10, "--top", "-n", min=1, help="How many configurations the final table shows."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the trials (done, pending, invalid) and exit."),
     json_out: JsonOpt = False, device: DeviceOpt = None, seed: SeedOpt = None,

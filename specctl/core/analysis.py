@@ -32,7 +32,7 @@ def is_param(column: str) -> bool:
 def read_results(path: Path, required: tuple[str, ...] = REQUIRED) -> pd.DataFrame:
     """One results CSV; a file that is not one fails with one line naming what is missing."""
     try:
-        frame = pd.read_csv(path, dtype={c: "str" for c in TEXT_COLUMNS})
+        frame = pd.read_csv(path, dtype=dict.fromkeys(TEXT_COLUMNS, "str"))
     except OSError as e:
         raise SpecctlError(f"{path}: cannot read: {e.strerror or e}") from None
     except pd.errors.EmptyDataError:

@@ -23,9 +23,9 @@ stochastic draft, q = N(mu, s_q^2): P(accept) = E_{x~q} min(1, p(x)/q(x)) = 1 - 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch

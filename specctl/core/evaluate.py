@@ -6,8 +6,8 @@ horizon are a prefix of the shorter horizon's: one forecast to the longest horiz
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

@@ -25,7 +25,7 @@ class Norm:
     std: torch.Tensor
 
     @classmethod
-    def fit(cls, context: torch.Tensor, cfg: TimerConfig | None = None) -> "Norm":
+    def fit(cls, context: torch.Tensor, cfg: TimerConfig | None = None) -> Norm:
         """Statistics of a real context [B, L, C]: the std over all of it; the centre is its mean, or with
         the model's norm_center = "last_patch" the mean of its last patch."""
         recent = context[:, -cfg.patch_len :] if cfg is not None and cfg.norm_center == "last_patch" else context
@@ -107,7 +107,9 @@ def rollout(model: TimerXL, tokens: torch.Tensor, n0: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def forecast_cached(model: TimerXL, context: torch.Tensor, horizon: int, stepper: Stepper | None = None) -> torch.Tensor:
+def forecast_cached(
+    model: TimerXL, context: torch.Tensor, horizon: int, stepper: Stepper | None = None
+) -> torch.Tensor:
     """Growing-context rolling forecast with a KV cache: one prefill, then one token per step."""
     P = model.cfg.patch_len
     steps = n_tokens(horizon, P)

@@ -53,7 +53,7 @@ class TimerConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TimerConfig":
+    def from_dict(cls, d: dict) -> TimerConfig:
         try:
             return cls(**d)
         except TypeError as e:
@@ -296,7 +296,7 @@ class Stepper:
             try:
                 self.captured[key] = self.capture(tokens, times)
             except RuntimeError as e:  # keep going without graphs, and say so
-                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}")
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}", stacklevel=2)
                 self.graphs = False
                 return self.model(tokens, times, self.cache)
         graph, static_tokens, static_times, out = self.captured[key]

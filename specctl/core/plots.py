@@ -7,9 +7,9 @@ Figures are drawn on `matplotlib.figure.Figure` (Agg for PNG, no GUI, no pyplot 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import matplotlib
 import numpy as np

@@ -53,7 +53,7 @@ class RunDir:
     manifest: dict[str, Any]
 
     @classmethod
-    def create(cls, profile: Profile, command: str, device: str) -> "RunDir":
+    def create(cls, profile: Profile, command: str, device: str) -> RunDir:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         path = Path(profile.run_root) / command / f"{profile.name.replace('/', '-')}-{stamp}"
         path.mkdir(parents=True, exist_ok=False)
@@ -76,7 +76,7 @@ class RunDir:
         return run
 
     @classmethod
-    def latest(cls, profile: Profile, command: str) -> "RunDir":
+    def latest(cls, profile: Profile, command: str) -> RunDir:
         """The newest run of this profile and command that left a resumable checkpoint (`checkpoints/**/last`)."""
         root = Path(profile.run_root) / command
         own = re.compile(re.escape(profile.name.replace("/", "-")) + r"-\d{8}-\d{6}-\d{6}")  # not a longer name's runs
@@ -106,7 +106,7 @@ class RunDir:
             self.manifest["error"] = error
         self.save_manifest()
 
-    def __enter__(self) -> "RunDir":
+    def __enter__(self) -> RunDir:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:

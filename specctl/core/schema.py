@@ -163,7 +163,7 @@ class SpecConfig(Strict):
     sliding_baseline: bool = True
 
     @model_validator(mode="after")
-    def _exact_means_bias_one(self) -> "SpecConfig":
+    def _exact_means_bias_one(self) -> SpecConfig:
         if self.rule == "exact" and self.bias != 1.0:
             raise ValueError("rule 'exact' means bias 1 (set spec.bias = 1 or choose rule 'gaussian')")
         return self

@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,7 +95,7 @@ def measure(fn: Callable[[Window], Any], batches: list[Window], device, repeats:
     task = progress.add_task(label, total=len(batches), info="") if progress is not None else None
     for batch in batches:
         outputs.append(fn(batch))
-        timings.append(time_call(lambda: fn(batch), device, repeats, max(0, warmup - 1)))
+        timings.append(time_call(partial(fn, batch), device, repeats, max(0, warmup - 1)))
         if progress is not None:
             progress.update(task, advance=1, info=f"{1e3 * timings[-1].median:.1f} ms/batch")
     if progress is not None:
@@ -188,13 +190,13 @@ class SpecTestSession:
         try:
             graphed = self.speculate(profile, batch, rounds=True)
         except RuntimeError as e:
-            warnings.warn(f"whole-round CUDA graph capture failed, not used: {e}")
+            warnings.warn(f"whole-round CUDA graph capture failed, not used: {e}", stacklevel=2)
             return False
         close = 1e-3 if profile.spec.dtype == "fp32" else 3e-2  # bf16 kernels may round differently in a graph
         agree = torch.equal(eager.accepted, graphed.accepted) and torch.allclose(
             eager.forecast, graphed.forecast, atol=close, rtol=close)
         if not agree:
-            warnings.warn("whole-round CUDA graphs differ from eager rounds on the first batch: not used")
+            warnings.warn("whole-round CUDA graphs differ from eager rounds on the first batch: not used", stacklevel=2)
         return agree
 
     def run(self, profile: Profile, debug_csv: Path | None = None) -> dict[str, Any]:

@@ -18,11 +18,12 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -102,7 +103,7 @@ class Results:
     header: list[str] = field(default_factory=list)
 
     @classmethod
-    def open(cls, path: Path, keys: list[str]) -> "Results":
+    def open(cls, path: Path, keys: list[str]) -> Results:
         results = cls(Path(path), keys)
         if results.path.is_file():
             with open(results.path, newline="", encoding="utf-8") as f:
@@ -110,8 +111,8 @@ class Results:
                 results.header = list(reader.fieldnames or [])
                 missing = [c for c in ("trial_id", "status") if c not in results.header]
                 if missing:
-                    raise SpecctlError(f"{path} exists but is not a sweep results CSV (no column {', '.join(missing)}); "
-                                       "pass another --out")
+                    raise SpecctlError(f"{path} exists but is not a sweep results CSV "
+                                       f"(no column {', '.join(missing)}); pass another --out")
                 results.rows = {row["trial_id"]: row for row in reader}
         return results
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -151,8 +152,8 @@ def fit(
             for batch in batches if batches is not None else train_batches(epoch):
                 loss = train_loss(batch)
                 if not torch.isfinite(loss):
-                    raise SpecctlError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, step {steps + 1} "
-                                       "(lower train.lr or set train.grad_clip)")
+                    raise SpecctlError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, "
+                                       f"step {steps + 1} (lower train.lr or set train.grad_clip)")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip is not None:

@@ -10,9 +10,9 @@ Documents are rendered (chat template), joined with EOS and cut into blocks of l
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,14 @@ from specctl.core.errors import SpecctlError
 from specctl.core.llm.config import ArchConfig
 from specctl.core.llm.lm import autocast, check_exit_layer, find_parts, load_lm, load_tokenizer, quiet_transformers
 from specctl.core.llm.text import (
-    ROLE_TAGS, SIMPLE_TEMPLATE, Example, contents, encode, read_files, resolve_text_file, split,
+    ROLE_TAGS,
+    SIMPLE_TEMPLATE,
+    Example,
+    contents,
+    encode,
+    read_files,
+    resolve_text_file,
+    split,
 )
 from specctl.core.rundir import RunDir
 from specctl.core.schema import Profile
@@ -93,7 +100,7 @@ def pack(examples: list[Example], tokenizer, length: int) -> torch.Tensor:
     """Documents joined with EOS and cut into [N, length] blocks (the remainder is dropped)."""
     stream: list[int] = []
     for example in examples:
-        stream += encode(example, tokenizer, 10**9) + [tokenizer.eos_token_id]
+        stream += [*encode(example, tokenizer, 10**9), tokenizer.eos_token_id]
     n = len(stream) // length
     if n == 0:
         raise SpecctlError(f"not enough text for one block of llm.max_len = {length} tokens ({len(stream)} tokens)")

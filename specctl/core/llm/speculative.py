@@ -22,8 +22,8 @@ batch-1 step costs.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -181,7 +181,7 @@ class Replay:
             try:
                 self.graph, self.out = capture_graph(fn, reset=reset)
             except RuntimeError as e:  # keep going eagerly, and say so
-                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}")
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}", stacklevel=2)
 
     def __call__(self):
         if self.graph is None:

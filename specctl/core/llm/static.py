@@ -173,7 +173,8 @@ def decoder(model: nn.Module, max_len: int) -> Decoder:
     try:
         check_static(model, find_parts(model))
     except SpecctlError as e:
-        warnings.warn(f"{e}: decoding with the model's own forward and a dynamic cache (slower, no CUDA graphs)")
+        warnings.warn(f"{e}: decoding with the model's own forward and a dynamic cache (slower, no CUDA graphs)",
+                      stacklevel=2)
         return DynamicLM(model, max_len)
     return StaticLM(model, max_len)
 
