@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from specctl.core.checkpoint import load_weights
+from specctl.core import checkpoint
+from specctl.core.checkpoint import load_state, load_weights, save_checkpoint
 from specctl.core.errors import SpecctlError
+from specctl.core.files import recover_dir
 from specctl.core.schema import TrainConfig
 from specctl.core.train import fit, learning_rate
 
@@ -136,3 +138,27 @@ def test_schedules():
     assert [learning_rate(warm, 0, step) for step in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
     assert learning_rate(warm, 1, 2) == pytest.approx(0.075) and learning_rate(warm, 1) == pytest.approx(0.1)
     assert learning_rate(TrainConfig(lr=1.0, schedule="cosine", epochs=4), 2) == pytest.approx(0.5)
+
+
+def test_a_checkpoint_folder_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    folder = tmp_path / "last"
+    save_checkpoint(folder, {"w": torch.zeros(2)}, {"kind": "test"}, state={"epoch": 1},
+                    extra={"raw.safetensors": {"w": torch.ones(2)}})
+    save_checkpoint(folder, {"w": torch.full((2,), 2.0)}, {"kind": "test"}, state={"epoch": 2})
+    assert not (folder / "raw.safetensors").exists()  # nothing of the earlier save survives
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+    real = checkpoint.save_tensors
+
+    def crash_after_weights(path, tensors):
+        real(path, tensors)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_tensors", crash_after_weights)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(folder, {"w": torch.full((2,), 3.0)}, {"kind": "test"}, state={"epoch": 3},
+                        extra={"raw.safetensors": {"w": torch.ones(2)}})
+    assert load_state(folder)["epoch"] == 2 and load_weights(folder)["w"].tolist() == [2.0, 2.0]
+
+    folder.rename(tmp_path / ".last.old")  # as if cut off between replace_dir's two renames
+    assert load_state(recover_dir(folder))["epoch"] == 2

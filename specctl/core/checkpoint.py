@@ -1,7 +1,8 @@
 """Checkpoints: a folder with `model.safetensors` and `config.json` (never pickles).
 
 Training checkpoints add `optimizer.safetensors` and `state.json` (epoch, best validation loss, ...).
-Every file is written atomically and `config.json` last, so a folder with a config is complete.
+A folder is written whole into a hidden staging folder and then renamed into place, so the files of a
+checkpoint always belong to the same save (resuming never mixes two epochs).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from specctl.core.errors import SpecctlError
-from specctl.core.files import atomic_write, write_json
+from specctl.core.files import atomic_write, replace_dir, staging_dir, write_json
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -33,18 +34,21 @@ def save_checkpoint(
     config: dict[str, Any],
     optimizer: torch.optim.Optimizer | None = None,
     state: dict[str, Any] | None = None,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_tensors(folder / WEIGHTS, weights)
+    """Write a checkpoint folder as a whole; `extra` maps more file names to tensors saved beside the weights."""
+    staging = staging_dir(folder)
+    save_tensors(staging / WEIGHTS, weights)
+    for name, tensors in (extra or {}).items():
+        save_tensors(staging / name, tensors)
     if optimizer is not None:
         tensors, groups = flatten_optimizer(optimizer)
-        save_tensors(folder / OPTIMIZER, tensors)
-        write_json(folder / STATE, {**(state or {}), "param_groups": groups})
+        save_tensors(staging / OPTIMIZER, tensors)
+        write_json(staging / STATE, {**(state or {}), "param_groups": groups})
     elif state is not None:
-        write_json(folder / STATE, state)
-    write_json(folder / CONFIG, config)
-    return folder
+        write_json(staging / STATE, state)
+    write_json(staging / CONFIG, config)
+    return replace_dir(staging, folder)
 
 
 def resolve_checkpoint(ref: str | Path) -> Path:

@@ -1,4 +1,4 @@
-"""Atomic writes: a temp file in the same folder, flushed, then renamed over the target."""
+"""Atomic writes: a temp file (or folder) beside the target, flushed, then renamed over it."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -51,3 +52,35 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str] | None 
     writer.writeheader()
     writer.writerows(rows)
     return write_text(path, buffer.getvalue())
+
+
+def staging_dir(folder: Path) -> Path:
+    """An empty hidden folder beside `folder` to fill and then hand to `replace_dir`."""
+    folder = Path(folder)
+    staging = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def replace_dir(staging: Path, folder: Path) -> Path:
+    """Put a filled staging folder in place of `folder`: a reader sees the old folder or the new one, never a mix.
+
+    The old folder is moved aside, the new one renamed in, the old one deleted; a crash between the two
+    renames leaves the old folder aside, and `recover_dir` puts it back."""
+    folder, old = Path(folder), Path(folder).with_name(f".{Path(folder).name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    Path(staging).rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def recover_dir(folder: Path) -> Path:
+    """Undo a `replace_dir` cut off between its renames: the old folder comes back if the new one is missing."""
+    folder = Path(folder)
+    old = folder.with_name(f".{folder.name}.old")
+    if not folder.exists() and old.is_dir():
+        old.rename(folder)
+    return folder

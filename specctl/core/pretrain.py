@@ -21,6 +21,7 @@ from specctl.core.checkpoint import load_weights
 from specctl.core.data import SeriesData, Windows, load_series
 from specctl.core.errors import SpecctlError
 from specctl.core.evaluate import HorizonScore, evaluate_rolling
+from specctl.core.files import replace_dir, staging_dir
 from specctl.core.forecast import n_tokens, next_patch_loss, rollout_mse
 from specctl.core.model import TimerXL, checkpoint_config, count_parameters, init_logvar_head, load_timer, scaled_config
 from specctl.core.profile import training_command
@@ -142,20 +143,9 @@ def train_timer(
 
 def export(best: Path, target: str) -> Path:
     """Copy the best checkpoint to a stable path (train.save_to), replacing any older copy atomically."""
-    destination = Path(target)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = destination.with_name(f".{destination.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(best, staging)
-    if destination.exists():
-        old = destination.with_name(f".{destination.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        destination.rename(old)
-        staging.rename(destination)
-        shutil.rmtree(old)
-    else:
-        staging.rename(destination)
-    return destination
+    staging = staging_dir(Path(target))
+    shutil.copytree(best, staging, dirs_exist_ok=True)
+    return replace_dir(staging, Path(target))
 
 
 def pretrain(profile: Profile, device: torch.device, run: RunDir, resume: bool, progress=None,

@@ -24,9 +24,9 @@ from specctl.core.checkpoint import (
     load_weights,
     restore_optimizer,
     save_checkpoint,
-    save_tensors,
 )
 from specctl.core.errors import SpecctlError
+from specctl.core.files import recover_dir
 from specctl.core.schema import TrainConfig
 
 
@@ -124,6 +124,8 @@ def fit(
     bad_epochs, optimizer_steps = 0, 0
     average = WeightAverage(params, cfg.ema_decay) if cfg.ema_decay is not None else None
     if resume:
+        for folder in (last_dir, best_dir):
+            recover_dir(folder)  # a save cut off between its two renames
         if not (last_dir / "state.json").is_file():
             raise SpecctlError(f"--resume: no finished epoch to resume from in {last_dir}")
         state = load_state(last_dir)
@@ -191,9 +193,8 @@ def fit(
         else:
             bad_epochs += 1
         result.stopped_early = bad_epochs >= cfg.patience
-        if average is not None:
-            save_tensors(last_dir / RAW_WEIGHTS, average.raw_weights())
-        save_checkpoint(last_dir, weights(), config, optimizer, state={
+        raw = {RAW_WEIGHTS: average.raw_weights()} if average is not None else None
+        save_checkpoint(last_dir, weights(), config, optimizer, extra=raw, state={
             "epoch": epoch + 1, "best_val": result.best_val, "bad_epochs": bad_epochs,
             "history": result.history, "stopped_early": result.stopped_early, "optimizer_steps": optimizer_steps,
             **({"ema_updates": average.updates} if average is not None else {}),
