@@ -6,9 +6,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from specctl.cli import app
+from specctl.core.checkpoint import load_weights
 from specctl.core.profile import load_profile
 
 runner = CliRunner()
@@ -178,6 +180,20 @@ def test_a_checkpoint_starts_a_dataset_with_another_variable_count():
                   "--set", 'train.init_from="artifacts/three"', "--set", 'train.save_to="artifacts/five"', "--json")
     assert five.exit_code == 0, five.output
     assert json.loads(Path("artifacts/five/config.json").read_text())["model"]["n_vars"] == 5
+
+
+def test_fine_tuning_the_last_layers_leaves_the_earlier_ones_as_they_were():
+    assert_clean_error(invoke("pretrain", "--profile", "quickstart/target", *FAST, "--set", "train.tune_last_layers=3"),
+                       "train.tune_last_layers 3 is more than the model's 2 layers")
+    start = invoke("pretrain", "--profile", "quickstart/target", *FAST, "--set", 'train.save_to="artifacts/start"')
+    assert start.exit_code == 0, start.output
+    tuned = invoke("pretrain", "--profile", "quickstart/target", *FAST, "--set", 'train.init_from="artifacts/start"',
+                   "--set", "train.tune_last_layers=1", "--set", 'train.save_to="artifacts/tuned"')
+    assert tuned.exit_code == 0, tuned.output
+    before, after = load_weights("artifacts/start"), load_weights("artifacts/tuned")
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed and all(key.startswith(("blocks.1.", "norm.", "head.")) for key in changed)
+    assert "head.weight" in changed and "blocks.1.ffn.0.weight" in changed
 
 
 def test_missing_init_checkpoint_names_the_profile_that_trains_it():

@@ -228,6 +228,18 @@ class TimerXL(nn.Module):
         return KVCache(self.cfg, batch, max_len, param.device, dtype or param.dtype)
 
 
+def freeze_early_layers(model: TimerXL, tune_last_layers: int | None) -> None:
+    """Fine-tune only the last `tune_last_layers` blocks, the final norm and the head (None: train everything)."""
+    if tune_last_layers is None:
+        return
+    if tune_last_layers > model.cfg.e_layers:
+        raise SpecctlError(f"train.tune_last_layers {tune_last_layers} is more than the model's "
+                           f"{model.cfg.e_layers} layers")
+    frozen = [model.embed, *model.blocks[: model.cfg.e_layers - tune_last_layers]]
+    for module in frozen:
+        module.requires_grad_(False)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -23,7 +23,15 @@ from specctl.core.errors import SpecctlError
 from specctl.core.evaluate import HorizonScore, evaluate_rolling
 from specctl.core.files import replace_dir, staging_dir
 from specctl.core.forecast import n_tokens, next_patch_loss, rollout_mse
-from specctl.core.model import TimerXL, checkpoint_config, count_parameters, init_logvar_head, load_timer, scaled_config
+from specctl.core.model import (
+    TimerXL,
+    checkpoint_config,
+    count_parameters,
+    freeze_early_layers,
+    init_logvar_head,
+    load_timer,
+    scaled_config,
+)
 from specctl.core.profile import training_command
 from specctl.core.report import scores_to_dict
 from specctl.core.rundir import RunDir
@@ -132,6 +140,7 @@ def train_timer(
         metrics = (validate_batches or default)(batches)
         return {**metrics, **(extra_validation() if extra_validation else {})}
 
+    freeze_early_layers(model, train.tune_last_layers)
     return fit(
         model, model.parameters(), lambda batch: loss_fn(batch.to(device)),
         lambda epoch: loader([data.train, *data.extra_train], length, train.batch_size, True, profile.seed + epoch),

@@ -125,6 +125,9 @@ class TrainConfig(Strict):
     # exported model use the average (training keeps updating the raw weights). None = off
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
     init_from: str | None = None
+    # fine-tuning a Timer-XL (pretrain, distill): train only the last N blocks, the final norm and the head;
+    # the patch embedding and earlier blocks stay frozen (0 = the head alone). None = train everything
+    tune_last_layers: int | None = Field(None, ge=0)
     save_to: str | None = None
 
 
