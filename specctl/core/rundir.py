@@ -80,8 +80,9 @@ class RunDir:
         """The newest run of this profile and command that left a resumable checkpoint (`checkpoints/**/last`)."""
         root = Path(profile.run_root) / command
         own = re.compile(re.escape(profile.name.replace("/", "-")) + r"-\d{8}-\d{6}-\d{6}")  # not a longer name's runs
+        # `.last.old`: a checkpoint save cut off between its two renames, which fit's resume puts back
         runs = sorted(p for p in root.glob("*") if own.fullmatch(p.name)
-                      and any((p / "checkpoints").glob("**/last/state.json")))
+                      and any(any((p / "checkpoints").glob(f"**/{last}/state.json")) for last in ("last", ".last.old")))
         if not runs:
             raise SpecctlError(f"--resume: no run of '{profile.name}' with a checkpoint under {root}")
         manifest = json.loads((runs[-1] / "manifest.json").read_text(encoding="utf-8"))
