@@ -25,6 +25,19 @@ def problem():
     return model, batches, loss, validate
 
 
+def train(cfg: TrainConfig, folder, resume: bool = False):
+    """Fit a fresh copy of the problem into `folder`."""
+    model, batches, loss, validate = problem()
+    return fit(model, model.parameters(), loss, batches, validate, cfg, folder, {}, resume=resume)
+
+
+def train_straight_and_split(cfg: TrainConfig, tmp_path, split_after: int) -> None:
+    """Train `cfg` straight into tmp_path/straight, and in two runs (stop, then --resume) into tmp_path/split."""
+    train(cfg, tmp_path / "straight")
+    train(cfg.model_copy(update={"epochs": split_after}), tmp_path / "split")
+    train(cfg, tmp_path / "split", resume=True)
+
+
 def test_fit_checkpoints_and_resumes(tmp_path):
     cfg = TrainConfig(epochs=2, lr=0.05, schedule="constant")
     model, batches, loss, validate = problem()
@@ -96,38 +109,21 @@ def test_weight_average_is_what_validation_and_checkpoints_see_and_leaves_traini
 
 def test_resume_with_weight_average_continues_exactly(tmp_path):
     cfg = TrainConfig(epochs=4, lr=0.05, schedule="constant", ema_decay=0.8)
-    model, batches, loss, validate = problem()
-    fit(model, model.parameters(), loss, batches, validate, cfg, tmp_path / "straight", {})
-    model, batches, loss, validate = problem()
-    fit(model, model.parameters(), loss, batches, validate, cfg.model_copy(update={"epochs": 2}),
-        tmp_path / "split", {})
-    model, batches, loss, validate = problem()
-    fit(model, model.parameters(), loss, batches, validate, cfg, tmp_path / "split", {}, resume=True)
+    train_straight_and_split(cfg, tmp_path, split_after=2)
     for name in ("last", "best"):
         torch.testing.assert_close(load_weights(tmp_path / "split" / name)["weight"],
                                    load_weights(tmp_path / "straight" / name)["weight"])
-    plain = cfg.model_copy(update={"ema_decay": None})
-    model, batches, loss, validate = problem()
-    fit(model, model.parameters(), loss, batches, validate, plain, tmp_path / "plain", {})
+    train(cfg.model_copy(update={"ema_decay": None}), tmp_path / "plain")
     with pytest.raises(SpecctlError, match="without train.ema_decay"):
-        fit(model, model.parameters(), loss, batches, validate, cfg.model_copy(update={"epochs": 6}),
-            tmp_path / "plain", {}, resume=True)
+        train(cfg.model_copy(update={"epochs": 6}), tmp_path / "plain", resume=True)
 
 
 def test_resume_inside_the_warm_up_continues_the_ramp_exactly(tmp_path):
     cfg = TrainConfig(epochs=3, lr=0.05, schedule="constant", warmup_steps=6)  # 4 steps per epoch
-    model, batches, loss, validate = problem()
-    fit(model, model.parameters(), loss, batches, validate, cfg, tmp_path / "straight", {})
-    model, batches, loss, validate = problem()
-    fit(model, model.parameters(), loss, batches, validate, cfg.model_copy(update={"epochs": 1}),
-        tmp_path / "split", {})
-    model, batches, loss, validate = problem()
-    fit(model, model.parameters(), loss, batches, validate, cfg, tmp_path / "split", {}, resume=True)
+    train_straight_and_split(cfg, tmp_path, split_after=1)
     torch.testing.assert_close(load_weights(tmp_path / "split/last")["weight"],
                                load_weights(tmp_path / "straight/last")["weight"])
-    model, batches, loss, validate = problem()
-    fit(model, model.parameters(), loss, batches, validate, cfg.model_copy(update={"warmup_steps": 0}),
-        tmp_path / "plain", {})
+    train(cfg.model_copy(update={"warmup_steps": 0}), tmp_path / "plain")
     assert not torch.allclose(load_weights(tmp_path / "plain/last")["weight"],
                               load_weights(tmp_path / "straight/last")["weight"])
 

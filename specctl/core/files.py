@@ -63,12 +63,17 @@ def staging_dir(folder: Path) -> Path:
     return staging
 
 
+def aside_dir(folder: Path) -> Path:
+    """Where `replace_dir` keeps the old folder while it swaps the new one in."""
+    return Path(folder).with_name(f".{Path(folder).name}.old")
+
+
 def replace_dir(staging: Path, folder: Path) -> Path:
     """Put a filled staging folder in place of `folder`: a reader sees the old folder or the new one, never a mix.
 
     The old folder is moved aside, the new one renamed in, the old one deleted; a crash between the two
     renames leaves the old folder aside, and `recover_dir` puts it back."""
-    folder, old = Path(folder), Path(folder).with_name(f".{Path(folder).name}.old")
+    folder, old = Path(folder), aside_dir(folder)
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)
@@ -79,8 +84,7 @@ def replace_dir(staging: Path, folder: Path) -> Path:
 
 def recover_dir(folder: Path) -> Path:
     """Undo a `replace_dir` cut off between its renames: the old folder comes back if the new one is missing."""
-    folder = Path(folder)
-    old = folder.with_name(f".{folder.name}.old")
+    folder, old = Path(folder), aside_dir(folder)
     if not folder.exists() and old.is_dir():
         old.rename(folder)
     return folder

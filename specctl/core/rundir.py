@@ -14,7 +14,7 @@ from typing import Any
 
 import specctl
 from specctl.core.errors import SpecctlError
-from specctl.core.files import write_json, write_text
+from specctl.core.files import aside_dir, write_json, write_text
 from specctl.core.schema import Profile
 
 
@@ -80,9 +80,10 @@ class RunDir:
         """The newest run of this profile and command that left a resumable checkpoint (`checkpoints/**/last`)."""
         root = Path(profile.run_root) / command
         own = re.compile(re.escape(profile.name.replace("/", "-")) + r"-\d{8}-\d{6}-\d{6}")  # not a longer name's runs
-        # `.last.old`: a checkpoint save cut off between its two renames, which fit's resume puts back
+        # a `last` still set aside by a save cut off between its two renames counts: fit's resume puts it back
+        resumable = {"last", aside_dir(Path("last")).name}
         runs = sorted(p for p in root.glob("*") if own.fullmatch(p.name)
-                      and any(any((p / "checkpoints").glob(f"**/{last}/state.json")) for last in ("last", ".last.old")))
+                      and any(s.parent.name in resumable for s in (p / "checkpoints").glob("**/state.json")))
         if not runs:
             raise SpecctlError(f"--resume: no run of '{profile.name}' with a checkpoint under {root}")
         manifest = json.loads((runs[-1] / "manifest.json").read_text(encoding="utf-8"))
