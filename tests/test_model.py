@@ -15,11 +15,13 @@ from specctl.core.schema import ModelConfig
 from tests.helpers import smooth_series, tiny_timer
 
 VARIANTS = [{}, {"norm_center": "last_patch"}, {"norm_position": "post"},
-            {"norm_position": "post", "rope_fraction": 0.5, "activation": "relu"}, {"layer_scale": 0.1}]
+            {"norm_position": "post", "rope_fraction": 0.5, "activation": "relu"}, {"layer_scale": 0.1},
+            {"channel_independent": True}]
 
 
 @pytest.mark.parametrize("variant", VARIANTS,
-                         ids=["paper", "last_patch", "post_norm", "reference_layer", "layer_scale"])
+                         ids=["paper", "last_patch", "post_norm", "reference_layer", "layer_scale",
+                              "channel_independent"])
 @pytest.mark.parametrize("n_vars", [1, 7])
 def test_cached_decoding_equals_full_forward(n_vars, variant):
     model = tiny_timer(n_vars=n_vars, **variant)
@@ -55,6 +57,20 @@ def test_variables_see_each_other_within_a_time_step():
     other[:, 1, 0] += 3.0  # variable 1 at time 0 changes variable 0's output at time 0
     moved, _ = model(other, times)
     assert not torch.allclose(base[:, 0, 0], moved[:, 0, 0])
+
+
+def test_channel_independent_model_forecasts_each_variable_as_if_it_were_alone():
+    model = tiny_timer(n_vars=3, channel_independent=True)
+    alone = tiny_timer(n_vars=1, channel_independent=True)
+    alone.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.var_bias.copy_(torch.randn_like(block.attn.var_bias))  # has no effect: nothing to weigh
+    context = smooth_series(2, 32, 3)
+    together = forecast_cached(model, context, horizon=24)
+    for c in range(3):
+        torch.testing.assert_close(together[..., c:c + 1], forecast_cached(alone, context[..., c:c + 1], 24),
+                                   atol=1e-5, rtol=0)
 
 
 def test_rollout_mse_is_the_forecasts_error_with_the_gradient_through_fed_back_tokens():

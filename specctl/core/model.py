@@ -1,9 +1,10 @@
 """Timer-XL (arXiv 2410.04803): a decoder-only Transformer over patch tokens of C variables.
 
 A token at (variable c, time n) attends to every variable at times <= n, with one learned bias per head for
-same-variable and one for different-variable pairs. RoPE rotates by the temporal index n only, so the
-cache layout [variable, time] is stable as time grows. The model works on instance-normalised tokens; the
-statistics come from the real lookback and stay frozen while generating (see `forecast.py`).
+same-variable and one for different-variable pairs (with `channel_independent`, to its own variable only).
+RoPE rotates by the temporal index n only, so the cache layout [variable, time] is stable as time grows. The
+model works on instance-normalised tokens; the statistics come from the real lookback and stay frozen while
+generating (see `forecast.py`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class TimerConfig:
     activation: str = "gelu"
     drop_path: float = 0.0
     layer_scale: float | None = None
+    channel_independent: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -82,6 +84,7 @@ def scaled_config(model: ModelConfig, n_vars: int) -> TimerConfig:
         activation=model.activation,
         drop_path=model.drop_path,
         layer_scale=model.layer_scale,
+        channel_independent=model.channel_independent,
     )
 
 
@@ -125,7 +128,9 @@ class Attention(nn.Module):
         self.rotated = cfg.rotated_dim
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        # kept when channel_independent (unused there) so checkpoints load across both kinds of attention
         self.var_bias = nn.Parameter(torch.zeros(cfg.n_heads, 2))  # [same variable, other variable]
+        self.channel_independent = cfg.channel_independent
 
     def forward(self, x: torch.Tensor, times: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, C, N, _ = x.shape
@@ -138,20 +143,26 @@ class Attention(nn.Module):
             k, v = cache.k[layer], cache.v[layer]
             key_times = cache.slot_times.expand(B, -1)
         T = k.shape[3]
-        visible = key_times[:, None, :] <= times[:, :, None]  # [B, N, T]: causal in time, all variables
-        same = torch.eye(C, device=x.device, dtype=torch.bool)
-        var_bias = torch.where(same, self.var_bias[:, 0, None, None], self.var_bias[:, 1, None, None])  # [H, C, C]
-        mask = var_bias[None, :, :, None, :, None].to(q.dtype).masked_fill(
-            ~visible[:, None, None, :, None, :], float("-inf")
-        )  # [B, H, C, N, C, T]
-        y = F.scaled_dot_product_attention(
-            q.reshape(B, self.n_heads, C * N, self.head_dim),
-            k.reshape(B, self.n_heads, C * T, self.head_dim),
-            v.reshape(B, self.n_heads, C * T, self.head_dim),
-            attn_mask=mask.reshape(B, self.n_heads, C * N, C * T),
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        return self.out(y.view(B, self.n_heads, C, N, self.head_dim).permute(0, 2, 3, 1, 4).reshape(B, C, N, -1))
+        visible = key_times[:, None, :] <= times[:, :, None]  # [B, N, T]: causal in time
+        dropout = self.dropout if self.training else 0.0
+        if self.channel_independent:
+            # each variable attends to its own past only; a same-variable bias would shift every logit of a
+            # row equally, which softmax ignores
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None], dropout_p=dropout)
+        else:
+            same = torch.eye(C, device=x.device, dtype=torch.bool)
+            var_bias = torch.where(same, self.var_bias[:, 0, None, None], self.var_bias[:, 1, None, None])  # [H,C,C]
+            mask = var_bias[None, :, :, None, :, None].to(q.dtype).masked_fill(
+                ~visible[:, None, None, :, None, :], float("-inf")
+            )  # [B, H, C, N, C, T]: every variable at times <= n
+            y = F.scaled_dot_product_attention(
+                q.reshape(B, self.n_heads, C * N, self.head_dim),
+                k.reshape(B, self.n_heads, C * T, self.head_dim),
+                v.reshape(B, self.n_heads, C * T, self.head_dim),
+                attn_mask=mask.reshape(B, self.n_heads, C * N, C * T),
+                dropout_p=dropout,
+            ).view(B, self.n_heads, C, N, self.head_dim)
+        return self.out(y.permute(0, 2, 3, 1, 4).reshape(B, C, N, -1))
 
 
 def drop_path(branch: torch.Tensor, rate: float, training: bool) -> torch.Tensor:

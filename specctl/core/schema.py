@@ -93,6 +93,9 @@ class ModelConfig(Strict):
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     # LayerScale: initial value of a learned per-channel gain on every residual branch (e.g. 0.1); None = off
     layer_scale: float | None = Field(None, gt=0.0)
+    # each variable attends only to its own past (the univariate Timer, PatchTST's channel independence): one
+    # model for every variable, which cannot fit cross-variable patterns of a small training set
+    channel_independent: bool = False
     logvar_min: float = -10.0
     logvar_max: float = 4.0
 
