@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from specctl.cli import app
 from specctl.core.checkpoint import load_weights
+from specctl.core.model import load_timer
 from specctl.core.profile import load_profile
 
 runner = CliRunner()
@@ -173,13 +174,15 @@ def test_checkpoint_that_does_not_match_profile():
                               "--set", 'train.init_from="artifacts/small"'), "layer_scale None (profile: 0.1)")
 
 
-def test_a_checkpoint_starts_a_dataset_with_another_variable_count():
+def test_a_checkpoint_starts_a_dataset_with_another_variable_count_and_attention():
     first = invoke("pretrain", "--profile", "quickstart/draft", *FAST, "--set", 'train.save_to="artifacts/three"')
     assert first.exit_code == 0, first.output
     five = invoke("pretrain", "--profile", "quickstart/draft", *FAST, "--set", "data.synthetic.n_vars=5",
+                  "--set", "model.channel_independent=true",
                   "--set", 'train.init_from="artifacts/three"', "--set", 'train.save_to="artifacts/five"', "--json")
     assert five.exit_code == 0, five.output
-    assert json.loads(Path("artifacts/five/config.json").read_text())["model"]["n_vars"] == 5
+    model, config = load_timer("artifacts/five")
+    assert config["model"]["n_vars"] == 5 and model.cfg.channel_independent
 
 
 def test_fine_tuning_the_last_layers_leaves_the_earlier_ones_as_they_were():

@@ -16,9 +16,11 @@ from tests.helpers import smooth_series, tiny_timer
 H = 40  # 5 patches of 8
 
 
-@pytest.fixture(scope="module")
-def models():
-    return tiny_timer(d_model=32, e_layers=2, seed=0), tiny_timer(d_model=16, e_layers=1, seed=1)
+@pytest.fixture(scope="module", params=[False, True], ids=["multivariate", "channel_independent_target"])
+def models(request):
+    """A target and a draft; the second pair's target attends within each variable, its draft across them."""
+    return (tiny_timer(d_model=32, e_layers=2, seed=0, channel_independent=request.param),
+            tiny_timer(d_model=16, e_layers=1, seed=1))
 
 
 def run(models, context, **spec):

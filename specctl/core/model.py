@@ -148,7 +148,10 @@ class Attention(nn.Module):
         if self.channel_independent:
             # each variable attends to its own past only; a same-variable bias would shift every logit of a
             # row equally, which softmax ignores
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None], dropout_p=dropout)
+            fold = (B, self.n_heads * C, -1, self.head_dim)  # variables join the heads: 4-D for the fused kernels
+            y = F.scaled_dot_product_attention(
+                q.reshape(fold), k.reshape(fold), v.reshape(fold), attn_mask=visible[:, None], dropout_p=dropout
+            ).view(B, self.n_heads, C, N, self.head_dim)
         else:
             same = torch.eye(C, device=x.device, dtype=torch.bool)
             var_bias = torch.where(same, self.var_bias[:, 0, None, None], self.var_bias[:, 1, None, None])  # [H,C,C]
