@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -67,25 +67,16 @@ def scaled_config(model: ModelConfig, n_vars: int) -> TimerConfig:
     heads = max(1, round(model.n_heads * model.scale_n_heads))
     width = max(4 * heads, round(model.d_model * model.scale_d_model))
     head_dim = max(4, (width // heads) // 4 * 4)
-    return TimerConfig(
-        patch_len=model.patch_len,
-        d_model=head_dim * heads,
-        n_heads=heads,
-        d_ff=max(1, round(model.d_ff * model.scale_d_ff)),
-        e_layers=max(1, round(model.e_layers * model.scale_e_layers)),
-        n_vars=n_vars,
-        dropout=model.dropout,
-        stochastic=model.stochastic,
-        logvar_min=model.logvar_min,
-        logvar_max=model.logvar_max,
-        norm_center=model.norm_center,
-        norm_position=model.norm_position,
-        rope_fraction=model.rope_fraction,
-        activation=model.activation,
-        drop_path=model.drop_path,
-        layer_scale=model.layer_scale,
-        channel_independent=model.channel_independent,
-    )
+    # every other field of TimerConfig is the profile's setting of the same name, unchanged by scaling
+    same = {f.name: getattr(model, f.name) for f in fields(TimerConfig) if f.name in ModelConfig.model_fields}
+    return TimerConfig(**{
+        **same,
+        "d_model": head_dim * heads,
+        "n_heads": heads,
+        "d_ff": max(1, round(model.d_ff * model.scale_d_ff)),
+        "e_layers": max(1, round(model.e_layers * model.scale_e_layers)),
+        "n_vars": n_vars,
+    })
 
 
 class KVCache:
