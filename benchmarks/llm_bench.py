@@ -34,11 +34,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from specctl.core.llm.draft import load_draft, resolve_draft  # noqa: E402
-from specctl.core.llm.finetune import finetune_heads  # noqa: E402
-from specctl.core.llm.lm import autocast, load_lm  # noqa: E402
-from specctl.core.llm.pretrain import llama_config, pretrain_lm  # noqa: E402
-from specctl.core.llm.spectest import load_prompts, run_llm_spec_test  # noqa: E402
+from specctl.llm.draft import load_draft, resolve_draft  # noqa: E402
+from specctl.llm.finetune import finetune_heads  # noqa: E402
+from specctl.llm.lm import autocast, load_lm  # noqa: E402
+from specctl.llm.pretrain import llama_config, pretrain_lm  # noqa: E402
+from specctl.llm.spectest import load_prompts, run_llm_spec_test  # noqa: E402
 from specctl.core.profile import load_profile, with_overrides  # noqa: E402
 from specctl.core.rundir import RunDir  # noqa: E402
 from specctl.core.runtime import resolve_device, seed_everything, synchronize  # noqa: E402
@@ -179,8 +179,8 @@ def stage_finetune(base: list[str], layers: list[int], budget: Budget, device: t
 def decode_seconds_per_token(profile, device: torch.device, graphs: bool) -> float:
     """Vanilla decoding speed of the target on the decode path spec-test uses, with or without CUDA graphs (to size
     the prompt set to the budget)."""
-    from specctl.core.llm.speculative import Decoding, Sampling
-    from specctl.core.llm.static import decoder
+    from specctl.llm.speculative import Decoding, Sampling
+    from specctl.llm.static import decoder
 
     lm = load_lm(profile.llm.target, device, None, profile.llm.dtype)
     prompt = load_prompts(profile, lm.tokenizer)[0]

@@ -21,7 +21,7 @@ import torch
 
 from specctl.core.profile import load_profile, with_overrides
 from specctl.core.runtime import resolve_device
-from specctl.core.spectest import SpecTestSession
+from specctl.timeseries.spectest import SpecTestSession
 
 # Training commands in groups: the commands of a group are independent and run in parallel on the one GPU
 # (each is launch-bound at these sizes); a group starts when the previous one has finished.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from specctl.core.model import TimerXL, scaled_config
+from specctl.timeseries.model import TimerXL, scaled_config
 from specctl.core.schema import ModelConfig
 
 

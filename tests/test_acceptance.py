@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from specctl.core.acceptance import (
+from specctl.timeseries.acceptance import (
     acceptance_closed_form,
     acceptance_probability,
     count_accepted,

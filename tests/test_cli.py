@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from specctl.cli import app
 from specctl.core.checkpoint import load_weights
-from specctl.core.model import load_timer
+from specctl.timeseries.model import load_timer
 from specctl.core.profile import load_profile
 
 runner = CliRunner()
@@ -222,12 +222,12 @@ def test_impossible_spec_settings(override, fragment):
 
 
 def test_ctrl_c_marks_the_run_interrupted_and_says_how_to_resume(monkeypatch):
-    import specctl.core.pretrain
+    import specctl.timeseries.pretrain
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(specctl.core.pretrain, "pretrain", interrupted)
+    monkeypatch.setattr(specctl.timeseries.pretrain, "pretrain", interrupted)
     result = invoke("pretrain", "--profile", "quickstart/target", *FAST)
     assert result.exit_code == 130 and "Traceback" not in result.output
     assert "specctl pretrain --profile quickstart/target --resume" in " ".join(result.output.split())  # unwrapped

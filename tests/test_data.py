@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from specctl.core.data import (
+from specctl.timeseries.data import (
     KNOWN,
     Windows,
     count_windows,

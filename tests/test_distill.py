@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from specctl.commands.distill import distill as distill_command
 from specctl.core.checkpoint import save_checkpoint
-from specctl.core.distill import (
+from specctl.timeseries.distill import (
     Pass,
     collapse_penalty,
     distill,
@@ -25,9 +25,9 @@ from specctl.core.distill import (
     token_acceptance,
     validation_metrics,
 )
-from specctl.core.forecast import Norm
-from specctl.core.model import TimerConfig, TimerXL, checkpoint_config, load_timer
-from specctl.core.pretrain import loader, window_length
+from specctl.timeseries.forecast import Norm
+from specctl.timeseries.model import TimerConfig, TimerXL, checkpoint_config, load_timer
+from specctl.timeseries.pretrain import loader, window_length
 from specctl.core.rundir import RunDir, profile_to_toml
 from specctl.core.schema import Profile
 

@@ -160,8 +160,8 @@ def test_finetune_head_resumes_from_the_last_finished_epoch(work):
 
 def exit_ce(folder: Path, layer: int, texts: list[str]) -> float:
     """Held-out CE of the untuned early exit after block `layer` (the target's own norm and head)."""
-    from specctl.core.llm.lm import load_lm
-    from specctl.core.llm.pretrain import block_outputs, next_token_ce
+    from specctl.llm.lm import load_lm
+    from specctl.llm.pretrain import block_outputs, next_token_ce
 
     lm = load_lm(str(folder), torch.device("cpu"))
     ids = torch.tensor([lm.tokenizer(" ".join(texts))["input_ids"][:200]])

@@ -15,11 +15,11 @@ from scipy.stats import chisquare
 from torch import nn
 
 from specctl.core.errors import SpecctlError
-from specctl.core.llm.config import ArchConfig
-from specctl.core.llm.draft import build_draft, load_draft
-from specctl.core.llm.finetune import TextSets, checksum, evaluate, train_draft
-from specctl.core.llm.lm import LM, find_parts, load_lm
-from specctl.core.llm.pretrain import (
+from specctl.llm.profile import ArchConfig
+from specctl.llm.draft import build_draft, load_draft
+from specctl.llm.finetune import TextSets, checksum, evaluate, train_draft
+from specctl.llm.lm import LM, find_parts, load_lm
+from specctl.llm.pretrain import (
     block_outputs,
     dropout_rates,
     exit_blocks,
@@ -29,8 +29,8 @@ from specctl.core.llm.pretrain import (
     next_token_ce,
     train_bpe,
 )
-from specctl.core.llm.speculative import Decoding, Sampling, distribution, verify, verify_greedy
-from specctl.core.llm.static import DynamicLM, StaticLM, static_pair
+from specctl.llm.speculative import Decoding, Sampling, distribution, verify, verify_greedy
+from specctl.llm.static import DynamicLM, StaticLM, static_pair
 from specctl.core.profile import load_profile
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "the", "dog", "ran", "to", "the", "park", "where",

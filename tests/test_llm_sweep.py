@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from specctl.commands import sweep as sweep_cmd
 from specctl.commands.plot import plot
-from specctl.core.llm import sweep as llm_sweep
-from specctl.core.llm.spectest import load_target, pick_draft
+from specctl.llm import sweep as llm_sweep
+from specctl.llm.spectest import load_target, pick_draft
 
 GRID = '\n[sweep]\n"llm.exit_layer" = [0, 1]\n"llm.spec.gamma" = [2, 3]\n'
 LLM_PLOTS = ["layer_acceptance", "layer_pareto", "acceptance_lengths"]

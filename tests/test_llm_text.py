@@ -10,8 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 from specctl.core.errors import SpecctlError
-from specctl.core.llm.pretrain import train_bpe
-from specctl.core.llm.text import (
+from specctl.llm.pretrain import train_bpe
+from specctl.llm.text import (
     SIMPLE_TEMPLATE,
     Example,
     encode,

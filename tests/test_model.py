@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from specctl.core.forecast import (
+from specctl.timeseries.forecast import (
     Norm,
     forecast_cached,
     forecast_recompute,
@@ -10,7 +10,7 @@ from specctl.core.forecast import (
     rollout_mse,
     times_for,
 )
-from specctl.core.model import TimerXL, count_parameters, drop_path, rope, scaled_config
+from specctl.timeseries.model import TimerXL, count_parameters, drop_path, rope, scaled_config
 from specctl.core.schema import ModelConfig
 from tests.helpers import smooth_series, tiny_timer
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from specctl.core.errors import SpecctlError
-from specctl.core.forecast import Norm, forecast_cached, times_for
-from specctl.core.model import init_logvar_head
-from specctl.core.rng import series_seeds
+from specctl.timeseries.forecast import Norm, forecast_cached, times_for
+from specctl.timeseries.model import init_logvar_head
+from specctl.timeseries.rng import series_seeds
 from specctl.core.schema import SpecConfig
-from specctl.core.speculative import flat, speculative_forecast
+from specctl.timeseries.speculative import flat, speculative_forecast
 from tests.helpers import smooth_series, tiny_timer
 
 H = 40  # 5 patches of 8
@@ -130,8 +130,8 @@ def test_flat_layout_round_trip():
 
 def test_a_reused_round_state_gives_the_same_forecasts(models):
     """Whole-round CUDA graphs replay over one persistent state: `reset` must leave nothing behind."""
-    from specctl.core.model import Stepper
-    from specctl.core.speculative import cache_length, forecast_of, new_state, reset, speculative_round
+    from specctl.timeseries.model import Stepper
+    from specctl.timeseries.speculative import cache_length, forecast_of, new_state, reset, speculative_round
 
     target, draft = models
     spec = SpecConfig(rule="exact", sigma=2.5, k=2, emit="sample")

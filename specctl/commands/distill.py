@@ -19,8 +19,8 @@ from specctl.commands.common import (
     handle_errors,
     open_session,
 )
-from specctl.core.distill import DEFINITIONS, Estimate, epoch_warnings, prepare
-from specctl.core.distill import distill as distill_draft
+from specctl.timeseries.distill import DEFINITIONS, Estimate, epoch_warnings, prepare
+from specctl.timeseries.distill import distill as distill_draft
 
 
 def warn(message: str) -> None:

@@ -33,8 +33,8 @@ def finetune_head(
 ) -> None:
     """Train the LM head (option: + block l) of early-exit drafts at llm.exit_layers; report held-out KL,
     perplexity and top-k accuracy per exit layer (results.csv)."""
-    from specctl.core.llm.finetune import finetune_heads
-    from specctl.core.llm.report import results_table
+    from specctl.llm.finetune import finetune_heads
+    from specctl.llm.report import results_table
 
     sets = [*(set_ or []), *([f"llm.eval_only={json.dumps(eval_only)}"] if eval_only else [])]
     session = open_session(profile, sets, device, seed, json_out, dry_run, verbose)

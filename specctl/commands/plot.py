@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-import specctl.core.llm.plots  # noqa: F401  (registers the LLM plots)
+import specctl.llm.plots  # noqa: F401  (registers the LLM plots)
 from specctl.commands.common import JsonOpt, console, handle_errors
 from specctl.core.analysis import finished, load_results
 from specctl.core.errors import SpecctlError

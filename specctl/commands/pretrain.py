@@ -15,7 +15,7 @@ from specctl.commands.common import (
     handle_errors,
     open_session,
 )
-from specctl.core.report import horizon_table
+from specctl.timeseries.report import horizon_table
 
 
 @handle_errors
@@ -30,15 +30,15 @@ def pretrain(
     run = session.open_run("pretrain", resume)
     with session.resumable(run, "pretrain", profile), session.progress() as progress:
         if p.kind == "llm":
-            from specctl.core.llm.pretrain import pretrain_lm
-            from specctl.core.llm.report import summary_table
+            from specctl.llm.pretrain import pretrain_lm
+            from specctl.llm.report import summary_table
 
             metrics = pretrain_lm(p, session.device, run, resume, progress)
             run.write_json("metrics.json", metrics)
             run.finish()
             session.out(metrics, lambda: console.print(summary_table(metrics, f"{p.name}: language model")))
             return
-        from specctl.core.pretrain import pretrain as pretrain_timeseries
+        from specctl.timeseries.pretrain import pretrain as pretrain_timeseries
 
         def log_epoch(epoch: int, record: dict) -> None:
             session.say(f"epoch {epoch}: train {record['train_loss']:.4f}  val {record['val_loss']:.4f}  "

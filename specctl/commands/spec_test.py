@@ -19,7 +19,7 @@ from specctl.commands.common import (
     handle_errors,
     open_session,
 )
-from specctl.core.report import spec_tables
+from specctl.timeseries.report import spec_tables
 
 DebugOpt = Annotated[
     bool, typer.Option("--debug-csv", help="Write per-series, per-round acceptance details (debug.csv).")
@@ -35,19 +35,19 @@ def spec_test(
     session = open_session(profile, set_, device, seed, json_out, dry_run, verbose)
     p = session.profile
     if p.kind == "llm":
-        from specctl.core.llm.spectest import run_llm_spec_test
+        from specctl.llm.spectest import run_llm_spec_test
 
         run = session.open_run("spec-test")
         with run, session.progress() as progress:
             metrics = run_llm_spec_test(p, session.device, run, progress)
             run.write_json("metrics.json", metrics)
             run.finish()
-        from specctl.core.llm.report import spec_table
+        from specctl.llm.report import spec_table
 
         session.out(metrics, lambda: console.print(spec_table(metrics, p.name)))
         return
-    from specctl.core.spectest import METRICS, SpecTestSession, append_results_log, summary_line
-    from specctl.core.train_missing import ensure_checkpoints
+    from specctl.timeseries.spectest import METRICS, SpecTestSession, append_results_log, summary_line
+    from specctl.timeseries.builders import ensure_checkpoints
 
     ensure_checkpoints(p, session.device, session.say)
     run = session.open_run("spec-test")

@@ -35,9 +35,9 @@ from specctl.core.sweep import Results, Trial, TrialSession, exclusive, pending_
 
 # The trial session of each profile kind (spec-test sweeps) and of recipe searches (`sweep_command =
 # "pretrain"`), "module:Class", imported when the first trial needs it.
-RUNNERS: dict[str, str] = {"timeseries": "specctl.core.spectest:SpecTestSession"}
-RUNNERS["llm"] = "specctl.core.llm.sweep:LLMSpecSession"
-RUNNERS["pretrain"] = "specctl.core.pretrain:PretrainSession"
+RUNNERS: dict[str, str] = {"timeseries": "specctl.timeseries.spectest:SpecTestSession"}
+RUNNERS["llm"] = "specctl.llm.sweep:LLMSpecSession"
+RUNNERS["pretrain"] = "specctl.timeseries.pretrain:PretrainSession"
 
 
 def runner_name(profile: Profile) -> str:

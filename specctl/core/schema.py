@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from specctl.core.llm.config import LLMConfig
+from specctl.llm.profile import LLMConfig
 
 
 class Strict(BaseModel):

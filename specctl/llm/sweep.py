@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from specctl.core.llm.draft import Draft
-from specctl.core.llm.spectest import load_target, measure, pick_draft, setup
+from specctl.llm.draft import Draft
+from specctl.llm.spectest import load_target, measure, pick_draft, setup
 from specctl.core.schema import Profile
 
 # keys a trial may change without reloading the target (pydantic `exclude` form)

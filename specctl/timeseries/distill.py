@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from specctl.core.acceptance import acceptance_closed_form, acceptance_probability
+from specctl.timeseries.acceptance import acceptance_closed_form, acceptance_probability
 from specctl.core.checkpoint import load_weights
-from specctl.core.data import SeriesData, eval_windows, load_series
+from specctl.timeseries.data import SeriesData, eval_windows, load_series
 from specctl.core.errors import SpecctlError
-from specctl.core.forecast import Norm, times_for
-from specctl.core.model import Attention, TimerXL, check_compatible, count_parameters, load_timer
-from specctl.core.pretrain import build_model, check_lookback, export, train_timer, window_length
+from specctl.timeseries.forecast import Norm, times_for
+from specctl.timeseries.model import Attention, TimerXL, check_compatible, count_parameters, load_timer
+from specctl.timeseries.pretrain import build_model, check_lookback, export, train_timer, window_length
 from specctl.core.rundir import RunDir
 from specctl.core.schema import DistillConfig, Profile
 from specctl.core.train import FitResult

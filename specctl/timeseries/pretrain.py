@@ -18,12 +18,12 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from specctl.core.checkpoint import load_weights
-from specctl.core.data import SeriesData, Windows, load_series
+from specctl.timeseries.data import SeriesData, Windows, load_series
 from specctl.core.errors import SpecctlError
-from specctl.core.evaluate import HorizonScore, evaluate_rolling
+from specctl.timeseries.evaluate import HorizonScore, evaluate_rolling
 from specctl.core.files import replace_dir, staging_dir
-from specctl.core.forecast import n_tokens, next_patch_loss, rollout_mse
-from specctl.core.model import (
+from specctl.timeseries.forecast import n_tokens, next_patch_loss, rollout_mse
+from specctl.timeseries.model import (
     TimerXL,
     checkpoint_config,
     count_parameters,
@@ -33,7 +33,7 @@ from specctl.core.model import (
     scaled_config,
 )
 from specctl.core.profile import training_command
-from specctl.core.report import scores_to_dict
+from specctl.timeseries.report import scores_to_dict
 from specctl.core.rundir import RunDir
 from specctl.core.runtime import seed_everything
 from specctl.core.schema import Profile

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specctl.core.data import data_dir
+from specctl.timeseries.data import data_dir
 from specctl.core.files import write_csv
-from specctl.core.llm.draft import Draft, build_draft, load_draft, resolve_draft
-from specctl.core.llm.lm import LM, load_lm
-from specctl.core.llm.speculative import Decoding, Sampling
-from specctl.core.llm.static import static_pair
-from specctl.core.llm.text import load_examples, prompt_ids, resolve_text_file
+from specctl.llm.draft import Draft, build_draft, load_draft, resolve_draft
+from specctl.llm.lm import LM, load_lm
+from specctl.llm.speculative import Decoding, Sampling
+from specctl.llm.static import static_pair
+from specctl.llm.text import load_examples, prompt_ids, resolve_text_file
 from specctl.core.rundir import RunDir
 from specctl.core.runtime import synchronize
 from specctl.core.schema import Profile

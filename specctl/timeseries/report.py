@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from specctl.core.evaluate import HorizonScore
+from specctl.timeseries.evaluate import HorizonScore
 
 
 def horizon_table(scores: list[HorizonScore], title: str) -> Table:

@@ -19,7 +19,7 @@ def ensure_checkpoint(ref: str | None, builder: str | None, device: torch.device
     profile = load_profile(builder)
     say(f"checkpoint {ref} is missing: training it first with profile '{builder}'")
     if profile.distill.target:
-        from specctl.core.distill import distill, prepare
+        from specctl.timeseries.distill import distill, prepare
 
         ensure_checkpoint(profile.distill.target, profile.spec.target_profile, device, say)
         ensure_checkpoint(profile.train.init_from, profile.spec.draft_profile, device, say)
@@ -27,7 +27,7 @@ def ensure_checkpoint(ref: str | None, builder: str | None, device: torch.device
             distill(profile, prepare(profile, device), device, run, resume=False)
             run.finish()
     else:
-        from specctl.core.pretrain import pretrain
+        from specctl.timeseries.pretrain import pretrain
 
         with RunDir.create(profile, "pretrain", str(device)) as run:
             pretrain(profile, device, run, resume=False)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specctl.core.model import Stepper, TimerConfig, TimerXL
+from specctl.timeseries.model import Stepper, TimerConfig, TimerXL
 
 EPS = 1e-5
 

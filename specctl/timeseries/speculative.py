@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specctl.core import acceptance
+from specctl.timeseries import acceptance
 from specctl.core.errors import SpecctlError
-from specctl.core.forecast import Norm, n_tokens, times_for
-from specctl.core.model import Stepper, TimerXL, check_compatible
-from specctl.core.rng import normal, uniform
+from specctl.timeseries.forecast import Norm, n_tokens, times_for
+from specctl.timeseries.model import Stepper, TimerXL, check_compatible
+from specctl.timeseries.rng import normal, uniform
 from specctl.core.runtime import PhaseClock, capture_graph
 from specctl.core.schema import SpecConfig
 

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from specctl.core.checkpoint import load_weights
-from specctl.core.data import data_dir
+from specctl.timeseries.data import data_dir
 from specctl.core.errors import SpecctlError
-from specctl.core.llm.config import ArchConfig
-from specctl.core.llm.lm import autocast, check_exit_layer, find_parts, load_lm, load_tokenizer, quiet_transformers
-from specctl.core.llm.text import (
+from specctl.llm.profile import ArchConfig
+from specctl.llm.lm import autocast, check_exit_layer, find_parts, load_lm, load_tokenizer, quiet_transformers
+from specctl.llm.text import (
     ROLE_TAGS,
     SIMPLE_TEMPLATE,
     Example,

@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 
 from specctl.core.checkpoint import CONFIG, STATE, load_weights
-from specctl.core.data import data_dir
+from specctl.timeseries.data import data_dir
 from specctl.core.errors import SpecctlError
 from specctl.core.files import write_csv
-from specctl.core.llm.draft import Draft, build_draft, load_draft, pair_logits
-from specctl.core.llm.kl import HeldOut, distill_loss
-from specctl.core.llm.lm import LM, autocast, load_lm
-from specctl.core.llm.pretrain import log_epoch
-from specctl.core.llm.text import batches, encode, read_files, split
-from specctl.core.pretrain import export
+from specctl.llm.draft import Draft, build_draft, load_draft, pair_logits
+from specctl.llm.kl import HeldOut, distill_loss
+from specctl.llm.lm import LM, autocast, load_lm
+from specctl.llm.pretrain import log_epoch
+from specctl.llm.text import batches, encode, read_files, split
+from specctl.timeseries.pretrain import export
 from specctl.core.rundir import RunDir
 from specctl.core.schema import Profile
 from specctl.core.train import FitResult, fit

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specctl.core.data import count_windows
-from specctl.core.forecast import forecast_cached, forecast_sliding
-from specctl.core.model import TimerXL
+from specctl.timeseries.data import count_windows
+from specctl.timeseries.forecast import forecast_cached, forecast_sliding
+from specctl.timeseries.model import TimerXL
 
 FORECASTERS: dict[str, Callable[[TimerXL, torch.Tensor, int], torch.Tensor]] = {
     "cached": forecast_cached,

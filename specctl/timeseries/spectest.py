@@ -22,17 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from specctl.core.data import load_series
+from specctl.timeseries.data import load_series
 from specctl.core.errors import SpecctlError
-from specctl.core.evaluate import window_starts
+from specctl.timeseries.evaluate import window_starts
 from specctl.core.files import write_csv
-from specctl.core.forecast import Norm, forecast_cached, forecast_sliding, times_for
-from specctl.core.model import Stepper, load_timer
-from specctl.core.pretrain import check_lookback
-from specctl.core.rng import series_seeds
+from specctl.timeseries.forecast import Norm, forecast_cached, forecast_sliding, times_for
+from specctl.timeseries.model import Stepper, load_timer
+from specctl.timeseries.pretrain import check_lookback
+from specctl.timeseries.rng import series_seeds
 from specctl.core.runtime import PhaseClock, Timing, time_call
 from specctl.core.schema import Profile
-from specctl.core.speculative import SpecResult, cache_length, check_pair, speculative_forecast
+from specctl.timeseries.speculative import SpecResult, cache_length, check_pair, speculative_forecast
 
 METRICS = {
     "proposed": "draft tokens proposed (K per round per active series), summed",

@@ -18,7 +18,7 @@ from torch import nn
 
 from specctl.core.checkpoint import CONFIG, WEIGHTS, load_config, load_weights
 from specctl.core.errors import SpecctlError
-from specctl.core.llm.lm import LM, check_exit_layer, tokenizer_fingerprint
+from specctl.llm.lm import LM, check_exit_layer, tokenizer_fingerprint
 
 KIND = "early_exit_draft"
 

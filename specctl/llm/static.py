@@ -21,7 +21,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import repeat_kv
 
 from specctl.core.errors import SpecctlError
-from specctl.core.llm.lm import Parts, find_parts
+from specctl.llm.lm import Parts, find_parts
 
 SUPPORTED = ("llama", "mistral", "qwen2")  # the decoder layer is Llama's (q/k/v/o, RoPE, RMSNorm, gated MLP)
 DYNAMIC_ROPE = ("dynamic", "longrope")  # frequencies that change with the sequence length

@@ -1,1 +1,0 @@
-"""Early-exit drafts for causal language models (SPEC section 5)."""
