@@ -32,17 +32,17 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from specctl.llm.draft import load_draft, resolve_draft  # noqa: E402
-from specctl.llm.finetune import finetune_heads  # noqa: E402
-from specctl.llm.lm import autocast, load_lm  # noqa: E402
-from specctl.llm.pretrain import llama_config, pretrain_lm  # noqa: E402
-from specctl.llm.spectest import load_prompts, run_llm_spec_test  # noqa: E402
-from specctl.core.profile import load_profile, with_overrides  # noqa: E402
-from specctl.core.rundir import RunDir  # noqa: E402
-from specctl.core.runtime import resolve_device, seed_everything, synchronize  # noqa: E402
-from specctl.core.schema import Profile  # noqa: E402
+from specctl.core.profile import load_profile, with_overrides
+from specctl.core.rundir import RunDir
+from specctl.core.runtime import resolve_device, seed_everything, synchronize
+from specctl.core.schema import Profile
+from specctl.llm.draft import load_draft, resolve_draft
+from specctl.llm.finetune import finetune_heads
+from specctl.llm.lm import autocast, load_lm
+from specctl.llm.pretrain import llama_config, pretrain_lm
+from specctl.llm.spectest import load_prompts, run_llm_spec_test
 
 START = time.perf_counter()
 SHARES = {"pretrain": 0.30, "finetune": 0.20, "spec": 0.32, "hf": 0.18}  # of the time left when a stage starts
@@ -420,7 +420,7 @@ def main() -> int:
         free_memory()
         spec, profile = stage_spec(base, layers, budget, device)
         hf = stage_hf(profile, layers, budget, device)
-    except Exception as e:  # noqa: BLE001 -- reported in the table and the exit code
+    except Exception as e:
         traceback.print_exc()
         failure = f"{type(e).__name__}: {e}"
     text = markdown(args, device, target, drafts, spec, hf, profile, failure)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from specctl import __version__
 from specctl.commands import profiles
 from specctl.commands.analyze import analyze
 from specctl.commands.distill import distill
@@ -21,6 +22,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def version(value: bool) -> None:
+    if value:
+        print(f"specctl {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main(_version: bool = typer.Option(False, "--version", callback=version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Speculative decoding for time-series foundation models and early-exit LLMs."""
+
+
 app.add_typer(profiles.app, name="profiles")
 app.command("pretrain")(pretrain)
 app.command("distill")(distill)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from specctl.timeseries.model import TimerXL, scaled_config
-from specctl.core.schema import ModelConfig
+from specctl.timeseries.profile import ModelConfig
 
 
 def tiny_timer(n_vars: int = 3, d_model: int = 32, e_layers: int = 2, stochastic: bool = False, seed: int = 0,

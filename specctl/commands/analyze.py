@@ -6,31 +6,9 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-import pandas as pd
 import typer
-from rich.table import Table
 
-from specctl.commands.common import JsonOpt, console, handle_errors
-from specctl.core.analysis import analyze as analyze_results
-from specctl.core.analysis import (
-    decision_criteria,
-    fmt,
-    load_results,
-    recommendation_lines,
-    report_to_dict,
-    report_to_markdown,
-    sections,
-)
-
-
-def frame_table(frame: pd.DataFrame, title: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    for column in frame.columns:
-        numeric = pd.api.types.is_numeric_dtype(frame[column])
-        table.add_column(str(column), justify="right" if numeric else "left", overflow="fold")
-    for row in frame.itertuples(index=False):
-        table.add_row(*(fmt(v) for v in row))
-    return table
+from specctl.commands.common import JsonOpt, handle_errors, show
 
 
 @handle_errors
@@ -45,17 +23,15 @@ def analyze(
     markdown: bool = typer.Option(False, "--markdown", help="Print the report as Markdown."),
 ) -> None:
     """Summary statistics, top configurations, Pareto frontiers, parameter effects and recommendations."""
+    from specctl.commands import render
+    from specctl.core.analysis import analyze as analyze_results
+    from specctl.core.analysis import decision_criteria, load_results, report_to_dict
+
     criteria = decision_criteria(maintain_mse, maintain_acceptance, balanced_mse, balanced_acceptance)
     report = analyze_results(load_results(results), [str(p) for p in results], top_n, criteria)
     if json_out:
         print(json.dumps(report_to_dict(report), indent=2))
     elif markdown:
-        print(report_to_markdown(report))
+        print(render.report_markdown(report))
     else:
-        console.print(f"{report.trials} trials ({report.failed} failed) from {', '.join(report.sources)}; "
-                      f"swept: {', '.join(report.swept) or 'nothing'}")
-        for title, frame in sections(report):
-            console.print(frame_table(frame, title))
-        title, bullets = recommendation_lines(report)
-        console.print(f"[bold]{title}[/]")
-        console.print("\n".join(bullets), markup=False, highlight=False)
+        show(render.report_view(report))

@@ -8,11 +8,8 @@ from typing import Annotated
 
 import typer
 
-import specctl.llm.plots  # noqa: F401  (registers the LLM plots)
 from specctl.commands.common import JsonOpt, console, handle_errors
-from specctl.core.analysis import finished, load_results
 from specctl.core.errors import SpecctlError
-from specctl.core.plots import PLOTS, render
 
 
 @handle_errors
@@ -21,10 +18,15 @@ def plot(
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Folder for the figures (default: plots/ beside the first CSV).")] = None,
     only: Annotated[list[str] | None, typer.Option(
-        "--only", help=f"Draw only this plot (repeatable): {', '.join(PLOTS)}.")] = None,
+        "--only", help="Draw only this plot (repeatable; an unknown name lists them).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Sweep figures as PNG and PDF; a plot whose columns were not swept is skipped, with a note."""
+    from specctl.backends import register_all_plots
+    from specctl.core.analysis import finished, load_results
+    from specctl.core.plots import PLOTS, render
+
+    register_all_plots()
     unknown = [name for name in only or [] if name not in PLOTS]
     if unknown:
         raise SpecctlError(f"unknown plot '{unknown[0]}' (known: {', '.join(PLOTS)})")

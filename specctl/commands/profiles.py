@@ -6,7 +6,7 @@ import typer
 from rich.table import Table
 
 from specctl.commands.common import console, handle_errors
-from specctl.core.profile import find_profile, load_profile, profiles_dir, read_toml, shipped_profiles
+from specctl.core.profile import find_profile, profiles_dir, read_toml, shipped_profiles
 
 app = typer.Typer(help="List and print the profiles that ship with specctl.", no_args_is_help=True)
 
@@ -24,12 +24,14 @@ def list_profiles() -> None:
 @app.command("show")
 @handle_errors
 def show(
-    name: str, resolved: bool = typer.Option(False, "--resolved", help="Print with extends and defaults applied.")
+    name: str,
+    as_written: bool = typer.Option(False, "--as-written", help="Print the file's own lines instead of every key."),
 ) -> None:
-    """Print a shipped profile (as written, or fully resolved)."""
-    if resolved:
-        from specctl.core.rundir import profile_to_toml
-
-        console.print(profile_to_toml(load_profile(name)), markup=False, highlight=False)
-    else:
+    """Print a profile with every key resolved (extends and defaults applied), or its file as written."""
+    if as_written:
         console.print(find_profile(name).read_text(encoding="utf-8"), markup=False, highlight=False)
+        return
+    from specctl.backends import load_profile
+    from specctl.core.rundir import profile_to_toml
+
+    console.print(profile_to_toml(load_profile(name)), markup=False, highlight=False)

@@ -8,6 +8,7 @@ checkpoint always belong to the same save (resuming never mixes two epochs).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +105,10 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
         index, name = key.split(".", 1)
         slots.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
+
+
+def export_checkpoint(best: Path, target: str | Path) -> Path:
+    """Copy a checkpoint folder to a stable path (train.save_to), replacing any older copy atomically."""
+    staging = staging_dir(Path(target))
+    shutil.copytree(best, staging, dirs_exist_ok=True)
+    return replace_dir(staging, Path(target))

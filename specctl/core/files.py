@@ -37,6 +37,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def check_writable(folder: Path, what: str) -> None:
+    """`folder` exists or can be made, and a file can be written in it; else one SpecctlError line."""
+    from specctl.core.errors import SpecctlError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise SpecctlError(f"{what} {folder} is not writable: {e.strerror or e}") from None
+
+
 def write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
@@ -52,6 +66,14 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str] | None 
     writer.writeheader()
     writer.writerows(rows)
     return write_text(path, buffer.getvalue())
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a log file (a line is written whole or, on a failure, not at all by the OS in practice)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
 
 
 def staging_dir(folder: Path) -> Path:

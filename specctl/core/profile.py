@@ -1,4 +1,7 @@
-"""The one profile loader: TOML files, `extends`, `--set` overrides, validation with helpful errors."""
+"""The one profile loader: TOML files, `extends`, `--set` overrides, validation with helpful errors.
+
+The loader knows no kind of model: callers pass `schemas`, the profile class of each `kind` (specctl/backends.py
+holds the table of both halves), and the merged TOML is validated against the class its `kind` names."""
 
 from __future__ import annotations
 
@@ -6,8 +9,9 @@ import difflib
 import os
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -20,6 +24,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 PROFILE_DIR_ENV = "SPECCTL_PROFILES"
+DEFAULT_KIND = "timeseries"
+P = TypeVar("P", bound=Profile)
+Schemas = Mapping[str, type[Profile]]  # kind -> profile class
 
 
 def profiles_dir() -> Path:
@@ -35,6 +42,8 @@ def shipped_profiles() -> list[str]:
 
 def find_profile(ref: str, relative_to: Path | None = None) -> Path:
     """A path to a TOML file, or the name of a shipped profile (`quickstart/target`)."""
+    if Path(ref).is_dir() and not (Path(ref) / "default.toml").is_file():
+        raise SpecctlError(f"profile '{ref}' is a directory: give a .toml file inside it (or a shipped name)")
     candidates = [Path(ref)]
     if relative_to is not None:
         candidates.insert(0, relative_to / ref)
@@ -113,9 +122,9 @@ def set_dotted(raw: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
     """The pydantic model class that owns the key at `loc` (for suggesting valid keys)."""
-    model: type[BaseModel] = Profile
+    model: type[BaseModel] = root
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
@@ -142,7 +151,7 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     return None
 
 
-def explain(error: ValidationError, files: list[Path], overrides: list[str]) -> str:
+def explain(error: ValidationError, files: list[Path], overrides: list[str], root: type[BaseModel]) -> str:
     """One line naming the file, line and key of the first problem, and the closest valid key."""
     first = error.errors()[0]
     loc = tuple(first["loc"])
@@ -158,7 +167,7 @@ def explain(error: ValidationError, files: list[Path], overrides: list[str]) -> 
         else:
             where = str(files[-1]) if files else "profile"
     if first["type"] == "extra_forbidden":
-        owner = _model_at(loc)
+        owner = _model_at(loc, root)
         valid = list(owner.model_fields) if owner else []
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
@@ -168,39 +177,42 @@ def explain(error: ValidationError, files: list[Path], overrides: list[str]) -> 
     return f"{where}: key '{dotted}': {first['msg']}{got_text}"
 
 
-def load_profile(ref: str, overrides: list[str] | None = None) -> Profile:
-    """Load, merge `extends`, apply `--set` overrides and validate. Raises SpecctlError with one clear line."""
-    overrides = overrides or []
+def schema_for(raw: dict[str, Any], schemas: Schemas, files: list[Path], overrides: list[str]) -> type[Profile]:
+    """The profile class the merged TOML's `kind` names; a one-line error listing the kinds otherwise."""
+    kind = raw.get("kind", DEFAULT_KIND)
+    if isinstance(kind, str) and kind in schemas:
+        return schemas[kind]
+    where = "--set" if any(o.split("=", 1)[0].strip() == "kind" for o in overrides) else (
+        str(files[-1]) if files else "profile")
+    raise SpecctlError(f"{where}: key 'kind': unknown kind {kind!r} (known: {', '.join(schemas)})")
+
+
+def load_profile(ref: str, overrides: list[str] | None, schemas: Schemas, relative_to: Path | None = None) -> Profile:
+    """Load, merge `extends`, apply `--set` overrides and validate against the class of the profile's kind; `ref`
+    is looked up in `relative_to` first (a profile naming another). Raises SpecctlError with one clear line."""
+    overrides = list(overrides or [])
     files: list[Path] = []
     raw: dict[str, Any] = {}
     if ref:
-        raw, files = load_raw(find_profile(ref))
+        raw, files = load_raw(find_profile(ref, relative_to))
     for item in overrides:
         set_dotted(raw, *parse_override(item))
+    schema = schema_for(raw, schemas, files, overrides)
     try:
-        return Profile.model_validate(raw)
+        profile = schema.model_validate(raw)
     except ValidationError as e:
-        raise SpecctlError(explain(e, files, overrides)) from None
+        raise SpecctlError(explain(e, files, overrides, schema)) from None
+    return profile.loaded_from(files[-1] if files else None, tuple(overrides))
 
 
-def training_command(checkpoint: str) -> str | None:
-    """`specctl pretrain|distill --profile NAME` for the shipped profile that sets train.save_to = `checkpoint`
-    itself: what to suggest when the checkpoint is missing."""
-    for name in shipped_profiles():
-        try:
-            if read_toml(find_profile(name)).get("train", {}).get("save_to") == checkpoint:
-                return f"specctl {'distill' if load_profile(name).distill.target else 'pretrain'} --profile {name}"
-        except SpecctlError:
-            continue
-    return None
-
-
-def with_overrides(profile: Profile, overrides: dict[str, Any]) -> Profile:
+def with_overrides(profile: P, overrides: dict[str, Any]) -> P:
     """A copy of `profile` with dotted-key overrides applied and re-validated (used by sweeps)."""
     raw = profile.model_dump()
     for key, value in overrides.items():
         set_dotted(raw, key.split("."), value)
+    schema = type(profile)
     try:
-        return Profile.model_validate(raw)
+        copy = schema.model_validate(raw)
     except ValidationError as e:
-        raise SpecctlError(explain(e, [], list(overrides))) from None
+        raise SpecctlError(explain(e, [], list(overrides), schema)) from None
+    return copy.loaded_from(profile.source, profile.overrides)

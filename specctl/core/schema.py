@@ -1,103 +1,27 @@
-"""Profile schema: every knob specctl has, one pydantic model per TOML table.
+"""The part of a profile every kind shares: identity, seed, device, run root, the [train] table (both halves train
+with the one loop in core/train.py), the data directory and the [sweep] grid.
 
-Unknown keys are rejected (`extra="forbid"`), so a typo never silently falls back to a default.
-The seeds' flag names map onto these fields: spec_k -> spec.k, spec_sigma -> spec.sigma,
-spec_accept_bias -> spec.bias, draft_teacher_noise -> distill.teacher_noise,
-draft_nll_var_reg -> distill.var_reg, draft_teacher_dropout -> distill.teacher_dropout,
-draft_scale_* -> model.scale_*, draft_stochastic -> model.stochastic, input_token_len -> model.patch_len,
-seq_len -> data.lookback, test_pred_len -> data.horizons, e_layers -> model.e_layers.
+Each half owns the rest of its profile (specctl/timeseries/profile.py, specctl/llm/profile.py) as a subclass of
+`Profile`; the loader (core/profile.py) picks the subclass by `kind`. Unknown keys are rejected (`extra="forbid"`),
+so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from specctl.llm.profile import LLMConfig
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class SyntheticConfig(Strict):
-    """The embedded generator: seasonalities, trend, noise and cross-variable coupling."""
+class DataLocation(Strict):
+    """Where named data files are looked up: `data.dir`, else $SPECCTL_DATA_DIR (core/data_dir.py)."""
 
-    n_vars: int = Field(3, ge=1)
-    length: int = Field(10000, ge=16)
-    periods: list[float] = [24.0, 168.0]
-    trend: float = 0.5
-    noise: float = Field(0.1, ge=0.0)
-    coupling: float = Field(0.3, ge=0.0, le=1.0)
-    seed: int = 0
-
-
-class ExtraTrainSet(Strict):
-    """Another series whose train split is added to the training windows (never to validation or test).
-
-    `every` = n keeps every n-th row and makes each of the n phases its own series: ETTm1 (15 min) at
-    every = 4 is ETTh1's hourly grid (phase 0 equals ETTh1 row for row) and three copies shifted by 15, 30
-    and 45 minutes, over the same months as ETTh1's train split."""
-
-    name: str
-    path: str | None = None
-    every: int = Field(1, ge=1)
-
-
-class DataConfig(Strict):
-    name: str = "synthetic"
-    path: str | None = None
     dir: str | None = None
-    lookback: int = Field(672, gt=0)
-    horizons: list[int] = [96, 192, 336, 720]
-    missing: Literal["interpolate", "error"] = "interpolate"
-    sentinels: list[float] = [-9999.0]
-    max_eval_windows: int | None = Field(None, gt=0)
-    synthetic: SyntheticConfig = SyntheticConfig()
-    extra_train: list[ExtraTrainSet] = []
-
-    @field_validator("horizons")
-    @classmethod
-    def _positive_horizons(cls, horizons: list[int]) -> list[int]:
-        if not horizons or any(h <= 0 for h in horizons):
-            raise ValueError("every horizon must be a positive integer")
-        return horizons
-
-
-class ModelConfig(Strict):
-    """Timer-XL. A draft is the same architecture with the scale_* factors applied to these sizes."""
-
-    patch_len: int = Field(96, gt=0)
-    d_model: int = Field(1024, gt=0)
-    n_heads: int = Field(8, gt=0)
-    d_ff: int = Field(2048, gt=0)
-    e_layers: int = Field(1, gt=0)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    scale_d_model: float = Field(1.0, gt=0.0)
-    scale_n_heads: float = Field(1.0, gt=0.0)
-    scale_d_ff: float = Field(1.0, gt=0.0)
-    scale_e_layers: float = Field(1.0, gt=0.0)
-    stochastic: bool = False
-    # centre of the frozen instance normalisation: the lookback's mean (the paper), or the mean of its last
-    # patch, the level the forecast starts from (robust to level shifts, like NLinear's last-value subtraction)
-    norm_center: Literal["mean", "last_patch"] = "mean"
-    # LayerNorm before each sublayer (pre) or after each residual sum, as the reference code's TimerLayer (post)
-    norm_position: Literal["pre", "post"] = "pre"
-    # share of each head's channels that RoPE rotates (the reference code rotates half; the rest carry no
-    # position, so attention on them is by content alone) and the feed-forward activation (the reference: relu)
-    rope_fraction: float = Field(1.0, gt=0.0, le=1.0)
-    activation: Literal["gelu", "relu"] = "gelu"
-    # stochastic depth for deep targets on small data: in training, each sample skips a layer's residual
-    # branches with a probability rising linearly from 0 (first layer) to drop_path (last); 0 = off
-    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
-    # LayerScale: initial value of a learned per-channel gain on every residual branch (e.g. 0.1); None = off
-    layer_scale: float | None = Field(None, gt=0.0)
-    # each variable attends only to its own past (the univariate Timer, PatchTST's channel independence): one
-    # model for every variable, which cannot fit cross-variable patterns of a small training set
-    channel_independent: bool = False
-    logvar_min: float = -10.0
-    logvar_max: float = 4.0
 
 
 class TrainConfig(Strict):
@@ -134,62 +58,35 @@ class TrainConfig(Strict):
     save_to: str | None = None
 
 
-class DistillConfig(Strict):
-    target: str | None = None
-    loss: Literal["mse", "nll"] = "mse"
-    var_reg: float = Field(0.01, ge=0.0)
-    teacher_noise: float = Field(0.05, ge=0.0)
-    teacher_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    alpha_truth: float = Field(0.0, ge=0.0, le=1.0)
-    mse_warn: float = Field(0.6, gt=0.0)
-    sigmas: list[float] = [0.1, 0.25, 0.5]
-
-
-class SpecConfig(Strict):
-    target: str | None = None
-    draft: str | None = None
-    target_profile: str | None = None
-    draft_profile: str | None = None
-    k: int = Field(3, ge=1)
-    rule: Literal["gaussian", "exact", "tolerance"] = "gaussian"
-    sigma: float = Field(0.25, gt=0.0)
-    bias: float = Field(1.0, ge=1.0)
-    tol: float = Field(0.1, ge=0.0)
-    emit: Literal["target_mean", "draft_mean", "sample"] = "target_mean"
-    horizon: int | None = Field(None, gt=0)
-    batch_size: int = Field(32, ge=1)
-    max_windows: int | None = Field(None, gt=0)
-    repeats: int = Field(3, ge=1)
-    warmup: int = Field(1, ge=0)
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    cuda_graphs: bool = True
-    graph_rounds: bool = False  # replay each whole round as one CUDA graph (checked against eager rounds first)
-    exact_max_tries: int = Field(100, ge=1)
-    draft_only: bool = False
-    sliding_baseline: bool = True
-
-    @model_validator(mode="after")
-    def _exact_means_bias_one(self) -> SpecConfig:
-        if self.rule == "exact" and self.bias != 1.0:
-            raise ValueError("rule 'exact' means bias 1 (set spec.bias = 1 or choose rule 'gaussian')")
-        return self
-
 
 class Profile(Strict):
     name: str = "run"
     description: str = ""
-    kind: Literal["timeseries", "llm"] = "timeseries"
+    kind: str = "timeseries"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     run_root: str = "runs"
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
+    data: DataLocation = DataLocation()
     train: TrainConfig = TrainConfig()
-    distill: DistillConfig = DistillConfig()
-    spec: SpecConfig = SpecConfig()
-    llm: LLMConfig = LLMConfig()
     sweep: dict[str, list[Any]] = {}
     sweep_command: Literal["spec-test", "pretrain"] = "spec-test"  # what one sweep trial runs
+    # how it was loaded (not profile keys): the file given (other profiles it names resolve from its folder first)
+    # and the --set overrides (passed on to the profiles that build its missing checkpoints)
+    _source: Path | None = PrivateAttr(None)
+    _overrides: tuple[str, ...] = PrivateAttr(())
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        return self._overrides
+
+    def loaded_from(self, source: Path | None, overrides: tuple[str, ...]) -> Profile:
+        """Record where this profile came from (the loader calls it); returns self."""
+        self._source, self._overrides = source, overrides
+        return self
 
     @field_validator("sweep", mode="before")
     @classmethod

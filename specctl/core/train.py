@@ -100,111 +100,155 @@ class WeightAverage:
         self.updates = int(load_state(folder).get("ema_updates", 0))
 
 
-def fit(
-    model: nn.Module,
-    params: Iterable[nn.Parameter],
-    train_loss: Callable[[Any], torch.Tensor],
-    train_batches: Callable[[int], Iterable[Any]],
-    validate: Callable[[], dict[str, float]],
-    cfg: TrainConfig,
-    ckpt_dir: Path,
-    config: dict[str, Any],
-    weights: Callable[[], dict[str, torch.Tensor]] | None = None,
-    resume: bool = False,
-    progress=None,
-    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
-) -> FitResult:
-    params = [p for p in params if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
-    weights = weights or model.state_dict
-    ckpt_dir = Path(ckpt_dir)
-    last_dir, best_dir = ckpt_dir / "last", ckpt_dir / "best"
-    result = FitResult(best_val=math.inf, epochs_done=0, stopped_early=False, interrupted=False,
-                       best_dir=best_dir, last_dir=last_dir)
-    bad_epochs, optimizer_steps = 0, 0
-    average = WeightAverage(params, cfg.ema_decay) if cfg.ema_decay is not None else None
-    if resume:
-        for folder in (last_dir, best_dir):
-            recover_dir(folder)  # a save cut off between its two renames
-        if not (last_dir / "state.json").is_file():
-            raise SpecctlError(f"--resume: no finished epoch to resume from in {last_dir}")
-        state = load_state(last_dir)
-        model.load_state_dict(load_weights(last_dir, next(model.parameters()).device), strict=False)
-        restore_optimizer(optimizer, last_dir)
-        if average is not None:
-            if not (last_dir / RAW_WEIGHTS).is_file():
-                raise SpecctlError(f"--resume: {last_dir} was trained without train.ema_decay; resume without it")
-            average.restore(last_dir)
-        result.epochs_done, result.best_val = state["epoch"], state["best_val"]
-        result.history, bad_epochs = state["history"], state["bad_epochs"]
-        optimizer_steps = state.get("optimizer_steps", 0)
-        if state.get("stopped_early"):
-            result.stopped_early = True
-            return result
+@dataclass
+class Task:
+    """What `fit` trains: the model and its trainable parameters, the loss of a batch, the batches of an epoch, the
+    validation metrics (`val_loss` picks the best epoch), and what every checkpoint saves (config.json, and the
+    weights: by default the model's state dict)."""
 
-    task = progress.add_task("train", total=None, info="") if progress is not None else None
-    for epoch in range(result.epochs_done, cfg.epochs):
-        model.train()
-        started, total, steps = time.perf_counter(), 0.0, 0
-        batches = list(train_batches(epoch)) if cfg.max_steps_per_epoch is None else None
+    model: nn.Module
+    params: Iterable[nn.Parameter]
+    loss: Callable[[Any], torch.Tensor]
+    batches: Callable[[int], Iterable[Any]]
+    validate: Callable[[], dict[str, float]]
+    config: dict[str, Any]
+    weights: Callable[[], dict[str, torch.Tensor]] | None = None
+
+
+class Trainer:
+    """The epoch loop: optimizer steps with the lr schedule (and the weight average), validation, early stopping,
+    and the checkpoints of the module docstring; --resume continues from `last/` exactly."""
+
+    def __init__(self, task: Task, cfg: TrainConfig, ckpt_dir: Path, progress=None,
+                 on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> None:
+        self.task, self.cfg, self.progress, self.on_epoch_end = task, cfg, progress, on_epoch_end
+        self.params = [p for p in task.params if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, cfg)
+        self.weights = task.weights or task.model.state_dict
+        self.ckpt_dir = Path(ckpt_dir)
+        self.last_dir, self.best_dir = self.ckpt_dir / "last", self.ckpt_dir / "best"
+        self.result = FitResult(best_val=math.inf, epochs_done=0, stopped_early=False, interrupted=False,
+                                best_dir=self.best_dir, last_dir=self.last_dir)
+        self.bad_epochs, self.optimizer_steps = 0, 0
+        self.average = WeightAverage(self.params, cfg.ema_decay) if cfg.ema_decay is not None else None
+        self.task_id = None
+
+    def restore(self) -> None:
+        """Continue from `last/`: weights, optimizer, weight average, history and counters."""
+        for folder in (self.last_dir, self.best_dir):
+            recover_dir(folder)  # a save cut off between its two renames
+        if not (self.last_dir / "state.json").is_file():
+            raise SpecctlError(f"--resume: no finished epoch to resume from in {self.last_dir}")
+        state = load_state(self.last_dir)
+        model = self.task.model
+        model.load_state_dict(load_weights(self.last_dir, next(model.parameters()).device), strict=False)
+        restore_optimizer(self.optimizer, self.last_dir)
+        if self.average is not None:
+            if not (self.last_dir / RAW_WEIGHTS).is_file():
+                raise SpecctlError(f"--resume: {self.last_dir} was trained without train.ema_decay; resume without it")
+            self.average.restore(self.last_dir)
+        self.result.epochs_done, self.result.best_val = state["epoch"], state["best_val"]
+        self.result.history, self.bad_epochs = state["history"], state["bad_epochs"]
+        self.optimizer_steps = state.get("optimizer_steps", 0)
+        self.result.stopped_early = bool(state.get("stopped_early"))
+
+    def step(self, batch: Any, epoch: int, steps: int) -> float:
+        """One optimizer step; returns the batch's loss."""
+        cfg = self.cfg
+        loss = self.task.loss(batch)
+        if not torch.isfinite(loss):
+            raise SpecctlError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, "
+                               f"step {steps + 1} (lower train.lr or set train.grad_clip)")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, epoch, self.optimizer_steps)
+        self.optimizer.step()
+        self.optimizer_steps += 1
+        if self.average is not None:
+            self.average.update()
+        return loss.item()
+
+    def train_epoch(self, epoch: int) -> tuple[float, int]:
+        """Every batch of an epoch (at most train.max_steps_per_epoch); returns (summed loss, steps). Ctrl-C saves
+        the weights so far under `interrupted/`."""
+        cfg, progress = self.cfg, self.progress
+        self.task.model.train()
+        limit = cfg.max_steps_per_epoch
+        batches = list(self.task.batches(epoch)) if limit is None else self.task.batches(epoch)
         if progress is not None:
-            n = len(batches) if batches is not None else cfg.max_steps_per_epoch
-            progress.reset(task, total=n, description=f"epoch {epoch + 1}/{cfg.epochs}", info="")
+            progress.reset(self.task_id, total=len(batches) if limit is None else limit,
+                           description=f"epoch {epoch + 1}/{cfg.epochs}", info="")
+        total, steps = 0.0, 0
         try:
-            for batch in batches if batches is not None else train_batches(epoch):
-                loss = train_loss(batch)
-                if not torch.isfinite(loss):
-                    raise SpecctlError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, "
-                                       f"step {steps + 1} (lower train.lr or set train.grad_clip)")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg, epoch, optimizer_steps)
-                optimizer.step()
-                optimizer_steps += 1
-                if average is not None:
-                    average.update()
-                total, steps = total + loss.item(), steps + 1
+            for batch in batches:
+                total, steps = total + self.step(batch, epoch, steps), steps + 1
                 if progress is not None:
-                    progress.update(task, advance=1, info=f"loss {total / steps:.4f}")
-                if cfg.max_steps_per_epoch is not None and steps >= cfg.max_steps_per_epoch:
+                    progress.update(self.task_id, advance=1, info=f"loss {total / steps:.4f}")
+                if limit is not None and steps >= limit:
                     break
         except KeyboardInterrupt:
-            if average is not None:
-                average.swap()
-            save_checkpoint(ckpt_dir / "interrupted", weights(), config, state={"epoch": epoch, "partial": True})
-            result.interrupted = True
+            if self.average is not None:
+                self.average.swap()
+            save_checkpoint(self.ckpt_dir / "interrupted", self.weights(), self.task.config,
+                            state={"epoch": epoch, "partial": True})
+            self.result.interrupted = True
             raise
-        if average is not None:
-            average.swap()
-        model.eval()
+        return total, steps
+
+    def end_epoch(self, epoch: int, total: float, steps: int, started: float) -> dict[str, float]:
+        """Validate (on the weight average, if any), record, save `best/` if it improved and `last/` always."""
+        cfg, result = self.cfg, self.result
+        if self.average is not None:
+            self.average.swap()
+        self.task.model.eval()
         with torch.no_grad():
-            metrics = validate()
+            metrics = self.task.validate()
         record = {"epoch": epoch + 1, "train_loss": total / max(steps, 1), **metrics,
                   "lr": learning_rate(cfg, epoch), "seconds": time.perf_counter() - started}
         result.history.append(record)
         result.epochs_done = epoch + 1
-        improved = metrics["val_loss"] < result.best_val
-        if improved:
-            result.best_val, bad_epochs = metrics["val_loss"], 0
-            save_checkpoint(best_dir, weights(), config, state={"epoch": epoch + 1, "val_loss": metrics["val_loss"]})
+        if metrics["val_loss"] < result.best_val:
+            result.best_val, self.bad_epochs = metrics["val_loss"], 0
+            save_checkpoint(self.best_dir, self.weights(), self.task.config,
+                            state={"epoch": epoch + 1, "val_loss": metrics["val_loss"]})
         else:
-            bad_epochs += 1
-        result.stopped_early = bad_epochs >= cfg.patience
-        raw = {RAW_WEIGHTS: average.raw_weights()} if average is not None else None
-        save_checkpoint(last_dir, weights(), config, optimizer, extra=raw, state={
-            "epoch": epoch + 1, "best_val": result.best_val, "bad_epochs": bad_epochs,
-            "history": result.history, "stopped_early": result.stopped_early, "optimizer_steps": optimizer_steps,
-            **({"ema_updates": average.updates} if average is not None else {}),
+            self.bad_epochs += 1
+        result.stopped_early = self.bad_epochs >= cfg.patience
+        raw = {RAW_WEIGHTS: self.average.raw_weights()} if self.average is not None else None
+        save_checkpoint(self.last_dir, self.weights(), self.task.config, self.optimizer, extra=raw, state={
+            "epoch": epoch + 1, "best_val": result.best_val, "bad_epochs": self.bad_epochs,
+            "history": result.history, "stopped_early": result.stopped_early,
+            "optimizer_steps": self.optimizer_steps,
+            **({"ema_updates": self.average.updates} if self.average is not None else {}),
         })
-        if average is not None:
-            average.swap()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, record)
-        if result.stopped_early:
-            break
-    if progress is not None:
-        progress.remove_task(task)
-    return result
+        if self.average is not None:
+            self.average.swap()
+        return record
+
+    def fit(self, resume: bool = False) -> FitResult:
+        if resume:
+            self.restore()
+            if self.result.stopped_early:
+                return self.result
+        if self.progress is not None:
+            self.task_id = self.progress.add_task("train", total=None, info="")
+        for epoch in range(self.result.epochs_done, self.cfg.epochs):
+            started = time.perf_counter()
+            total, steps = self.train_epoch(epoch)
+            record = self.end_epoch(epoch, total, steps, started)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(epoch + 1, record)
+            if self.result.stopped_early:
+                break
+        if self.progress is not None:
+            self.progress.remove_task(self.task_id)
+        return self.result
+
+
+def fit(task: Task, cfg: TrainConfig, ckpt_dir: Path, resume: bool = False, progress=None,
+        on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
+    """Train `task` under `cfg`, checkpointing into `ckpt_dir` (see Trainer)."""
+    return Trainer(task, cfg, ckpt_dir, progress, on_epoch_end).fit(resume)

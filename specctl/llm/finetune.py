@@ -11,24 +11,49 @@ import glob
 import hashlib
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
-from specctl.core.checkpoint import CONFIG, STATE, load_weights
-from specctl.timeseries.data import data_dir
+from specctl.core.checkpoint import CONFIG, STATE, export_checkpoint, load_weights
+from specctl.core.data_dir import data_dir
 from specctl.core.errors import SpecctlError
 from specctl.core.files import write_csv
+from specctl.core.rundir import RunDir
+from specctl.core.train import FitResult, Task, fit
 from specctl.llm.draft import Draft, build_draft, load_draft, pair_logits
 from specctl.llm.kl import HeldOut, distill_loss
 from specctl.llm.lm import LM, autocast, load_lm
 from specctl.llm.pretrain import log_epoch
+from specctl.llm.profile import LLMProfile
 from specctl.llm.text import batches, encode, read_files, split
-from specctl.timeseries.pretrain import export
-from specctl.core.rundir import RunDir
-from specctl.core.schema import Profile
-from specctl.core.train import FitResult, fit
+
+DEFINITIONS = {
+    "rows": "one per exit layer and head (copy = the untuned copy of the target's head, tuned = after training, or one "
+            "per --eval-only checkpoint); <set>_<metric> for the in-domain held-out set (val) and every llm.eval_files "
+            "set, token-weighted",
+    "<set>_kl / _kl_t1": "KL(p_target || p_draft) per token at llm.kl_temperature / at T = 1 (nats)",
+    "<set>_ce / _ppl": "the draft's cross-entropy to the text (nats/token) and its exp",
+    "<set>_top1 / _top<k>": "the draft's top-1 / top-k accuracy against the text",
+    "<set>_agreement": "top-1 agreement of draft and target: the greedy acceptance rate, teacher-forced",
+    "target_unchanged": "the target's parameters hashed before and after tuning are equal",
+}
+
+
+@dataclass
+class FinetuneResult:
+    definitions: ClassVar[dict[str, str]] = DEFINITIONS
+
+    target: str
+    target_layers: int
+    target_unchanged: bool
+    results_csv: str
+    rows: list[dict[str, Any]]
+
+    def metrics(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -37,7 +62,7 @@ class TextSets:
     held_out: dict[str, list[list[int]]]  # "val" (in-domain) and one per eval file
 
 
-def load_sets(profile: Profile, tokenizer) -> TextSets:
+def load_sets(profile: LLMProfile, tokenizer) -> TextSets:
     llm = profile.llm
 
     def enc(examples) -> list[list[int]]:
@@ -66,7 +91,7 @@ def checksum(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def evaluate(draft: Draft, seqs: list[list[int]], profile: Profile, device: torch.device,
+def evaluate(draft: Draft, seqs: list[list[int]], profile: LLMProfile, device: torch.device,
              max_batches: int | None = None) -> dict[str, float]:
     """Token-weighted held-out metrics (see kl.HeldOut) of the draft against the target."""
     llm, pad = profile.llm, draft.target.tokenizer.pad_token_id
@@ -81,13 +106,13 @@ def evaluate(draft: Draft, seqs: list[list[int]], profile: Profile, device: torc
     return acc.result()
 
 
-def objective(metrics: dict[str, float], profile: Profile) -> float:
+def objective(metrics: dict[str, float], profile: LLMProfile) -> float:
     """The training loss on held-out data: kl_weight * T^2 * KL_T + ce_weight * CE."""
     llm = profile.llm
     return llm.kl_weight * llm.kl_temperature**2 * metrics["kl"] + llm.ce_weight * metrics["ce"]
 
 
-def train_draft(draft: Draft, sets: TextSets, profile: Profile, device: torch.device, ckpt_dir: Path,
+def train_draft(draft: Draft, sets: TextSets, profile: LLMProfile, device: torch.device, ckpt_dir: Path,
                 progress=None, on_epoch_end=None, resume: bool = False) -> FitResult:
     """Distil the draft's trainable parts toward the target; the best checkpoint is loaded back."""
     llm, cfg, pad = profile.llm, profile.train, draft.target.tokenizer.pad_token_id
@@ -104,15 +129,15 @@ def train_draft(draft: Draft, sets: TextSets, profile: Profile, device: torch.de
 
     config = {**draft.config(), "kl_temperature": llm.kl_temperature, "kl_weight": llm.kl_weight,
               "ce_weight": llm.ce_weight, "train_files": llm.train_files, "max_len": llm.max_len}
-    result = fit(draft.model, draft.trainable().values(), loss,
-                 lambda epoch: batches(sets.train, cfg.batch_size, pad, "cpu", seed=profile.seed + epoch),
-                 validate, cfg, ckpt_dir, config, weights=draft.weights, resume=resume, progress=progress,
-                 on_epoch_end=on_epoch_end)
+    task = Task(draft.model, draft.trainable().values(), loss,
+                lambda epoch: batches(sets.train, cfg.batch_size, pad, "cpu", seed=profile.seed + epoch),
+                validate, config, draft.weights)
+    result = fit(task, cfg, ckpt_dir, resume, progress, on_epoch_end)
     draft.model.load_state_dict(load_weights(result.best_dir, device), strict=False)
     return result
 
 
-def row(draft: Draft, sets: TextSets, profile: Profile, device: torch.device, head: str, **extra) -> dict:
+def row(draft: Draft, sets: TextSets, profile: LLMProfile, device: torch.device, head: str, **extra) -> dict:
     """One results.csv row: settings, then `<set>_<metric>` for every held-out set."""
     llm = profile.llm
     checkpoint = Path(str(extra.get("checkpoint") or "")).name
@@ -134,8 +159,8 @@ def draft_folders(pattern: str) -> list[Path]:
     return folders
 
 
-def finetune_heads(profile: Profile, device: torch.device, run: RunDir, progress=None, say=print,
-                   resume: bool = False) -> dict:
+def finetune_heads(profile: LLMProfile, device: torch.device, run: RunDir, resume: bool = False, progress=None,
+                   say=print) -> FinetuneResult:
     """Train (or, with llm.eval_only, evaluate) early-exit drafts; write results.csv; return the rows.
 
     With `resume`, each exit layer continues from its last finished epoch in this run's checkpoints, and a
@@ -159,7 +184,8 @@ def finetune_heads(profile: Profile, device: torch.device, run: RunDir, progress
         ckpt = run.checkpoints / f"layer{layer}"
         result = train_draft(draft, sets, profile, device, ckpt, progress, log_epoch(say),
                              resume=resume and (ckpt / "last" / STATE).is_file())
-        saved = export(result.best_dir, str(Path(cfg.save_to) / f"layer{layer}")) if cfg.save_to else result.best_dir
+        saved = (export_checkpoint(result.best_dir, Path(cfg.save_to) / f"layer{layer}") if cfg.save_to
+                 else result.best_dir)
         rows.append(row(draft, sets, profile, device, "tuned", checkpoint=str(saved), epochs=result.epochs_done,
                         best_val_loss=result.best_val, train_seconds=time.perf_counter() - started))
         say(f"exit layer {layer}: val KL {rows[-1]['val_kl']:.4f}, top1 {rows[-1]['val_top1']:.3f}, agreement "
@@ -168,5 +194,4 @@ def finetune_heads(profile: Profile, device: torch.device, run: RunDir, progress
     if not unchanged:
         raise SpecctlError("internal error: the target's parameters changed while tuning a draft")
     write_csv(run.path / "results.csv", rows)
-    return {"target": lm.path, "target_layers": lm.n_layers, "target_unchanged": unchanged,
-            "results_csv": str(run.path / "results.csv"), "rows": rows}
+    return FinetuneResult(lm.path, lm.n_layers, unchanged, str(run.path / "results.csv"), rows)

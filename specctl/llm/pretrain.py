@@ -12,17 +12,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from specctl.core.checkpoint import load_weights
-from specctl.timeseries.data import data_dir
+from specctl.core.data_dir import data_dir
 from specctl.core.errors import SpecctlError
-from specctl.llm.profile import ArchConfig
+from specctl.core.rundir import RunDir
+from specctl.core.train import Task, fit
 from specctl.llm.lm import autocast, check_exit_layer, find_parts, load_lm, load_tokenizer, quiet_transformers
+from specctl.llm.profile import ArchConfig, LLMProfile
 from specctl.llm.text import (
     ROLE_TAGS,
     SIMPLE_TEMPLATE,
@@ -33,9 +37,6 @@ from specctl.llm.text import (
     resolve_text_file,
     split,
 )
-from specctl.core.rundir import RunDir
-from specctl.core.schema import Profile
-from specctl.core.train import fit
 
 EOS = "<|endoftext|>"
 
@@ -74,7 +75,7 @@ def gpt2_tokenizer(folder: Path | None):
     return wrap_tokenizer(tok)
 
 
-def build_tokenizer(profile: Profile, train: list[Example]):
+def build_tokenizer(profile: LLMProfile, train: list[Example]):
     choice = profile.llm.tokenizer or "bpe"
     if choice == "bpe":
         return train_bpe(contents(train), profile.llm.arch.vocab_size)
@@ -222,8 +223,41 @@ def log_epoch(say: Callable[[str], None] | None):
                                 f"({r['seconds']:.1f}s)")
 
 
-def pretrain_lm(profile: Profile, device: torch.device, run: RunDir, resume: bool, progress,
-                say: Callable[[str], None] | None = None) -> dict:
+@dataclass
+class LMPretrainResult:
+    """A language model trained by `pretrain`: where it is, its size, and its held-out perplexities."""
+
+    definitions: ClassVar[dict[str, str]] = {
+        "val_loss / val_ppl": "token-mean next-token cross-entropy (nats) on the held-out split of llm.train_files, "
+                              "and its exp",
+        "unigram_ppl": "perplexity of add-one-smoothed unigram frequencies on the same split: the floor to beat",
+        "ppl_<set>": "perplexity on each out-of-domain file of llm.eval_files",
+        "history": "per epoch: train loss, validation loss and perplexity, learning rate, seconds",
+    }
+
+    model_dir: str
+    parameters: int
+    layers: int
+    vocab_size: int
+    train_tokens: int
+    val_tokens: int
+    epochs: int
+    stopped_early: bool
+    val_loss: float
+    val_ppl: float
+    unigram_ppl: float
+    held_out_ppl: dict[str, float]
+    history: list[dict[str, float]]
+
+    def metrics(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update({f"ppl_{name}": ppl for name, ppl in out.pop("held_out_ppl").items()})
+        history = out.pop("history")
+        return {**out, "history": history}
+
+
+def pretrain_lm(profile: LLMProfile, device: torch.device, run: RunDir, resume: bool, progress,
+                say: Callable[[str], None] | None = None) -> LMPretrainResult:
     """Train a Llama LM from scratch (or continue a causal LM from train.init_from); save it as a Hugging Face
     folder (train.save_to, else <run>/model) with its tokenizer; return metrics with a unigram baseline."""
     from transformers import LlamaForCausalLM
@@ -257,9 +291,10 @@ def pretrain_lm(profile: Profile, device: torch.device, run: RunDir, resume: boo
         ce = mean_ce(model, val_blocks, cfg.batch_size, device, llm.dtype, cfg.max_val_batches)
         return {"val_loss": ce, "val_ppl": math.exp(ce)}
 
-    result = fit(model, model.parameters(), train_loss, train_batches, validate, cfg, run.checkpoints,
-                 {"kind": "llm", "llama": model.config.to_dict(), "tokenizer": str(tok_dir)},
-                 weights=lambda: unique_state(model), resume=resume, progress=progress, on_epoch_end=log_epoch(say))
+    task = Task(model, model.parameters(), train_loss, train_batches, validate,
+                {"kind": "llm", "llama": model.config.to_dict(), "tokenizer": str(tok_dir)},
+                lambda: unique_state(model))
+    result = fit(task, cfg, run.checkpoints, resume, progress, log_epoch(say))
     model.load_state_dict(load_weights(result.best_dir, device), strict=False)
     model.eval()
     out = Path(cfg.save_to) if cfg.save_to else run.path / "model"
@@ -272,12 +307,11 @@ def pretrain_lm(profile: Profile, device: torch.device, run: RunDir, resume: boo
         held_out = {name: math.exp(mean_ce(model, blocks, cfg.batch_size, device, llm.dtype))
                     for name, blocks in eval_sets.items()}
     unigram = unigram_ce(train_blocks, val_blocks, len(tokenizer))
-    return {
-        "model_dir": str(out), "parameters": sum(p.numel() for p in model.parameters()),
-        "layers": model.config.num_hidden_layers, "vocab_size": len(tokenizer),
-        "train_tokens": train_blocks.numel(), "val_tokens": val_blocks.numel(),
-        "epochs": result.epochs_done, "stopped_early": result.stopped_early,
-        "val_loss": val_ce, "val_ppl": math.exp(val_ce), "unigram_ppl": math.exp(unigram),
-        **{f"ppl_{name}": ppl for name, ppl in held_out.items()},
-        "history": result.history,
-    }
+    return LMPretrainResult(
+        model_dir=str(out), parameters=sum(p.numel() for p in model.parameters()),
+        layers=model.config.num_hidden_layers, vocab_size=len(tokenizer),
+        train_tokens=train_blocks.numel(), val_tokens=val_blocks.numel(),
+        epochs=result.epochs_done, stopped_early=result.stopped_early,
+        val_loss=val_ce, val_ppl=math.exp(val_ce), unigram_ppl=math.exp(unigram), held_out_ppl=held_out,
+        history=result.history,
+    )

@@ -1,4 +1,5 @@
-"""The [llm] table of a profile: target LM, early-exit draft, KL tuning and speculative sampling.
+"""The [llm] table of a profile and the profile of kind "llm": target LM, early-exit draft, KL tuning and
+speculative sampling.
 
 Research-plan names: exit layer `ℓ` -> llm.exit_layer / llm.exit_layers, `--ft_last_transformer` -> llm.tune_block,
 KL temperature `T` -> llm.kl_temperature, `CE + KL` -> llm.ce_weight, `γ` -> llm.spec.gamma,
@@ -11,14 +12,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from specctl.core.schema import DataLocation, Profile, Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ArchConfig(_Strict):
+class ArchConfig(Strict):
     """[llm.arch]: the LlamaConfig of a target trained from scratch by `pretrain` (kind = "llm")."""
 
     vocab_size: int = Field(512, ge=32)  # size of a BPE tokenizer trained here; a loaded tokenizer decides its own
@@ -34,7 +33,7 @@ class ArchConfig(_Strict):
     initializer_range: float = Field(0.02, gt=0.0)
 
 
-class LLMSpecConfig(_Strict):
+class LLMSpecConfig(Strict):
     """[llm.spec]: speculative sampling with an early-exit draft (spec-test for kind = "llm")."""
 
     draft: str | None = None  # finetune-head output (a draft folder, its parent, or a run); None = untuned head copy
@@ -55,7 +54,7 @@ class LLMSpecConfig(_Strict):
     ci: float = Field(0.95, gt=0.0, lt=1.0)
 
 
-class LLMConfig(_Strict):
+class LLMConfig(Strict):
     target: str | None = None  # a local Hugging Face causal-LM folder (or hub id, if online)
     tokenizer: str | None = None  # a tokenizer folder; pretrain also builds "bpe" (default) or "gpt2" (data dir)
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # compute dtype (autocast while training)
@@ -84,3 +83,9 @@ class LLMConfig(_Strict):
 
     def layers(self) -> list[int]:
         return self.exit_layers or [self.exit_layer]
+
+
+class LLMProfile(Profile):
+    kind: Literal["llm"]
+    data: DataLocation = DataLocation()
+    llm: LLMConfig = LLMConfig()

@@ -7,21 +7,22 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from specctl.timeseries.data import data_dir
+from specctl.core.data_dir import data_dir
 from specctl.core.files import write_csv
+from specctl.core.rundir import RunDir
+from specctl.core.runtime import synchronize
 from specctl.llm.draft import Draft, build_draft, load_draft, resolve_draft
 from specctl.llm.lm import LM, load_lm
+from specctl.llm.profile import LLMProfile
 from specctl.llm.speculative import Decoding, Sampling
 from specctl.llm.static import static_pair
 from specctl.llm.text import load_examples, prompt_ids, resolve_text_file
-from specctl.core.rundir import RunDir
-from specctl.core.runtime import synchronize
-from specctl.core.schema import Profile
 
 # metric: (numerator, denominator) summed over prompts; bootstrap resamples prompts and recomputes the ratio
 RATIOS = {
@@ -61,7 +62,56 @@ DEFINITIONS = {
 
 
 @dataclass
-class Setup:
+class LLMSpecTestResult:
+    """Vanilla against speculative decoding of one setting on the same prompts."""
+
+    definitions: ClassVar[dict[str, str]] = DEFINITIONS
+
+    acceptance_rate: float
+    alpha_hat: float
+    mean_accepted: float
+    overlap: float
+    tokens_per_target_call: float
+    tok_s_vanilla: float
+    tok_s_spec: float
+    speedup: float
+    proposed: int
+    accepted: int
+    tv: float
+    target_calls_per_token: float
+    position_acceptance: list[float]
+    accepted_lengths: list[float]
+    c_hat: float
+    predicted_speedup: float
+    v_hat: float
+    predicted_speedup_v: float
+    peak_mem_gb: float | None
+    identical_fraction: float | None
+    ci: dict[str, list[float]]
+    n_prompts: int
+    gamma: int
+    exit_layer: int
+    target_layers: int
+    temperature: float
+    top_p: float
+    top_k: int
+    max_new_tokens: int
+    share_cache: bool
+    cuda_graphs: bool
+    draft: str
+    target: str
+    samples: list[dict[str, str]] = field(default_factory=list)  # a few decoded prompts and outputs
+
+    def metrics(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["samples"]
+        return out
+
+
+@dataclass
+class SpecSetup:
+    """The target, draft, prompts and static decoders of one LLM spec-test setting."""
+
     lm: LM
     draft: Draft
     decoding: Decoding  # vanilla and speculative decoding on the static path
@@ -75,7 +125,7 @@ def eos_ids(lm: LM) -> frozenset[int]:
     return frozenset(i for i in [*ids, lm.tokenizer.eos_token_id] if i is not None)
 
 
-def load_prompts(profile: Profile, tokenizer) -> list[list[int]]:
+def load_prompts(profile: LLMProfile, tokenizer) -> list[list[int]]:
     """A fixed prompt set: n_prompts examples of the prompts file, sampled with the profile seed."""
     spec = profile.llm.spec
     examples = load_examples(resolve_text_file(spec.prompts, data_dir(profile.data)))
@@ -84,19 +134,19 @@ def load_prompts(profile: Profile, tokenizer) -> list[list[int]]:
     return [prompt_ids(e, tokenizer, spec.max_prompt_tokens) for e in examples]
 
 
-def load_target(profile: Profile, device: torch.device) -> LM:
+def load_target(profile: LLMProfile, device: torch.device) -> LM:
     llm = profile.llm
     return load_lm(llm.target, device, llm.tokenizer, llm.dtype)
 
 
-def pick_draft(profile: Profile, lm: LM) -> Draft:
+def pick_draft(profile: LLMProfile, lm: LM) -> Draft:
     """The draft at llm.exit_layer: the llm.spec.draft checkpoint for that layer, else the untuned head copy."""
     llm = profile.llm
     return load_draft(resolve_draft(llm.spec.draft, llm.exit_layer), lm) if llm.spec.draft else build_draft(
         lm, llm.exit_layer)
 
 
-def setup(profile: Profile, lm: LM, draft: Draft) -> Setup:
+def setup(profile: LLMProfile, lm: LM, draft: Draft) -> SpecSetup:
     """Prompts, sampling policy and the static decoders, sized for the longest prompt (max_len = prompt +
     max_new_tokens + 2 gamma + 1) and reused for every prompt."""
     spec = profile.llm.spec
@@ -106,7 +156,7 @@ def setup(profile: Profile, lm: LM, draft: Draft) -> Setup:
     decoding = Decoding(target, draft_dec, spec.gamma, Sampling(spec.temperature, spec.top_k, spec.top_p),
                         spec.cuda_graphs)
     eos = eos_ids(lm) if spec.stop_at_eos else frozenset()
-    return Setup(lm, draft, decoding, prompts, eos)
+    return SpecSetup(lm, draft, decoding, prompts, eos)
 
 
 def timed(fn, device: torch.device):
@@ -117,7 +167,7 @@ def timed(fn, device: torch.device):
     return out, time.perf_counter() - start
 
 
-def run_prompt(s: Setup, profile: Profile, index: int, device: torch.device) -> dict:
+def run_prompt(s: SpecSetup, profile: LLMProfile, index: int, device: torch.device) -> dict:
     """Vanilla and speculative decoding of one prompt with fixed seeds (which runs first alternates between
     prompts); one row of per-prompt sums."""
     spec, prompt, decoding = profile.llm.spec, s.prompts[index], s.decoding
@@ -186,7 +236,8 @@ def accepted_lengths(rows: list[dict], gamma: int) -> list[float]:
     return (counts / max(1, counts.sum())).tolist()
 
 
-def measure(s: Setup, profile: Profile, device: torch.device, progress=None) -> tuple[dict, list[dict]]:
+def measure_prompts(s: SpecSetup, profile: LLMProfile, device: torch.device,
+                    progress=None) -> tuple[LLMSpecTestResult, list[dict]]:
     """Vanilla and speculative decoding of every prompt: the metrics and the per-prompt rows."""
     spec = profile.llm.spec
     if device.type == "cuda":
@@ -202,7 +253,8 @@ def measure(s: Setup, profile: Profile, device: torch.device, progress=None) -> 
     seconds = s.decoding.timings(s.prompts[0], spec.step_repeats)
     c_hat, v_hat = (seconds[k] / seconds["target_step"] for k in ("draft_step", "verify"))
     metrics = ratios(rows)
-    metrics.update(
+    result = LLMSpecTestResult(
+        **metrics,
         proposed=sum(r["proposed"] for r in rows), accepted=sum(r["accepted"] for r in rows),
         tv=1 - metrics["overlap"], target_calls_per_token=1 / metrics["tokens_per_target_call"],
         position_acceptance=position_acceptance(rows, spec.gamma),
@@ -216,21 +268,21 @@ def measure(s: Setup, profile: Profile, device: torch.device, progress=None) -> 
         temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, max_new_tokens=spec.max_new_tokens,
         share_cache=spec.share_cache, cuda_graphs=s.decoding.graphed,
         draft=spec.draft or "untuned head copy", target=s.lm.path,
-        definitions=DEFINITIONS,
     )
     if progress is not None:
         progress.remove_task(task)
-    return metrics, rows
+    return result, rows
 
 
-def run_llm_spec_test(profile: Profile, device: torch.device, run: RunDir, progress=None) -> dict:
+def run_llm_spec_test(profile: LLMProfile, device: torch.device, run: RunDir, progress=None) -> LLMSpecTestResult:
     """Run vanilla and speculative decoding on the profile's prompts; write per_prompt.csv and samples.json."""
     lm = load_target(profile, device)
     s = setup(profile, lm, pick_draft(profile, lm))
-    metrics, rows = measure(s, profile, device, progress)
+    result, rows = measure_prompts(s, profile, device, progress)
     scalar = [k for k in rows[0] if not isinstance(rows[0][k], list)]
     write_csv(run.path / "per_prompt.csv", rows, scalar)
-    run.write_json("samples.json", [{"prompt": lm.tokenizer.decode(s.prompts[r["prompt"]]),
-                                     "vanilla": lm.tokenizer.decode(r["vanilla_ids"]),
-                                     "speculative": lm.tokenizer.decode(r["spec_ids"])} for r in rows[:5]])
-    return metrics
+    result.samples = [{"prompt": lm.tokenizer.decode(s.prompts[r["prompt"]]),
+                       "vanilla": lm.tokenizer.decode(r["vanilla_ids"]),
+                       "speculative": lm.tokenizer.decode(r["spec_ids"])} for r in rows[:5]]
+    run.write_json("samples.json", result.samples)
+    return result

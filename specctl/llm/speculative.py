@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from specctl.core.errors import SpecctlError
-from specctl.llm.static import Decoder, StaticLM
 from specctl.core.runtime import capture_graph, time_call
+from specctl.llm.static import Decoder, StaticLM
 
 EOS_EVERY = 4  # vanilla copies its tokens to the host every 4 steps to look for EOS (one block behind)
 

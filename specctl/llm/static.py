@@ -28,7 +28,7 @@ DYNAMIC_ROPE = ("dynamic", "longrope")  # frequencies that change with the seque
 
 
 @dataclass
-class KVCache:
+class StaticCache:
     k: torch.Tensor  # [layers, 1, kv_heads, max_len, head_dim]
     v: torch.Tensor
 
@@ -36,11 +36,11 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def first(self, n: int) -> KVCache:
+    def first(self, n: int) -> StaticCache:
         """Layers 0..n-1 of this cache (views: writes go here)."""
-        return KVCache(self.k[:n], self.v[:n])
+        return StaticCache(self.k[:n], self.v[:n])
 
-    def shares(self, other: KVCache) -> bool:
+    def shares(self, other: StaticCache) -> bool:
         return self.k.data_ptr() == other.k.data_ptr()
 
 
@@ -92,7 +92,7 @@ class StaticLM:
     at positions start..start+T-1 (`lm.forward(ids, start)` with start a [1] device tensor). `cache` (e.g. another
     model's first layers) replaces a cache of its own."""
 
-    def __init__(self, model: nn.Module, max_len: int, cache: KVCache | None = None) -> None:
+    def __init__(self, model: nn.Module, max_len: int, cache: StaticCache | None = None) -> None:
         parts = find_parts(model)
         check_static(model, parts)
         self.embed, self.layers = parts.base.embed_tokens, list(parts.layers)
@@ -122,17 +122,17 @@ class StaticLM:
         return self.forward(ids, torch.full((1,), start, device=self.device))
 
 
-def new_cache(model: nn.Module, max_len: int) -> KVCache:
+def new_cache(model: nn.Module, max_len: int) -> StaticCache:
     parts = find_parts(model)
     attn, weight = parts.layers[0].self_attn, parts.head.weight
     shape = (len(parts.layers), 1, model.config.num_key_value_heads, max_len, attn.head_dim)
     with torch.inference_mode():
-        return KVCache(*(torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(2)))
+        return StaticCache(*(torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(2)))
 
 
 @dataclass
 class GrowingCache:
-    """A Hugging Face DynamicCache behind KVCache's interface (for DynamicLM)."""
+    """A Hugging Face DynamicCache behind StaticCache's interface (for DynamicLM)."""
 
     hf: object
     max_len: int

@@ -8,22 +8,22 @@ from typing import Any
 import torch
 
 from specctl.llm.draft import Draft
-from specctl.llm.spectest import load_target, measure, pick_draft, setup
-from specctl.core.schema import Profile
+from specctl.llm.profile import LLMProfile
+from specctl.llm.spectest import load_target, measure_prompts, pick_draft, setup
 
 # keys a trial may change without reloading the target (pydantic `exclude` form)
 PER_TRIAL = {"seed": True, "llm": {"exit_layer", "spec"}}
 
 
-def shared(profile: Profile) -> dict[str, Any]:
+def shared(profile: LLMProfile) -> dict[str, Any]:
     """The profile without its per-trial keys."""
     return profile.model_dump(exclude=PER_TRIAL)
 
 
-def flat(metrics: dict[str, Any]) -> dict[str, Any]:
+def csv_columns(metrics: dict[str, Any]) -> dict[str, Any]:
     """spec-test metrics as CSV columns: list metrics numbered (position_acceptance_1.., accepted_len_0..),
     confidence intervals as <metric>_ci_low / _ci_high, without the definitions text."""
-    nested = ("position_acceptance", "accepted_lengths", "ci", "definitions")
+    nested = ("position_acceptance", "accepted_lengths", "ci")
     out = {k: v for k, v in metrics.items() if k not in nested}
     out.update({f"position_acceptance_{i}": p for i, p in enumerate(metrics["position_acceptance"], start=1)})
     out.update({f"accepted_len_{k}": f for k, f in enumerate(metrics["accepted_lengths"])})
@@ -35,20 +35,20 @@ def flat(metrics: dict[str, Any]) -> dict[str, Any]:
 class LLMSpecSession:
     """Holds the target and the drafts loaded so far; `run` is one spec-test of a trial profile."""
 
-    def __init__(self, profile: Profile, device: torch.device, progress: Any = None) -> None:
+    def __init__(self, profile: LLMProfile, device: torch.device, progress: Any = None) -> None:
         self.profile, self.device, self.progress = profile, device, progress
         self.lm = load_target(profile, device)
         self.drafts: dict[tuple[str | None, int], Draft] = {}
 
-    def compatible(self, profile: Profile) -> bool:
+    def compatible(self, profile: LLMProfile) -> bool:
         return shared(profile) == shared(self.profile)
 
-    def draft(self, profile: Profile) -> Draft:
+    def draft(self, profile: LLMProfile) -> Draft:
         key = (profile.llm.spec.draft, profile.llm.exit_layer)
         if key not in self.drafts:
             self.drafts[key] = pick_draft(profile, self.lm)
         return self.drafts[key]
 
-    def run(self, profile: Profile) -> dict[str, Any]:
-        metrics, _ = measure(setup(profile, self.lm, self.draft(profile)), profile, self.device, self.progress)
-        return flat(metrics)
+    def run(self, profile: LLMProfile) -> dict[str, Any]:
+        result, _ = measure_prompts(setup(profile, self.lm, self.draft(profile)), profile, self.device, self.progress)
+        return csv_columns(result.metrics())

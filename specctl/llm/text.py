@@ -118,7 +118,7 @@ def template(tokenizer) -> str:
     return tokenizer.chat_template or SIMPLE_TEMPLATE
 
 
-def render(example: Example, tokenizer) -> str:
+def render_chat(example: Example, tokenizer) -> str:
     if example.messages is None:
         return example.text or ""
     return tokenizer.apply_chat_template(example.messages, chat_template=template(tokenizer), tokenize=False)
@@ -126,7 +126,7 @@ def render(example: Example, tokenizer) -> str:
 
 def encode(example: Example, tokenizer, max_len: int) -> list[int]:
     """Token ids (chat templates carry their own special tokens; plain text gets the tokenizer's)."""
-    ids = tokenizer(render(example, tokenizer), add_special_tokens=example.messages is None)["input_ids"]
+    ids = tokenizer(render_chat(example, tokenizer), add_special_tokens=example.messages is None)["input_ids"]
     return ids[:max_len]
 
 

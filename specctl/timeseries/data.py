@@ -30,7 +30,6 @@ sum of seasonalities, a trend, a lagged coupling between variables and noise, sp
 
 from __future__ import annotations
 
-import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,31 +38,29 @@ import numpy as np
 import pandas as pd
 import torch
 
+from specctl.core.data_dir import ENV_DATA_DIR, data_dir
 from specctl.core.errors import SpecctlError
-from specctl.core.schema import DataConfig, SyntheticConfig
+from specctl.timeseries.profile import DataConfig, SyntheticConfig
 
-ENV_DATA_DIR = "SPECCTL_DATA_DIR"
 SPLITS = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class Known:
-    """A benchmark: its file name and, for ETT, the fixed end rows of train/val/test (None = 70/10/20)."""
-
-    file: str
-    ends: tuple[int, int, int] | None = None
 
 
 _ETT_H = (12 * 30 * 24, 16 * 30 * 24, 20 * 30 * 24)  # 8640, 11520, 14400
 _ETT_M = tuple(4 * e for e in _ETT_H)  # 34560, 46080, 57600
 
-KNOWN: dict[str, Known] = {
-    "ETTh1": Known("ETTh1.csv", _ETT_H),
-    "ETTh2": Known("ETTh2.csv", _ETT_H),
-    "ETTm1": Known("ETTm1.csv", _ETT_M),
-    "ETTm2": Known("ETTm2.csv", _ETT_M),
-    "weather": Known("weather.csv"),
+# split protocols: fixed end rows of train/val/test, or None for 70/10/20 by time
+SPLIT_ENDS: dict[str, tuple[int, int, int] | None] = {
+    "ett-hourly": _ETT_H, "ett-15min": _ETT_M, "ratio-70-10-20": None,
 }
+SPLIT_TEXT = {"ett-hourly": "ETT hourly borders (12/4/4 months)", "ett-15min": "ETT 15-minute borders (12/4/4 months)",
+              "ratio-70-10-20": "70/10/20 by time"}
+KNOWN_FILES = {"ETTh1": "ETTh1.csv", "ETTh2": "ETTh2.csv", "ETTm1": "ETTm1.csv", "ETTm2": "ETTm2.csv",
+               "weather": "weather.csv"}
+
+
+def auto_split(name: str) -> str:
+    """The reference code's protocol for a file name: ETT's fixed borders for ETTh*/ETTm*, else 70/10/20."""
+    return "ett-hourly" if name.startswith("ETTh") else "ett-15min" if name.startswith("ETTm") else "ratio-70-10-20"
 
 
 @dataclass
@@ -78,18 +75,14 @@ class SeriesData:
     mean: np.ndarray
     std: np.ndarray
     lookback: int
+    split: str = "ratio-70-10-20"  # the split protocol used (SPLIT_ENDS)
+    split_chosen_by: str = "data.split"  # or "file name" (data.split = "auto")
     notes: list[str] = field(default_factory=list)
     extra_train: list[np.ndarray] = field(default_factory=list)  # more training series (data.extra_train)
 
     @property
     def n_vars(self) -> int:
         return len(self.columns)
-
-
-def data_dir(cfg: DataConfig) -> Path | None:
-    """The folder named files are looked up in: profile key `data.dir`, else $SPECCTL_DATA_DIR, else none."""
-    chosen = cfg.dir or os.environ.get(ENV_DATA_DIR)
-    return Path(chosen).expanduser() if chosen else None
 
 
 def resolve_data_file(cfg: DataConfig) -> Path:
@@ -100,7 +93,7 @@ def resolve_data_file(cfg: DataConfig) -> Path:
             return path
         raise SpecctlError(f"data file not found: {path} (from data.path)")
     folder = data_dir(cfg)
-    file_name = KNOWN[cfg.name].file if cfg.name in KNOWN else cfg.name
+    file_name = KNOWN_FILES.get(cfg.name, cfg.name)
     if folder is None:
         raise SpecctlError(
             f"data '{cfg.name}' is looked up by name but no data directory is set: "
@@ -210,28 +203,36 @@ class Table:
     name: str
     columns: list[str]
     values: np.ndarray
-    ends: tuple[int, int, int] | None
+    split: str
     notes: list[str]
+
+    @property
+    def ends(self) -> tuple[int, int, int] | None:
+        return SPLIT_ENDS[self.split]
 
 
 def read_table(cfg: DataConfig) -> Table:
     """Find, read and clean `data.name` / `data.path` (or generate the synthetic series)."""
     if cfg.name == "synthetic" and not cfg.path:
         values = synthetic_series(cfg.synthetic).astype(np.float64)
-        return Table("synthetic", [f"x{j}" for j in range(values.shape[1])], values, None, [])
+        split = "ratio-70-10-20" if cfg.split == "auto" else cfg.split
+        return Table("synthetic", [f"x{j}" for j in range(values.shape[1])], values, split, [])
     path = resolve_data_file(cfg)
-    name = cfg.name if cfg.name in KNOWN else path.stem
-    ends = KNOWN[name].ends if name in KNOWN else None
+    name = cfg.name if cfg.name in KNOWN_FILES else path.stem
+    split = auto_split(name) if cfg.split == "auto" else cfg.split
+    ends = SPLIT_ENDS[split]
     try:
         columns, values = _read_table(path)
     except (ValueError, OSError, zipfile.BadZipFile) as e:  # unparsable content: one line, no traceback
         raise SpecctlError(f"{path}: cannot read as {path.suffix} data: {str(e).splitlines()[0]}") from None
     values, notes = _fill_missing(values, columns, cfg, path.name)
     if ends and len(values) < ends[2]:
-        raise SpecctlError(f"{path}: {len(values)} rows, but the fixed {name} split needs {ends[2]}")
+        raise SpecctlError(f"{path}: {len(values)} rows, but the {SPLIT_TEXT[split]} split needs {ends[2]} "
+                           '(set data.split = "ratio-70-10-20" for 70/10/20 by time)')
     if ends and len(values) > ends[2]:
-        notes.append(f"{path.name}: rows {ends[2]}..{len(values)} are unused (fixed {name} split, as in the reference)")
-    return Table(name, columns, values, ends, notes)
+        notes.append(f"{path.name}: rows {ends[2]}..{len(values)} are unused ({SPLIT_TEXT[split]}, as in the "
+                     "reference)")
+    return Table(name, columns, values, split, notes)
 
 
 def fit_scaler(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -240,19 +241,20 @@ def fit_scaler(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.where(std > 0, std, 1.0)
 
 
-def load_series(cfg: DataConfig, min_length: int, extra_train: bool = False) -> SeriesData:
-    """Load, clean, split and scale one dataset. Every split must hold `min_length` rows (the longest window
-    any consumer cuts from it, e.g. lookback + horizon), else a SpecctlError says which split falls short.
-    With `extra_train` (training commands), the series of `data.extra_train` are loaded too."""
+def load_series(cfg: DataConfig, min_length: int, extra_train: bool = False, splits: tuple[str, ...] = SPLITS,
+                patch_len: int | None = None) -> SeriesData:
+    """Load, clean, split and scale one dataset. Each split in `splits` (those the caller cuts windows from) must
+    hold `min_length` rows (its longest window, e.g. lookback + horizon, in whole patches of `patch_len` where
+    given), else a SpecctlError says which split falls short and which knobs fix it. With `extra_train` (training
+    commands), the series of `data.extra_train` are loaded too."""
     table = read_table(cfg)
     bounds = split_bounds(len(table.values), cfg.lookback, table.ends)
-    need = max(min_length, cfg.lookback)  # train >= lookback also keeps the val/test starts at row >= 0
+    if bounds[0][1] < cfg.lookback:  # the val/test starts move back by the lookback into the train rows
+        raise SpecctlError(f"{table.name}: the train split has {bounds[0][1]} rows, fewer than data.lookback "
+                           f"{cfg.lookback}; choose a shorter data.lookback")
     for split, (start, stop) in zip(SPLITS, bounds):
-        if stop - start < need:
-            raise SpecctlError(
-                f"{table.name}: the {split} split has {stop - start} rows but needs at least {need} "
-                f"(lookback {cfg.lookback}, longest window {min_length}; the series has {len(table.values)} rows)"
-            )
+        if split in splits and stop - start < min_length:
+            raise SpecctlError(split_too_short(table, split, stop - start, cfg.lookback, min_length, patch_len))
     mean, std = fit_scaler(table.values[: bounds[0][1]])
     scaled = ((table.values - mean) / std).astype(np.float32)
     extra, extra_notes = load_extra_train(cfg, len(table.columns), min_length) if extra_train else ([], [])
@@ -271,9 +273,23 @@ def load_series(cfg: DataConfig, min_length: int, extra_train: bool = False) -> 
         mean=mean.astype(np.float32),
         std=std.astype(np.float32),
         lookback=cfg.lookback,
+        split=table.split,
+        split_chosen_by="the file name" if cfg.split == "auto" and table.name != "synthetic" else "data.split",
         notes=table.notes,
         extra_train=extra,
     )
+
+
+def split_too_short(table: Table, split: str, rows: int, lookback: int, need: int, patch_len: int | None) -> str:
+    """Why a split cannot hold the longest window, and the knobs that fix it."""
+    horizon = need - lookback
+    longest = rows - lookback
+    rounding = (f", the horizon rounded up to whole patches of {patch_len}: choose a patch length dividing it"
+                if patch_len and horizon % patch_len == 0 and longest > 0 else "")
+    fits = f"the longest horizon this split allows is {longest}" if longest > 0 else "no horizon fits"
+    return (f"{table.name}: the {split} split ({SPLIT_TEXT[table.split]}) has {rows} rows but a window needs {need} "
+            f"(data.lookback {lookback} + {horizon}{rounding}); {fits} at this lookback, or choose a shorter "
+            f"data.lookback (the series has {len(table.values)} rows)")
 
 
 def load_extra_train(cfg: DataConfig, n_vars: int, min_length: int) -> tuple[list[np.ndarray], list[str]]:
@@ -339,3 +355,8 @@ def eval_windows(
     data = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)
     windows = data.unfold(0, lookback + horizon, 1)[torch.as_tensor(starts)].transpose(1, 2)
     return windows[:, :lookback].contiguous(), windows[:, lookback:].contiguous()
+
+
+def describe_split(data: SeriesData) -> str:
+    """The split protocol in words, and what chose it (for terminals and metrics.json)."""
+    return f"{SPLIT_TEXT[data.split]} ({data.split}, chosen by {data.split_chosen_by})"

@@ -24,23 +24,26 @@ stochastic draft, q = N(mu, s_q^2): P(accept) = E_{x~q} min(1, p(x)/q(x)) = 1 - 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from specctl.timeseries.acceptance import acceptance_closed_form, acceptance_probability
-from specctl.core.checkpoint import load_weights
-from specctl.timeseries.data import SeriesData, eval_windows, load_series
+from specctl.core.backend import Say
+from specctl.core.checkpoint import export_checkpoint, load_weights
 from specctl.core.errors import SpecctlError
+from specctl.core.rundir import RunDir
+from specctl.core.runtime import seed_everything
+from specctl.core.train import FitResult
+from specctl.timeseries.acceptance import acceptance_closed_form, acceptance_probability
+from specctl.timeseries.data import SeriesData, eval_windows, load_series
 from specctl.timeseries.forecast import Norm, times_for
 from specctl.timeseries.model import Attention, TimerXL, check_compatible, count_parameters, load_timer
-from specctl.timeseries.pretrain import build_model, check_lookback, export, train_timer, window_length
-from specctl.core.rundir import RunDir
-from specctl.core.schema import DistillConfig, Profile
-from specctl.core.train import FitResult
+from specctl.timeseries.profile import DistillConfig, TimeseriesProfile
+from specctl.timeseries.training import build_model, check_lookback, epoch_logger, train_timer, window_length
 
 COLLAPSE_MARGIN = 0.5  # a log-variance this close to logvar_min counts as collapsed
 COLLAPSE_SHARE = 0.5  # warn when more than this share of log-variances is collapsed
@@ -61,7 +64,9 @@ DEFINITIONS = {
 
 
 @dataclass
-class Setup:
+class DistillSetup:
+    """The data, the fresh draft and the frozen target (teacher) of a distillation, and warnings about them."""
+
     data: SeriesData
     draft: TimerXL
     target: TimerXL
@@ -93,13 +98,30 @@ class Estimate:
 
 @dataclass
 class DistillResult:
+    definitions: ClassVar[dict[str, str]] = DEFINITIONS
+
+    profile: TimeseriesProfile
     fit: FitResult
     estimate: Estimate
     parameters: int
     checkpoint: Path
+    warnings: list[str] = field(default_factory=list)
+    data_notes: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, Any]:
+        e, p = self.estimate, self.profile
+        return {
+            "parameters": self.parameters, "target": p.distill.target, "loss": p.distill.loss,
+            "epochs": self.fit.epochs_done, "best_val_loss": self.fit.best_val,
+            "stopped_early": self.fit.stopped_early, "checkpoint": str(self.checkpoint), "history": self.fit.history,
+            "quality": {"windows": e.windows, "tokens": e.tokens, "draft_mse": e.draft_mse,
+                        "target_mse": e.target_mse, "draft_target_mse": e.draft_target_mse},
+            "acceptance": [{"sigma": s, "acceptance": a} for s, a in e.acceptance.items()],
+            "spec_sigma": p.spec.sigma, "warnings": self.warnings, "data_notes": self.data_notes,
+        }
 
 
-def describe(model: TimerXL) -> str:
+def describe_size(model: TimerXL) -> str:
     return f"d_model {model.cfg.d_model}, {model.cfg.e_layers} layers, {count_parameters(model):,} parameters"
 
 
@@ -112,7 +134,7 @@ def set_dropout(model: TimerXL, p: float) -> None:
             module.dropout = p
 
 
-def load_target(cfg: DistillConfig, draft: TimerXL, device: torch.device) -> TimerXL:
+def load_teacher(cfg: DistillConfig, draft: TimerXL, device: torch.device) -> TimerXL:
     try:
         target, _ = load_timer(cfg.target, device)
     except SpecctlError as e:
@@ -122,10 +144,10 @@ def load_target(cfg: DistillConfig, draft: TimerXL, device: torch.device) -> Tim
     return target.requires_grad_(False)
 
 
-def setup_warnings(profile: Profile, draft: TimerXL, target: TimerXL) -> list[str]:
+def setup_warnings(profile: TimeseriesProfile, draft: TimerXL, target: TimerXL) -> list[str]:
     warnings = []
     if draft.cfg.d_model > target.cfg.d_model or count_parameters(draft) >= count_parameters(target):
-        warnings.append(f"the draft ({describe(draft)}) is not smaller than the target ({describe(target)}): "
+        warnings.append(f"the draft ({describe_size(draft)}) is not smaller than the target ({describe_size(target)}): "
                         "it will not make decoding faster")
     if profile.model.stochastic and profile.distill.loss == "mse":
         warnings.append('model.stochastic = true with distill.loss = "mse": the log-variance head is not trained '
@@ -133,7 +155,7 @@ def setup_warnings(profile: Profile, draft: TimerXL, target: TimerXL) -> list[st
     return warnings
 
 
-def prepare(profile: Profile, device: torch.device) -> Setup:
+def prepare(profile: TimeseriesProfile, device: torch.device) -> DistillSetup:
     """Check the profile, load the data, the draft (fresh or train.init_from) and the frozen target."""
     if profile.kind != "timeseries":
         raise SpecctlError(f"distill trains time-series drafts; this profile's kind is '{profile.kind}'")
@@ -145,8 +167,8 @@ def prepare(profile: Profile, device: torch.device) -> Setup:
         raise SpecctlError("distill.target is not set: give the target checkpoint to distill from")
     data = load_series(profile.data, window_length(profile), extra_train=True)
     draft = build_model(profile, data, device)
-    target = load_target(profile.distill, draft, device)
-    return Setup(data, draft, target, setup_warnings(profile, draft, target))
+    target = load_teacher(profile.distill, draft, device)
+    return DistillSetup(data, draft, target, setup_warnings(profile, draft, target))
 
 
 def forward_pass(draft: TimerXL, target: TimerXL, window: Tensor, lookback: int, target_dropout: bool = False) -> Pass:
@@ -207,7 +229,7 @@ def validation_metrics(cfg: DistillConfig, draft: TimerXL, target: TimerXL, batc
     return metrics | (spread(torch.cat(stds), torch.cat(logvars), draft.cfg.logvar_min) if logvars else {})
 
 
-def epoch_warnings(record: dict[str, float], profile: Profile) -> list[str]:
+def epoch_warnings(record: dict[str, float], profile: TimeseriesProfile) -> list[str]:
     warnings = []
     if record.get("near_floor", 0.0) > COLLAPSE_SHARE:
         warnings.append(f"variance collapse: {record['near_floor']:.0%} of log-variances lie within {COLLAPSE_MARGIN} "
@@ -239,7 +261,7 @@ def as_tokens(series: Tensor, patch_len: int) -> Tensor:
 
 
 @torch.no_grad()
-def estimate_acceptance(profile: Profile, draft: TimerXL, target: TimerXL, test: np.ndarray,
+def estimate_acceptance(profile: TimeseriesProfile, draft: TimerXL, target: TimerXL, test: np.ndarray,
                         device: torch.device, samples: int = MC_SAMPLES) -> Estimate:
     """Teacher-forced draft and target predictions at the generated positions of rolling test windows
     (at most data.max_eval_windows), scored against the truth and turned into acceptance per sigma."""
@@ -269,10 +291,34 @@ def estimate_acceptance(profile: Profile, draft: TimerXL, target: TimerXL, test:
                     {s: accepted[s] / tokens for s in sigmas})
 
 
-def distill(profile: Profile, setup: Setup, device: torch.device, run: RunDir, resume: bool, progress=None,
-            on_epoch_end=None) -> DistillResult:
+def distill_line(record: dict) -> str:
+    """The tail of a distillation's epoch line: distance to the target and the truth, the draft's spread."""
+    line = f"  vs target {record['teacher_mse']:.4f}  vs truth {record['truth_mse']:.4f}"
+    if "std_mean" in record:
+        line += f"  std mean {record['std_mean']:.3f} p5 {record['std_p05']:.3f} p95 {record['std_p95']:.3f}"
+    return line
+
+
+def distill(profile: TimeseriesProfile, device: torch.device, run: RunDir, resume: bool, progress=None,
+            say: Say | None = None) -> DistillResult:
+    """Train the draft against the frozen target; then estimate its acceptance on the test windows."""
+    say = say or (lambda line: None)
+    seed_everything(profile.seed)  # the same draft whether distill runs alone or in a chain
+    setup = prepare(profile, device)
+    for message in setup.warnings:
+        say(f"warning: {message}")
+    for note in setup.data.notes:
+        say(note)
     cfg, lookback, draft, target = profile.distill, profile.data.lookback, setup.draft, setup.target
     low = draft.cfg.logvar_min
+    last_warnings: list[str] = []
+    log = epoch_logger(say, distill_line)
+
+    def on_epoch_end(epoch: int, record: dict) -> None:
+        log(epoch, record)
+        last_warnings[:] = epoch_warnings(record, profile)
+        for message in last_warnings:
+            say(f"warning: {message}")
 
     def train_loss(window: Tensor) -> Tensor:
         return distill_loss(cfg, forward_pass(draft, target, window, lookback, cfg.teacher_dropout > 0), low,
@@ -282,5 +328,7 @@ def distill(profile: Profile, setup: Setup, device: torch.device, run: RunDir, r
                          validate_batches=lambda batches: validation_metrics(cfg, draft, target, batches, lookback))
     draft.load_state_dict(load_weights(result.best_dir, device))
     estimate = estimate_acceptance(profile, draft, target, setup.data.test, device)
-    checkpoint = export(result.best_dir, profile.train.save_to) if profile.train.save_to else result.best_dir
-    return DistillResult(result, estimate, count_parameters(draft), checkpoint)
+    save_to = profile.train.save_to
+    checkpoint = export_checkpoint(result.best_dir, save_to) if save_to else result.best_dir
+    return DistillResult(profile, result, estimate, count_parameters(draft), Path(checkpoint),
+                         setup.warnings + last_warnings, setup.data.notes)

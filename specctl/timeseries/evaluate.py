@@ -80,3 +80,13 @@ def evaluate_rolling(
                      {m: ab[m, h] / (counts[h] * h * n_vars) for m in modes})
         for h in horizons
     ]
+
+
+def scores_to_dict(scores: list[HorizonScore]) -> dict:
+    """Per-horizon scores and their averages over the horizons, per decoding mode (metrics.json)."""
+    modes = list(scores[0].mse)
+    return {
+        "horizons": [{"horizon": s.horizon, "windows": s.windows, "mse": s.mse, "mae": s.mae} for s in scores],
+        "average": {m: {"mse": sum(s.mse[m] for s in scores) / len(scores),
+                        "mae": sum(s.mae[m] for s in scores) / len(scores)} for m in modes},
+    }

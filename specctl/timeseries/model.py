@@ -19,7 +19,7 @@ from torch import nn
 
 from specctl.core.errors import SpecctlError
 from specctl.core.runtime import capture_graph
-from specctl.core.schema import ModelConfig
+from specctl.timeseries.profile import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
-"""spec-test for time series: the same windows through target-only decoding (KV cache), the reference
-sliding-window loop, optionally draft-only, and speculative decoding; quality, acceptance and timing.
+"""spec-test for time series: the same windows through target-only decoding (KV cache), the draft alone, the
+reference sliding-window loop and speculative decoding; quality, acceptance, timing, and a prediction of the
+speedup from measured per-call costs (costs.py) that is checked against the measured one.
 
-Timing (SPEC section 7): every batch is run warm-up + repeats times with the device synchronised around each
-call, batch by batch side by side in one process; the median per batch is summed over batches. Decoding is
-deterministic given the seeds (counter-based per-series random numbers), so the warm-up call's output is the
-one scored.
+Timing (docs/design.md, "Performance protocol"): every batch is run warm-up + repeats times with the device
+synchronised around each call, batch by batch side by side in one process; the median per batch is summed over
+batches. Decoding is deterministic given the seeds (counter-based per-series random numbers), so the warm-up
+call's output is the one scored.
 """
 
 from __future__ import annotations
@@ -13,26 +14,27 @@ import json
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from specctl.timeseries.data import load_series
 from specctl.core.errors import SpecctlError
-from specctl.timeseries.evaluate import window_starts
-from specctl.core.files import write_csv
-from specctl.timeseries.forecast import Norm, forecast_cached, forecast_sliding, times_for
-from specctl.timeseries.model import Stepper, load_timer
-from specctl.timeseries.pretrain import check_lookback
-from specctl.timeseries.rng import series_seeds
+from specctl.core.files import append_line, write_csv
 from specctl.core.runtime import PhaseClock, Timing, time_call
-from specctl.core.schema import Profile
-from specctl.timeseries.speculative import SpecResult, cache_length, check_pair, speculative_forecast
+from specctl.timeseries.costs import StepCosts, batch_rounds, leviathan_speedup, predict
+from specctl.timeseries.data import describe_split, load_series
+from specctl.timeseries.evaluate import window_starts
+from specctl.timeseries.forecast import Norm, forecast_cached, forecast_sliding, n_tokens, times_for
+from specctl.timeseries.model import Stepper, load_timer
+from specctl.timeseries.profile import TimeseriesProfile
+from specctl.timeseries.rng import series_seeds
+from specctl.timeseries.speculative import SpecResult, cache_length, check_pair, round_seconds, speculative_forecast
+from specctl.timeseries.training import check_lookback
 
 METRICS = {
     "proposed": "draft tokens proposed (K per round per active series), summed",
@@ -40,24 +42,38 @@ METRICS = {
     "acceptance_rate": "accepted / proposed",
     "alpha_hat": "accepted / evaluated; evaluated = positions tested up to and including the first rejection",
     "mean_accepted": "E[accepted] per round (0..K)",
-    "tokens_per_target_call": "tokens emitted / target verification calls (tau; the prefill is not counted)",
+    "tokens_per_target_call": "tokens emitted inside the horizon / target verification calls (tau; the prefill is "
+                              "not counted)",
     "c_hat": "measured draft one-step time / target one-step time, same batch size",
-    "predicted_speedup": "(1 - a^(K+1)) / ((1 - a)(K c + 1)) with a = alpha_hat, c = c_hat",
+    "v_hat": "measured verification-call time (W + K tokens) / target one-step time, same batch size",
+    "o_hat": "measured round time / target one-step time - K c_hat - v_hat: acceptance and bookkeeping per round",
+    "predicted_speedup": "predicted target-only / speculative wall time of the whole run: prefills, each batch's "
+                         "rounds (the slowest series', simulated from each series' alpha) at the measured round "
+                         "time, and target-only's steps at the measured step time (costs.py)",
+    "predicted_speedup_leviathan": "(1 - a^(K+1)) / ((1 - a)(K c + 1)) with a = alpha_hat, c = c_hat (Leviathan et "
+                                   "al.; a^K fewer tokens per round without the bonus token, emit = draft_mean)",
     "speedup": "target-only KV-cached wall time / speculative wall time (same windows, device, warm, synchronised)",
+    "speedup_draft": "target-only KV-cached wall time / the draft's own KV-cached forecast's wall time",
     "speedup_sliding": "sliding-window recompute wall time / speculative wall time",
     "mse": "speculative forecast vs truth (scaled space)", "mae": "speculative forecast vs truth",
     "mse_target": "target-only KV-cached forecast vs truth", "mae_target": "target-only forecast vs truth",
+    "mse_draft": "the draft's own KV-cached forecast vs truth", "mae_draft": "the draft's forecast vs truth",
     "mse_sliding": "sliding-window target forecast vs truth", "mae_sliding": "sliding-window forecast vs truth",
     "delta_mse_pct": "100 (mse - mse_target) / mse_target",
+    "delta_mse_pct_draft": "100 (mse_draft - mse_target) / mse_target",
     "fidelity_mse": "MSE between the speculative and the target-only forecast of the same inputs",
     "cap_hits": "exact rule: residual draws that hit the try cap (output then not exactly distributed as p)",
+    "target_step_ms": "one cached one-token target call at the first batch's size (median)",
+    "tol": "the tolerance rule's threshold on a token's RMSE, scaled units",
+    "tol_relative": "tol / the target's own per-token RMSE to the truth on validation windows",
+    "target_rmse_val": "the target's per-token RMSE to the truth on validation windows (sqrt of its MSE there)",
+    "split": "the split protocol the windows come from",
     "breakdown_s": "seconds per phase (prefill of both decoders, draft, verify, accept, overhead) over all batches, "
                    "from a separate pass synchronised at every phase (slower than the timed pass)",
 }
 
 SESSION_KEYS = ("seed", "device", "data", "spec.target", "spec.draft", "spec.horizon", "spec.batch_size",
-                "spec.max_windows", "spec.repeats", "spec.warmup", "spec.dtype", "spec.draft_only",
-                "spec.sliding_baseline")
+                "spec.max_windows", "spec.repeats", "spec.warmup", "spec.dtype", "spec.sliding_baseline")
 
 
 @dataclass
@@ -77,7 +93,66 @@ class Measured:
         return sum(t.median for t in self.timings)
 
 
-def session_key(profile: Profile) -> str:
+@dataclass
+class SpecTestResult:
+    """One spec-test setting: acceptance, quality against the truth and the baselines, speed and its prediction."""
+
+    definitions: ClassVar[dict[str, str]] = METRICS
+
+    rule: str
+    emit: str
+    k: int
+    proposed: int
+    accepted: int
+    acceptance_rate: float
+    alpha_hat: float
+    mean_accepted: float
+    tokens_per_target_call: float
+    c_hat: float
+    v_hat: float
+    o_hat: float
+    predicted_speedup: float
+    predicted_speedup_leviathan: float
+    speedup: float
+    speedup_draft: float
+    mse: float
+    mae: float
+    mse_target: float
+    mae_target: float
+    mse_draft: float
+    mae_draft: float
+    delta_mse_pct: float
+    delta_mse_pct_draft: float
+    fidelity_mse: float
+    cap_hits: int
+    accepted_hist: list[int]
+    windows: int
+    batches: int
+    horizon: int
+    wall_s_spec: float
+    wall_s_target: float
+    wall_s_draft: float
+    target_step_ms: float
+    batch_ms_spec: list[float]
+    batch_ms_spec_spread: list[float]
+    breakdown_s: dict[str, float]
+    cuda_graphs: bool
+    graph_rounds: bool
+    split: str
+    tol: float | None = None
+    tol_relative: float | None = None
+    target_rmse_val: float | None = None
+    mse_sliding: float | None = None
+    mae_sliding: float | None = None
+    speedup_sliding: float | None = None
+    wall_s_sliding: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def session_key(profile: TimeseriesProfile) -> str:
     dump = profile.model_dump()
     picked = {}
     for key in SESSION_KEYS:
@@ -88,8 +163,8 @@ def session_key(profile: Profile) -> str:
     return json.dumps(picked, sort_keys=True, default=str)
 
 
-def measure(fn: Callable[[Window], Any], batches: list[Window], device, repeats: int, warmup: int,
-            progress=None, label: str = "") -> tuple[list, list[Timing]]:
+def time_batches(fn: Callable[[Window], Any], batches: list[Window], device, repeats: int, warmup: int,
+                 progress=None, label: str = "") -> tuple[list, list[Timing]]:
     """Run fn on every batch: the first call's output is kept, then the batch is timed (warm-up excluded)."""
     outputs, timings = [], []
     task = progress.add_task(label, total=len(batches), info="") if progress is not None else None
@@ -104,13 +179,24 @@ def measure(fn: Callable[[Window], Any], batches: list[Window], device, repeats:
 
 
 @torch.no_grad()
-def step_time(step: Stepper, context: torch.Tensor, device, repeats: int = 20) -> float:
-    """Median time of one cached one-token decode step at this batch size (for c_hat)."""
-    tokens = Norm.fit(context, step.model.cfg).tokens(context, step.model.cfg.patch_len)
-    B, n0 = tokens.shape[0], tokens.shape[2]
-    step(tokens, times_for(B, 0, n0, device))
-    one, at = tokens[:, :, -1:], times_for(B, n0, 1, device)
-    return time_call(lambda: step(one, at), device, repeats, 3).median
+def call_seconds(step: Stepper, context: torch.Tensor, tokens: int, device, repeats: int = 20) -> float:
+    """Median time of one cached call over `tokens` new tokens after the context (a decode step at 1, a verification
+    at W + K), at this batch size."""
+    cfg = step.model.cfg
+    x = Norm.fit(context, cfg).tokens(context, cfg.patch_len)
+    B, n0 = x.shape[0], x.shape[2]
+    step(x, times_for(B, 0, n0, device))
+    fed, at = x[:, :, -1:].expand(-1, -1, tokens, -1).contiguous(), times_for(B, n0, tokens, device)
+    return time_call(lambda: step(fed, at), device, repeats, 3).median
+
+
+@torch.no_grad()
+def prefill_seconds(steps: list[Stepper], context: torch.Tensor, tokens: int, device, repeats: int = 10) -> float:
+    """Median time of prefilling the first `tokens` context tokens into each of `steps`."""
+    cfg = steps[0].model.cfg
+    x = Norm.fit(context, cfg).tokens(context, cfg.patch_len)[:, :, :tokens]
+    at = times_for(x.shape[0], 0, tokens, device)
+    return time_call(lambda: [s(x, at) for s in steps], device, repeats, 2).median if tokens else 0.0
 
 
 def errors(forecasts: list[torch.Tensor], truths: list[torch.Tensor]) -> tuple[float, float]:
@@ -118,14 +204,24 @@ def errors(forecasts: list[torch.Tensor], truths: list[torch.Tensor]) -> tuple[f
     return float((pred - truth).pow(2).mean()), float((pred - truth).abs().mean())
 
 
+def make_batches(series: torch.Tensor, lookback: int, horizon: int, batch_size: int,
+                 max_windows: int | None) -> list[Window]:
+    starts = window_starts(len(series), lookback, horizon, max_windows)
+    return [
+        Window(chunk, torch.stack([series[s : s + lookback] for s in chunk]),
+               torch.stack([series[s + lookback : s + lookback + horizon] for s in chunk]))
+        for chunk in np.array_split(starts, max(1, math.ceil(len(starts) / batch_size)))
+    ]
+
+
 class SpecTestSession:
     """Loads models and data once and times the baselines once; `run` scores one decoding setting."""
 
-    def __init__(self, profile: Profile, device: torch.device, progress=None) -> None:
+    def __init__(self, profile: TimeseriesProfile, device: torch.device, progress=None) -> None:
         spec = profile.spec
         if not spec.target or not spec.draft:
             raise SpecctlError("spec.target and spec.draft must name checkpoints (folders with model.safetensors)")
-        self.profile, self.device, self.key = profile, device, session_key(profile)
+        self.profile, self.device, self.key, self.progress = profile, device, session_key(profile), progress
         self.target, _ = load_timer(spec.target, device)
         self.draft, _ = load_timer(spec.draft, device)
         lookback = profile.data.lookback
@@ -134,33 +230,31 @@ class SpecTestSession:
         if spec.dtype == "bf16":
             self.target.to(torch.bfloat16), self.draft.to(torch.bfloat16)
         self.horizon = spec.horizon or max(profile.data.horizons)
-        data = load_series(profile.data, lookback + self.horizon)
+        data = load_series(profile.data, lookback + self.horizon, splits=("test",))
         if data.n_vars != self.target.cfg.n_vars:
             raise SpecctlError(f"data '{profile.data.name}' has {data.n_vars} variables but the checkpoints were "
                                f"trained on {self.target.cfg.n_vars}")
+        self.data, self.notes, self.split = data, list(data.notes), describe_split(data)
         test = torch.from_numpy(np.ascontiguousarray(data.test, dtype=np.float32)).to(device)
-        starts = window_starts(len(test), lookback, self.horizon, spec.max_windows)
-        self.batches = [
-            Window(chunk, torch.stack([test[s : s + lookback] for s in chunk]),
-                   torch.stack([test[s + lookback : s + lookback + self.horizon] for s in chunk]))
-            for chunk in np.array_split(starts, max(1, math.ceil(len(starts) / spec.batch_size)))
-        ]
+        self.batches = make_batches(test, lookback, self.horizon, spec.batch_size, spec.max_windows)
         self.truths = [b.truth for b in self.batches]
         self.graphs = spec.cuda_graphs and device.type == "cuda"
         self.steppers: dict[tuple[str, int], Stepper] = {}
         self.round_graphs: dict = {}
-        self.progress = progress
-        timed = lambda fn, label: Measured(*measure(fn, self.batches, device, spec.repeats, spec.warmup,  # noqa: E731
-                                                    progress, label))
-        cached = lambda which, b: forecast_cached(  # noqa: E731
-            getattr(self, which), b.context, self.horizon, self.stepper(which, len(b.ids), spec.k))
-        self.cached = timed(lambda b: cached("target", b), "target (KV cache)")
-        self.sliding = (timed(lambda b: forecast_sliding(self.target, b.context, self.horizon), "target (sliding)")
-                        if spec.sliding_baseline else None)
-        self.draft_alone = timed(lambda b: cached("draft", b), "draft only") if spec.draft_only else None
-        first = self.batches[0]
-        self.c_hat = (step_time(self.stepper("draft", len(first.ids), spec.k), first.context, device)
-                      / step_time(self.stepper("target", len(first.ids), spec.k), first.context, device))
+        self.cached = self.timed(lambda b: self.forecast("target", b), "target (KV cache)")
+        self.draft_alone = self.timed(lambda b: self.forecast("draft", b), "draft only")
+        self.sliding = (self.timed(lambda b: forecast_sliding(self.target, b.context, self.horizon),
+                                   "target (sliding)") if spec.sliding_baseline else None)
+        self.base_costs = self.step_costs()
+        self.target_rmse_val: float | None = None
+
+    def timed(self, fn: Callable[[Window], torch.Tensor], label: str) -> Measured:
+        spec = self.profile.spec
+        return Measured(*time_batches(fn, self.batches, self.device, spec.repeats, spec.warmup, self.progress, label))
+
+    def forecast(self, which: str, batch: Window) -> torch.Tensor:
+        return forecast_cached(getattr(self, which), batch.context, self.horizon,
+                               self.stepper(which, len(batch.ids), self.profile.spec.k))
 
     def stepper(self, which: str, batch: int, k: int) -> Stepper:
         """The model's cache (and CUDA graphs) for this batch size, long enough for speculation length k."""
@@ -172,18 +266,56 @@ class SpecTestSession:
             self.steppers[which, batch] = step
         return step
 
-    def compatible(self, profile: Profile) -> bool:
+    def step_costs(self) -> dict[str, float]:
+        """The setting-independent costs at the first batch's size: steps and prefills."""
+        first, k = self.batches[0], self.profile.spec.k
+        B, n0 = len(first.ids), self.profile.data.lookback // self.target.cfg.patch_len
+        tstep, dstep = self.stepper("target", B, k), self.stepper("draft", B, k)
+        return {"target_step": call_seconds(tstep, first.context, 1, self.device),
+                "draft_step": call_seconds(dstep, first.context, 1, self.device),
+                "prefill_target": prefill_seconds([tstep], first.context, n0, self.device),
+                "prefill_spec": prefill_seconds([tstep, dstep], first.context, n0 - 1, self.device)}
+
+    def compatible(self, profile: TimeseriesProfile) -> bool:
         return session_key(profile) == self.key
 
-    def speculate(self, profile: Profile, batch: Window, debug: bool = False, clock: PhaseClock | None = None,
-                  rounds: bool = False) -> SpecResult:
-        seeds = series_seeds(profile.seed, torch.from_numpy(batch.ids).to(self.device))
+    def validation_rmse(self) -> float | None:
+        """The target's per-token RMSE to the truth on validation windows (None when the val split holds none):
+        what spec.tol_relative is relative to."""
+        if self.target_rmse_val is None:
+            spec, lookback = self.profile.spec, self.profile.data.lookback
+            val = torch.from_numpy(np.ascontiguousarray(self.data.val, dtype=np.float32)).to(self.device)
+            if len(val) < lookback + self.horizon:
+                return None
+            batches = make_batches(val, lookback, self.horizon, spec.batch_size, spec.max_windows or 256)
+            mse, _ = errors([self.forecast("target", b) for b in batches], [b.truth for b in batches])
+            self.target_rmse_val = math.sqrt(mse)
+        return self.target_rmse_val
+
+    def resolve_tolerance(self, profile: TimeseriesProfile) -> TimeseriesProfile:
+        """With spec.tol_relative, the profile whose spec.tol is that share of the target's validation RMSE."""
+        spec = profile.spec
+        if spec.rule != "tolerance" or spec.tol_relative is None:
+            return profile
+        rmse = self.validation_rmse()
+        if rmse is None:
+            need = self.profile.data.lookback + self.horizon
+            raise SpecctlError(f"spec.tol_relative needs validation windows, but the val split has "
+                               f"{len(self.data.val)} rows, fewer than data.lookback + horizon = {need}; set spec.tol "
+                               "(scaled units) instead")
+        return profile.model_copy(update={"spec": spec.model_copy(update={"tol": spec.tol_relative * rmse})})
+
+    def seeds(self, profile: TimeseriesProfile, batch: Window) -> torch.Tensor:
+        return series_seeds(profile.seed, torch.from_numpy(batch.ids).to(self.device))
+
+    def speculate(self, profile: TimeseriesProfile, batch: Window, debug: bool = False,
+                  clock: PhaseClock | None = None, rounds: bool = False) -> SpecResult:
         k, B = profile.spec.k, len(batch.ids)
         return speculative_forecast(self.stepper("target", B, k), self.stepper("draft", B, k), batch.context,
-                                    self.horizon, profile.spec, seeds, debug, clock,
+                                    self.horizon, profile.spec, self.seeds(profile, batch), debug, clock,
                                     self.round_graphs if rounds else None)
 
-    def round_graphs_agree(self, profile: Profile) -> bool:
+    def round_graphs_agree(self, profile: TimeseriesProfile) -> bool:
         """Whole-round CUDA graphs are used only if they reproduce eager rounds on the first batch."""
         batch = self.batches[0]
         eager = self.speculate(profile, batch)
@@ -199,13 +331,25 @@ class SpecTestSession:
             warnings.warn("whole-round CUDA graphs differ from eager rounds on the first batch: not used", stacklevel=2)
         return agree
 
-    def run(self, profile: Profile, debug_csv: Path | None = None) -> dict[str, Any]:
+    def costs(self, profile: TimeseriesProfile, whole_rounds: bool) -> StepCosts:
+        """Per-call costs of this setting at the first batch's size (the round as the timed pass runs it)."""
+        first, k = self.batches[0], profile.spec.k
+        B = len(first.ids)
+        tstep, dstep = self.stepper("target", B, k), self.stepper("draft", B, k)
+        verify = call_seconds(tstep, first.context, 2 * k + 1, self.device)  # W + K = 2K + 1 tokens
+        graphs = self.round_graphs if whole_rounds else None
+        one_round = round_seconds(tstep, dstep, first.context, self.horizon, profile.spec, self.seeds(profile, first),
+                                  graphs, repeats=max(5, profile.spec.repeats))
+        return StepCosts(verify=verify, round=one_round, **self.base_costs)
+
+    def run(self, profile: TimeseriesProfile, debug_csv: Path | None = None) -> SpecTestResult:
         if not self.compatible(profile):
             raise SpecctlError("this trial changes models, data or timing settings: it needs a new session")
+        profile = self.resolve_tolerance(profile)
         spec = profile.spec
         whole_rounds = spec.graph_rounds and self.graphs and self.round_graphs_agree(profile)
-        results, timings = measure(lambda b: self.speculate(profile, b, rounds=whole_rounds), self.batches, self.device,
-                                   spec.repeats, spec.warmup, self.progress, "speculative")
+        results, timings = time_batches(lambda b: self.speculate(profile, b, rounds=whole_rounds), self.batches,
+                                        self.device, spec.repeats, spec.warmup, self.progress, "speculative")
         clock = PhaseClock(self.device)
         for batch in self.batches:
             self.speculate(profile, batch, clock=clock)
@@ -213,55 +357,67 @@ class SpecTestSession:
             rows = [row for batch in self.batches for row in self.speculate(profile, batch, debug=True).debug_rows(
                 [int(i) for i in batch.ids])]
             write_csv(debug_csv, rows)
+        return self.score(profile, results, timings, clock, whole_rounds)
+
+    def score(self, profile: TimeseriesProfile, results: list[SpecResult], timings: list[Timing], clock: PhaseClock,
+              whole_rounds: bool) -> SpecTestResult:
+        spec, K = profile.spec, profile.spec.k
         total = lambda name: int(sum(int(getattr(r, name).sum()) for r in results))  # noqa: E731
         proposed, accepted, evaluated = total("proposed"), total("accepted"), total("evaluated")
         rounds, emitted = total("rounds"), total("emitted")
         alpha = accepted / evaluated if evaluated else 0.0
-        K, c = spec.k, self.c_hat
-        predicted = (K + 1) / (K * c + 1) if alpha >= 1 else (1 - alpha ** (K + 1)) / ((1 - alpha) * (K * c + 1))
+        bonus = spec.emit != "draft_mean"
+        steps = n_tokens(self.horizon, self.target.cfg.patch_len)
+        per_series = [(r.accepted.double() / r.evaluated.clamp(min=1).double()).cpu().numpy() for r in results]
+        costs = self.costs(profile, whole_rounds)
+        predicted = predict(costs, batch_rounds(per_series, K, steps, bonus), len(self.batches), steps)
         spec_seconds = sum(t.median for t in timings)
         forecasts = [r.forecast for r in results]
         mse, mae = errors(forecasts, self.truths)
         mse_target, mae_target = errors(self.cached.forecasts, self.truths)
-        metrics: dict[str, Any] = {
-            "proposed": proposed, "accepted": accepted,
-            "acceptance_rate": accepted / proposed if proposed else 0.0,
-            "alpha_hat": alpha, "mean_accepted": accepted / rounds if rounds else 0.0,
-            "tokens_per_target_call": emitted / rounds if rounds else 0.0,
-            "c_hat": c, "predicted_speedup": predicted,
-            "speedup": self.cached.seconds / spec_seconds,
-            "mse": mse, "mae": mae, "mse_target": mse_target, "mae_target": mae_target,
-            "delta_mse_pct": 100 * (mse - mse_target) / mse_target,
-            "fidelity_mse": float((torch.cat(forecasts) - torch.cat(self.cached.forecasts)).double().pow(2).mean()),
-            "cap_hits": total("cap_hits"),
-            "accepted_hist": [int(sum(int(r.accepted_hist[i]) for r in results)) for i in range(K + 1)],
-            "windows": int(sum(len(b.ids) for b in self.batches)), "batches": len(self.batches),
-            "horizon": self.horizon, "wall_s_spec": spec_seconds, "wall_s_target": self.cached.seconds,
-            "batch_ms_spec": [1e3 * t.median for t in timings],
-            "batch_ms_spec_spread": [1e3 * (t.high - t.low) for t in timings],
-            "breakdown_s": clock.totals, "cuda_graphs": self.graphs, "graph_rounds": whole_rounds,
-        }
-        if self.sliding is not None:
-            metrics["mse_sliding"], metrics["mae_sliding"] = errors(self.sliding.forecasts, self.truths)
-            metrics["speedup_sliding"] = self.sliding.seconds / spec_seconds
-            metrics["wall_s_sliding"] = self.sliding.seconds
-        if self.draft_alone is not None:
-            metrics["mse_draft"], metrics["mae_draft"] = errors(self.draft_alone.forecasts, self.truths)
-            metrics["wall_s_draft"] = self.draft_alone.seconds
-        return metrics
+        mse_draft, mae_draft = errors(self.draft_alone.forecasts, self.truths)
+        sliding = self.sliding
+        mse_sliding, mae_sliding = errors(sliding.forecasts, self.truths) if sliding else (None, None)
+        rmse_val = self.validation_rmse() if spec.rule == "tolerance" else None
+        return SpecTestResult(
+            rule=spec.rule, emit=spec.emit, k=K, proposed=proposed, accepted=accepted,
+            acceptance_rate=accepted / proposed if proposed else 0.0,
+            alpha_hat=alpha, mean_accepted=accepted / rounds if rounds else 0.0,
+            tokens_per_target_call=emitted / rounds if rounds else 0.0,
+            c_hat=costs.c_hat, v_hat=costs.v_hat, o_hat=costs.o_hat(K),
+            predicted_speedup=predicted.speedup,
+            predicted_speedup_leviathan=leviathan_speedup(alpha, K, costs.c_hat, bonus),
+            speedup=self.cached.seconds / spec_seconds, speedup_draft=self.cached.seconds / self.draft_alone.seconds,
+            mse=mse, mae=mae, mse_target=mse_target, mae_target=mae_target, mse_draft=mse_draft, mae_draft=mae_draft,
+            delta_mse_pct=100 * (mse - mse_target) / mse_target,
+            delta_mse_pct_draft=100 * (mse_draft - mse_target) / mse_target,
+            fidelity_mse=float((torch.cat(forecasts) - torch.cat(self.cached.forecasts)).double().pow(2).mean()),
+            cap_hits=total("cap_hits"),
+            accepted_hist=[int(sum(int(r.accepted_hist[i]) for r in results)) for i in range(K + 1)],
+            windows=int(sum(len(b.ids) for b in self.batches)), batches=len(self.batches), horizon=self.horizon,
+            wall_s_spec=spec_seconds, wall_s_target=self.cached.seconds, wall_s_draft=self.draft_alone.seconds,
+            target_step_ms=1e3 * costs.target_step,
+            batch_ms_spec=[1e3 * t.median for t in timings],
+            batch_ms_spec_spread=[1e3 * (t.high - t.low) for t in timings],
+            breakdown_s=clock.totals, cuda_graphs=self.graphs, graph_rounds=whole_rounds, split=self.split,
+            tol=spec.tol if spec.rule == "tolerance" else None,
+            tol_relative=spec.tol / rmse_val if rmse_val and spec.rule == "tolerance" else None,
+            target_rmse_val=rmse_val,
+            mse_sliding=mse_sliding, mae_sliding=mae_sliding,
+            speedup_sliding=self.sliding.seconds / spec_seconds if sliding else None,
+            wall_s_sliding=sliding.seconds if sliding else None, notes=self.notes,
+        )
 
 
-def summary_line(profile: Profile, metrics: dict[str, Any]) -> str:
+def summary_line(profile: TimeseriesProfile, result: SpecTestResult) -> str:
     s = profile.spec
     return (f"{datetime.now().isoformat(timespec='seconds')} {profile.name} data={profile.data.name} "
-            f"H={metrics['horizon']} rule={s.rule} emit={s.emit} k={s.k} sigma={s.sigma} bias={s.bias} tol={s.tol} "
-            f"batch={s.batch_size} dtype={s.dtype} acceptance={metrics['acceptance_rate']:.3f} "
-            f"mse={metrics['mse']:.4f} mse_target={metrics['mse_target']:.4f} "
-            f"delta_mse_pct={metrics['delta_mse_pct']:+.2f} speedup={metrics['speedup']:.2f}x "
-            f"predicted={metrics['predicted_speedup']:.2f}x\n")
+            f"H={result.horizon} rule={s.rule} emit={s.emit} k={s.k} sigma={s.sigma} bias={s.bias} tol={s.tol} "
+            f"batch={s.batch_size} dtype={s.dtype} acceptance={result.acceptance_rate:.3f} "
+            f"mse={result.mse:.4f} mse_target={result.mse_target:.4f} mse_draft={result.mse_draft:.4f} "
+            f"delta_mse_pct={result.delta_mse_pct:+.2f} speedup={result.speedup:.2f}x "
+            f"speedup_draft={result.speedup_draft:.2f}x predicted={result.predicted_speedup:.2f}x\n")
 
 
 def append_results_log(path: Path, line: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
+    append_line(path, line)

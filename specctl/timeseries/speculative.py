@@ -1,8 +1,10 @@
-"""Speculative rolling forecasts with continuous patch tokens (SPEC section 4).
+"""Speculative rolling forecasts with continuous patch tokens (docs/design.md, "Speculative decoding").
 
-State per series b: `hist`, the final values of the W = min(K+1, n0) newest tokens, at positions p-W+1..p.
-Each round re-feeds them (rewriting those cache slots with what was finally emitted there) before proposing,
-so every call has a static shape and the context is exactly the emitted forecast:
+State per series b: `hist`, the final values of the W = K+1 newest tokens, at positions p-W+1..p (positions
+before 0, which only a lookback shorter than K+1 tokens has, repeat token 0 at time 0). Each round re-feeds them,
+rewriting those cache slots with what was finally emitted there, before proposing: a round emits at most K+1
+tokens, so every slot a round wrote with a draft value is rewritten by the next one, and the context is exactly
+the emitted forecast. Every call has a static shape:
   draft:  hist at p-W+1..p -> mu_1; then fed_i at p+i -> mu_{i+1}                    (K calls)
   target: [hist, fed_1..fed_K] at p-W+1..p+K -> t_1..t_{K+1}                         (1 call)
 Acceptance scans i = 1..K and stops at the first rejection j; the fed sequence continues with x_1..x_{j-1} and
@@ -11,6 +13,8 @@ With `draft_mean` emission the bonus is not taken, so the forecast is the draft'
 Only `emit = "sample"` feeds the draft's samples x ~ q forward (the exact rule then reproduces p); the mean
 emissions feed the draft means and use the sample only in the accept test, which keeps the context free of
 sampling noise, and their correction is the target mean t_j.
+Random numbers: every round takes fresh counters of two disjoint streams (rng.py), normals (draft noise, residual
+candidates, the bonus) and uniforms (accept tests, residual tests).
 Nothing syncs with the host inside a round; the "is every series done" check runs only once a series could be.
 
 Acceptance works in the dataset's scaled space (where `sigma` and `tol` are meant), the models in
@@ -19,17 +23,22 @@ instance-normalised units; tokens are flattened to D = C*P values for the rules.
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from specctl.timeseries import acceptance
 from specctl.core.errors import SpecctlError
+from specctl.core.runtime import PhaseClock, capture_graph, synchronize
+from specctl.timeseries import acceptance
 from specctl.timeseries.forecast import Norm, n_tokens, times_for
 from specctl.timeseries.model import Stepper, TimerXL, check_compatible
+from specctl.timeseries.profile import SpecConfig
 from specctl.timeseries.rng import normal, uniform
-from specctl.core.runtime import PhaseClock, capture_graph
-from specctl.core.schema import SpecConfig
+
+ModelCall = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 @dataclass
@@ -50,7 +59,7 @@ class SpecResult:
     accepted: torch.Tensor
     evaluated: torch.Tensor
     rounds: torch.Tensor  # rounds while active = target verify calls
-    emitted: torch.Tensor
+    emitted: torch.Tensor  # tokens emitted inside the horizon
     cap_hits: torch.Tensor
     accepted_hist: torch.Tensor  # [K+1] rounds that accepted 0..K tokens
     logs: list[RoundLog] = field(default_factory=list)
@@ -78,17 +87,17 @@ def cache_length(lookback: int, horizon: int, patch_len: int, k: int) -> int:
 
 def check_pair(target: TimerXL, draft: TimerXL, lookback: int) -> None:
     check_compatible(target.cfg, draft.cfg, "draft")
-    if lookback // target.cfg.patch_len < 2:
-        raise SpecctlError("speculative decoding needs a lookback of at least 2 patches")
+    if lookback // target.cfg.patch_len < 1:
+        raise SpecctlError("speculative decoding needs a lookback of at least 1 patch")
 
 
-def flat(tokens: torch.Tensor) -> torch.Tensor:
+def flat_tokens(tokens: torch.Tensor) -> torch.Tensor:
     """[B, C, ..., P] -> [B, ..., C*P]: one token's values as a vector."""
     return tokens.movedim(1, -2).flatten(-2)
 
 
-def unflat(values: torch.Tensor, n_vars: int) -> torch.Tensor:
-    """Inverse of `flat` for [B, ..., C*P] -> [B, C, ..., P]."""
+def unflat_tokens(values: torch.Tensor, n_vars: int) -> torch.Tensor:
+    """Inverse of `flat_tokens` for [B, ..., C*P] -> [B, C, ..., P]."""
     return values.unflatten(-1, (n_vars, -1)).movedim(-2, 1)
 
 
@@ -121,14 +130,22 @@ class RoundState:
         return self.hist.shape[1]
 
     @property
+    def D(self) -> int:
+        return self.hist.shape[2]
+
+    @property
     def tries(self) -> int:
         return 1 if self.reflect else self.spec.exact_max_tries
 
     @property
-    def block(self) -> int:
-        """Random-number counters per round: K draft noises, K uniforms, residual draws, one bonus noise."""
-        K, D = self.K, self.hist.shape[2]
-        return K * D + K + self.tries * D + self.tries + D
+    def normals(self) -> int:
+        """Normal-stream counters per round: K draft noises, the residual candidates, one bonus noise (D each)."""
+        return (self.K + self.tries + 1) * self.D
+
+    @property
+    def uniforms(self) -> int:
+        """Uniform-stream counters per round: K accept tests, the residual candidates' tests."""
+        return self.K + self.tries
 
     @property
     def sampling(self) -> bool:
@@ -146,20 +163,23 @@ class RoundState:
     def reflect(self) -> bool:  # sigma_q = sigma: the residual is sampled by reflection, no extra draws
         return self.residual_needed and not self.stochastic
 
+    def times(self, offsets: torch.Tensor) -> torch.Tensor:
+        """[B, len(offsets)] positions p + offset; those before 0 are time 0 (`hist` repeats token 0 there)."""
+        return (self.p[:, None] + offsets[None, :]).clamp(min=0)
+
 
 def new_state(target: TimerXL, draft: TimerXL, batch: int, lookback: int, horizon: int, spec: SpecConfig,
               device) -> RoundState:
     P, C, K = target.cfg.patch_len, target.cfg.n_vars, spec.k
-    steps, n0, D = n_tokens(horizon, P), lookback // P, C * P
-    W = min(K + 1, n0)
+    steps, D = n_tokens(horizon, P), C * P
     longs = lambda: torch.zeros(batch, dtype=torch.long, device=device)  # noqa: E731
     stats = SpecResult(torch.empty(0), longs(), longs(), longs(), longs(), longs(), longs(),
                        torch.zeros(K + 1, dtype=torch.long, device=device))
     return RoundState(
         spec, C, P, steps, draft.cfg.stochastic,
         longs(), torch.zeros(batch, 1, D, device=device), torch.zeros(batch, 1, D, device=device),
-        torch.zeros(batch, W, D, device=device), longs(), longs(), torch.zeros(batch, steps + K + 1, D, device=device),
-        torch.zeros((), dtype=torch.long, device=device), stats,
+        torch.zeros(batch, K + 1, D, device=device), longs(), longs(),
+        torch.zeros(batch, steps + K + 1, D, device=device), torch.zeros((), dtype=torch.long, device=device), stats,
     )
 
 
@@ -167,9 +187,10 @@ def reset(state: RoundState, norm: Norm, tokens: torch.Tensor, seeds: torch.Tens
     """Start a new forecast in the same buffers: context tokens [B, C, n0, P], frozen lookback statistics."""
     B, C, n0, P = tokens.shape
     state.seeds.copy_(seeds)
-    state.scale.copy_(flat(norm.std.transpose(1, 2).expand(B, C, P)[:, :, None]))
-    state.shift.copy_(flat(norm.mean.transpose(1, 2).expand(B, C, P)[:, :, None]))
-    state.hist.copy_(flat(tokens[:, :, n0 - state.W :]))
+    state.scale.copy_(flat_tokens(norm.std.transpose(1, 2).expand(B, C, P)[:, :, None]))
+    state.shift.copy_(flat_tokens(norm.mean.transpose(1, 2).expand(B, C, P)[:, :, None]))
+    newest = flat_tokens(tokens[:, :, max(0, n0 - state.W):])  # [B, min(W, n0), D]
+    state.hist.copy_(torch.cat([newest[:, :1].expand(B, state.W - newest.shape[1], -1), newest], dim=1))
     state.p.fill_(n0 - 1)
     state.index.zero_()
     for t in (state.n_out, state.out, state.stats.proposed, state.stats.accepted, state.stats.evaluated,
@@ -177,91 +198,142 @@ def reset(state: RoundState, norm: Norm, tokens: torch.Tensor, seeds: torch.Tens
         t.zero_()
 
 
-def speculative_round(state: RoundState, target_call, draft_call, mark=None, logs: list | None = None) -> None:
-    """One round for every series, in place: K draft steps, one verification pass, acceptance, bookkeeping.
-    Series that are already done ride along (static shapes) and change nothing."""
-    s, spec, K, W, C = state, state.spec, state.K, state.W, state.C
-    mark = mark or (lambda phase: None)
-    B, D = s.hist.shape[0], s.hist.shape[2]
-    device = s.hist.device
-    scale, shift, seeds = s.scale, s.shift, s.seeds
-    back = torch.arange(-(W - 1), K + 1, device=device)  # offsets p-W+1..p+K
-    pos = torch.arange(K + W, device=device)
-    active = s.n_out < s.steps
-    base = s.index * s.block + torch.zeros(B, 1, dtype=torch.long, device=device)
-    # draft proposes K tokens autoregressively, after re-feeding the final values of the newest W tokens
-    feed, feed_times = unflat(s.hist, C), s.p[:, None] + back[None, :W]
+@dataclass
+class Proposal:
+    """The draft's K tokens in scaled units [B, K, D]: means, samples x ~ q, what was fed forward, and q's std."""
+
+    mu: torch.Tensor
+    x: torch.Tensor
+    fed: torch.Tensor
+    std_q: torch.Tensor | float
+
+
+@dataclass
+class Decision:
+    n_acc: torch.Tensor  # [B] accepted draft tokens
+    correction: torch.Tensor  # [B, D] what follows them: the residual sample, the bonus, or t_j
+    t_j: torch.Tensor  # [B, D] the target's mean at that position
+    prob: torch.Tensor  # [B, K]
+    log_ratio: torch.Tensor  # [B, K]
+
+
+def normal_block(s: RoundState, start: int, count: int) -> torch.Tensor:
+    """[B, count * D] normals of this round's block of the normal stream, from offset `start` (in D-vectors)."""
+    base = s.index * s.normals + start * s.D
+    return normal(s.seeds, base + torch.arange(count * s.D, device=s.seeds.device)[None, :].expand(len(s.seeds), -1))
+
+
+def uniform_block(s: RoundState, start: int, count: int) -> torch.Tensor:
+    """[B, count] uniforms of this round's block of the uniform stream, from offset `start`."""
+    base = s.index * s.uniforms + start
+    return uniform(s.seeds, base + torch.arange(count, device=s.seeds.device)[None, :].expand(len(s.seeds), -1))
+
+
+def propose(s: RoundState, draft_call: ModelCall) -> Proposal:
+    """K autoregressive draft steps after re-feeding the newest W final values."""
+    spec, K, C = s.spec, s.K, s.C
+    scale, shift = s.scale[:, 0], s.shift[:, 0]
+    back = torch.arange(-(s.W - 1), 1, device=s.p.device)
+    feed, feed_times = unflat_tokens(s.hist, C), s.times(back)
+    eps = normal_block(s, 0, K).view(-1, K, s.D) if s.sampling else None
     mus, xs, feds, stds = [], [], [], []
-    eps = normal(seeds, base[:, :, None] + torch.arange(K * D, device=device).view(1, K, D)) if s.sampling else None
     for i in range(K):
         mean, logvar = draft_call(feed, feed_times)
-        mu = flat(mean[:, :, -1]) * scale[:, 0] + shift[:, 0]  # scaled units
-        std_q = (flat(logvar[:, :, -1]).mul(0.5).exp() * scale[:, 0]) if logvar is not None else spec.sigma
+        mu = flat_tokens(mean[:, :, -1]) * scale + shift  # scaled units
+        std_q = (flat_tokens(logvar[:, :, -1]).mul(0.5).exp() * scale) if logvar is not None else spec.sigma
         x = mu + std_q * eps[:, i] if s.sampling else mu  # x ~ q = N(mu, std_q^2)
         fed = x if s.feed_samples else mu
         mus.append(mu), xs.append(x), feds.append(fed), stds.append(std_q)
-        feed, feed_times = unflat(((fed - shift[:, 0]) / scale[:, 0])[:, None], C), (s.p + i + 1)[:, None]
-    mu, x, fed = torch.stack(mus, 1), torch.stack(xs, 1), torch.stack(feds, 1)  # [B, K, D]
-    std_q = torch.stack(stds, 1) if s.stochastic else spec.sigma
-    mark("draft")
-    # target verifies all K in one pass: t_i for positions p+1..p+K+1
-    verify_in = torch.cat([s.hist, (fed - shift) / scale], dim=1)  # [B, W+K, D] normalised
-    t_norm, _ = target_call(unflat(verify_in, C), s.p[:, None] + back[None, :])
-    t = flat(t_norm[:, :, W - 1 :]) * scale + shift  # [B, K+1, D]: predictions for p+1..p+K+1
-    mark("verify")
-    prob, log_ratio = acceptance.acceptance_probability(spec.rule, x, t, mu, std_q, spec.sigma, spec.bias, spec.tol)
-    u = uniform(seeds, base + K * D + torch.arange(K, device=device))
-    n_acc = acceptance.count_accepted(u < prob)  # [B]
-    # the fed correction at j = n_acc (or the bonus when n_acc == K)
-    t_j = t.gather(1, n_acc[:, None, None].expand(B, 1, D)).squeeze(1)
-    correction = t_j
-    if s.residual_needed:
-        j = n_acc.clamp(max=K - 1)[:, None, None].expand(B, 1, D)
-        mu_j, x_j = mu.gather(1, j).squeeze(1), x.gather(1, j).squeeze(1)
-        std_j = std_q.gather(1, j).squeeze(1) if torch.is_tensor(std_q) else std_q
-        off, tries = base + K * D + K, s.tries
-        if s.reflect:  # reflection needs no extra draws
-            noise, tries_u = x_j[:, None], torch.zeros(B, 1, device=device)
-        else:
-            noise = normal(seeds, off[:, :, None] + torch.arange(tries * D, device=device).view(1, tries, D))
-            tries_u = uniform(seeds, off + tries * D + torch.arange(tries, device=device))
-        residual, cap = acceptance.residual_sample(t_j, mu_j, x_j, std_j, spec.sigma, noise, tries_u)
-        bonus = t_j + spec.sigma * normal(seeds, off + tries * D + tries + torch.arange(D, device=device))
-        all_pass = n_acc == K
-        correction = torch.where(all_pass[:, None], bonus, residual)
-        s.stats.cap_hits += (cap & ~all_pass & active).long()
-    mark("accept")
+        feed, feed_times = unflat_tokens(((fed - shift) / scale)[:, None], C), (s.p + i + 1)[:, None]
+    std = torch.stack(stds, 1) if s.stochastic else spec.sigma
+    return Proposal(torch.stack(mus, 1), torch.stack(xs, 1), torch.stack(feds, 1), std)
+
+
+def verify(s: RoundState, target_call: ModelCall, fed: torch.Tensor) -> torch.Tensor:
+    """One target pass over [hist, fed_1..fed_K]: t_1..t_{K+1} [B, K+1, D] (scaled), for positions p+1..p+K+1."""
+    verify_in = torch.cat([s.hist, (fed - s.shift) / s.scale], dim=1)  # [B, W+K, D] normalised
+    t_norm, _ = target_call(unflat_tokens(verify_in, s.C), s.times(torch.arange(-(s.W - 1), s.K + 1,
+                                                                                device=s.p.device)))
+    return flat_tokens(t_norm[:, :, s.W - 1:]) * s.scale + s.shift
+
+
+def accept(s: RoundState, q: Proposal, t: torch.Tensor) -> tuple[Decision, torch.Tensor]:
+    """The rule's accept tests up to the first rejection, and what is emitted after the accepted tokens; also the
+    residual draws that hit the try cap ([B] bool)."""
+    spec, K, B, D = s.spec, s.K, s.hist.shape[0], s.D
+    prob, log_ratio = acceptance.acceptance_probability(spec.rule, q.x, t, q.mu, q.std_q, spec.sigma, spec.bias,
+                                                        spec.tol)
+    n_acc = acceptance.count_accepted(uniform_block(s, 0, K) < prob)  # [B]
+    t_j = t.gather(1, n_acc[:, None, None].expand(B, 1, D)).squeeze(1)  # t at the correction (or bonus) position
+    cap = torch.zeros(B, dtype=torch.bool, device=t.device)
+    if not s.residual_needed:
+        return Decision(n_acc, t_j, t_j, prob, log_ratio), cap
+    j = n_acc.clamp(max=K - 1)[:, None, None].expand(B, 1, D)
+    mu_j, x_j = q.mu.gather(1, j).squeeze(1), q.x.gather(1, j).squeeze(1)
+    std_j = q.std_q.gather(1, j).squeeze(1) if torch.is_tensor(q.std_q) else q.std_q
+    if s.reflect:  # reflection needs no extra draws
+        noise, tries_u = x_j[:, None], torch.zeros(B, 1, device=t.device)
+    else:
+        noise = normal_block(s, K, s.tries).view(B, s.tries, D)
+        tries_u = uniform_block(s, K, s.tries)
+    residual, cap = acceptance.residual_sample(t_j, mu_j, x_j, std_j, spec.sigma, noise, tries_u)
+    bonus = t_j + spec.sigma * normal_block(s, K + s.tries, 1)  # all K passed: t_{K+1} + sigma eps ~ p_{K+1}
+    all_pass = n_acc == K
+    return Decision(n_acc, torch.where(all_pass[:, None], bonus, residual), t_j, prob, log_ratio), cap & ~all_pass
+
+
+def advance(s: RoundState, q: Proposal, t: torch.Tensor, d: Decision, cap: torch.Tensor) -> torch.Tensor:
+    """Write this round's tokens, move each active series on, count; returns the active mask of the round."""
+    spec, K, W, B, D = s.spec, s.K, s.W, s.hist.shape[0], s.D
+    pos = torch.arange(K + W, device=s.p.device)
+    active = s.n_out < s.steps
     take_bonus = spec.emit != "draft_mean"
-    n_new = torch.where(n_acc == K, n_acc + int(take_bonus), n_acc + 1)
-    shown = t_j if spec.emit == "target_mean" else correction
-    emitted = acceptance.emit_tokens(spec.emit, x, mu, t, n_acc, shown)  # [B, K+1, D]
-    # write this round's tokens at n_out.. for active series
+    n_new = torch.where(d.n_acc == K, d.n_acc + int(take_bonus), d.n_acc + 1)
+    shown = d.t_j if spec.emit == "target_mean" else d.correction
+    emitted = acceptance.emit_tokens(spec.emit, q.x, q.mu, t, d.n_acc, shown)  # [B, K+1, D]
     write = (pos[None, : K + 1] < n_new[:, None]) & active[:, None]
     slots = (s.n_out[:, None] + pos[None, : K + 1]).clamp(max=s.out.shape[1] - 1)[:, :, None].expand(B, K + 1, D)
     s.out.scatter_(1, slots, torch.where(write[:, :, None], emitted, s.out.gather(1, slots)))
-    # advance: the newest W final values are the old ones followed by this round's emitted tokens
-    seq = torch.cat([s.hist, (emitted - shift) / scale], dim=1)  # [B, W+K+1, D]
+    # the newest W final values: the old ones followed by this round's emitted tokens
+    seq = torch.cat([s.hist, (emitted - s.shift) / s.scale], dim=1)  # [B, W+K+1, D]
     newest = (n_new[:, None] + pos[None, :W])[:, :, None].expand(B, W, D)
     s.hist.copy_(torch.where(active[:, None, None], seq.gather(1, newest), s.hist))
-    s.p.copy_(torch.where(active, s.p + n_new, s.p))
-    s.n_out.add_(n_new * active)
-    s.index.add_(1)
     act = active.long()
+    s.stats.emitted += torch.minimum(n_new, s.steps - s.n_out).clamp(min=0) * act  # tokens inside the horizon
+    s.p.copy_(torch.where(active, s.p + n_new, s.p))
+    s.n_out.add_(n_new * act)
+    s.index.add_(1)
     s.stats.proposed += K * act
-    s.stats.accepted += n_acc * act
-    s.stats.evaluated += (n_acc + 1).clamp(max=K) * act
+    s.stats.accepted += d.n_acc * act
+    s.stats.evaluated += (d.n_acc + 1).clamp(max=K) * act
     s.stats.rounds += act
-    s.stats.emitted += n_new * act
-    s.stats.accepted_hist.scatter_add_(0, n_acc, act)
+    s.stats.cap_hits += (cap & active).long()
+    s.stats.accepted_hist.scatter_add_(0, d.n_acc, act)
+    return active
+
+
+def speculative_round(state: RoundState, target_call: ModelCall, draft_call: ModelCall,
+                      mark: Callable[[str], None] | None = None, logs: list | None = None) -> None:
+    """One round for every series, in place: K draft steps, one verification pass, acceptance, bookkeeping.
+    Series that are already done ride along (static shapes) and change nothing."""
+    mark = mark or (lambda phase: None)
+    proposal = propose(state, draft_call)
+    mark("draft")
+    t = verify(state, target_call, proposal.fed)
+    mark("verify")
+    decision, cap = accept(state, proposal, t)
+    mark("accept")
+    active = advance(state, proposal, t, decision, cap)
     if logs is not None:
-        logs.append(RoundLog(active, n_acc, (t[:, :K] - mu).norm(dim=-1) / spec.sigma, log_ratio, prob))
+        delta = (t[:, : state.K] - proposal.mu).norm(dim=-1) / state.spec.sigma
+        logs.append(RoundLog(active, decision.n_acc, delta, decision.log_ratio, decision.prob))
     mark("overhead")
 
 
 def forecast_of(state: RoundState, horizon: int) -> torch.Tensor:
     """The emitted tokens as a forecast [B, horizon, C] in scaled units (a copy)."""
     B, steps = state.out.shape[0], state.steps
-    tokens = unflat(state.out[:, :steps], state.C).reshape(B, state.C, steps * state.P)
+    tokens = unflat_tokens(state.out[:, :steps], state.C).reshape(B, state.C, steps * state.P)
     return tokens.transpose(1, 2)[:, :horizon].clone()
 
 
@@ -277,6 +349,68 @@ class RoundGraph:
         self.graph.replay()
 
 
+@dataclass
+class Forecaster:
+    """Both models' steppers with their prefill done, and the round state of one batch, ready to run rounds."""
+
+    tstep: Stepper
+    dstep: Stepper
+    state: RoundState
+    norm: Norm
+    tokens: torch.Tensor
+    graph: RoundGraph | None
+
+    def round(self, mark: Callable[[str], None] | None = None, logs: list | None = None) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            speculative_round(self.state, self.tstep, self.dstep, mark, logs)
+
+
+def steppers(target: TimerXL | Stepper, draft: TimerXL | Stepper, batch: int, lookback: int, horizon: int,
+             k: int) -> tuple[Stepper, Stepper]:
+    """Steppers for both models (the given ones, checked, or new ones) sized for this batch and forecast."""
+    need = cache_length(lookback, horizon, (target.model if isinstance(target, Stepper) else target).cfg.patch_len, k)
+    tstep = target if isinstance(target, Stepper) else Stepper(target, batch, need)
+    dstep = draft if isinstance(draft, Stepper) else Stepper(draft, batch, need)
+    if min(tstep.max_len, dstep.max_len) < need or tstep.batch != batch or dstep.batch != batch:
+        raise SpecctlError(f"internal: steppers sized for batch {tstep.batch}/{dstep.batch} and {tstep.max_len} slots, "
+                           f"need batch {batch} and {need}")
+    check_pair(tstep.model, dstep.model, lookback)
+    return tstep, dstep
+
+
+def prefill(tstep: Stepper, dstep: Stepper, context: torch.Tensor) -> tuple[Norm, torch.Tensor]:
+    """Frozen statistics, the context's tokens, and both caches filled with all but the newest token (the first
+    round re-feeds it)."""
+    norm = Norm.fit(context, tstep.model.cfg)
+    tokens = norm.tokens(context, tstep.model.cfg.patch_len)
+    n0 = tokens.shape[2]
+    if n0 > 1:
+        warm = times_for(context.shape[0], 0, n0 - 1, context.device)
+        tstep(tokens[:, :, : n0 - 1], warm)
+        dstep(tokens[:, :, : n0 - 1], warm)
+    return norm, tokens
+
+
+def start_forecast(tstep: Stepper, dstep: Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig,
+                   seeds: torch.Tensor, round_graphs: dict | None) -> Forecaster:
+    """Prefill both models and set up the round state; with `round_graphs` (a dict the caller keeps) on a CUDA
+    device, the round is one captured CUDA graph over a persistent state, captured once per shape and setting."""
+    B, L, device = context.shape[0], context.shape[1], context.device
+    norm, tokens = prefill(tstep, dstep, context)
+    graphed = round_graphs is not None and device.type == "cuda"
+    key = (B, L, horizon, id(tstep), id(dstep), spec.model_dump_json())
+    if graphed and key not in round_graphs:
+        state = new_state(tstep.model, dstep.model, B, L, horizon, spec, device)
+        reset(state, norm, tokens, seeds)
+        round_graphs[key] = RoundGraph(state, tstep, dstep)
+    graph = round_graphs[key] if graphed else None
+    state = graph.state if graph else new_state(tstep.model, dstep.model, B, L, horizon, spec, device)
+    reset(state, norm, tokens, seeds)
+    return Forecaster(tstep, dstep, state, norm, tokens, graph)
+
+
 @torch.no_grad()
 def speculative_forecast(
     target: TimerXL | Stepper, draft: TimerXL | Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig,
@@ -286,47 +420,41 @@ def speculative_forecast(
     """Forecast `horizon` points for each series of `context` [B, L, C] with draft proposals verified by the target.
 
     `target` and `draft` are models, or Steppers (model + reusable cache, optionally CUDA graphs) sized for
-    this batch and at least `cache_length` slots. With `round_graphs` (a dict the caller keeps) on a CUDA
-    device, each whole round is replayed as one captured CUDA graph; debug logs and the clock need eager rounds."""
-    B, L, device = context.shape[0], context.shape[1], context.device
-    need = cache_length(L, horizon, (target.model if isinstance(target, Stepper) else target).cfg.patch_len, spec.k)
-    tstep = target if isinstance(target, Stepper) else Stepper(target, B, need)
-    dstep = draft if isinstance(draft, Stepper) else Stepper(draft, B, need)
-    if min(tstep.max_len, dstep.max_len) < need or tstep.batch != B or dstep.batch != B:
-        raise SpecctlError(f"internal: steppers sized for batch {tstep.batch}/{dstep.batch} and {tstep.max_len} slots, "
-                           f"need batch {B} and {need}")
-    check_pair(tstep.model, dstep.model, L)
+    this batch and at least `cache_length` slots. With `round_graphs` on a CUDA device each whole round is replayed
+    as one captured CUDA graph; debug logs and the clock need eager rounds."""
+    tstep, dstep = steppers(target, draft, context.shape[0], context.shape[1], horizon, spec.k)
     if clock is not None:
         clock.start()
-    norm = Norm.fit(context, tstep.model.cfg)
-    tokens = norm.tokens(context, tstep.model.cfg.patch_len)
-    n0 = tokens.shape[2]
-    warm = times_for(B, 0, n0 - 1, device)
-    tstep(tokens[:, :, : n0 - 1], warm)
-    dstep(tokens[:, :, : n0 - 1], warm)
+    graphs = round_graphs if not debug and clock is None else None
+    f = start_forecast(tstep, dstep, context, horizon, spec, seeds, graphs)
     if clock is not None:
-        clock.mark("prefill")  # paid once per forecast, by both decoders: outside the predicted_speedup formula
-    graphed = round_graphs is not None and device.type == "cuda" and not debug and clock is None
-    key = (B, L, horizon, id(tstep), id(dstep), spec.model_dump_json())
-    if graphed and key not in round_graphs:
-        state = new_state(tstep.model, dstep.model, B, L, horizon, spec, device)
-        reset(state, norm, tokens, seeds)
-        round_graphs[key] = RoundGraph(state, tstep, dstep)
-    state = round_graphs[key].state if graphed else new_state(tstep.model, dstep.model, B, L, horizon, spec, device)
-    reset(state, norm, tokens, seeds)
+        clock.mark("prefill")  # paid once per forecast, by both decoders
     logs: list[RoundLog] | None = [] if debug else None
-    if clock is not None:
-        clock.start()  # setting up the round state is not forecast time
+    state = f.state
     sure_rounds = -(-state.steps // (spec.k + 1))  # a round emits at most K+1 tokens: no series is done before
     r = 0
     while r < sure_rounds or bool((state.n_out < state.steps).any()):  # the only host sync
-        if graphed:
-            round_graphs[key].replay()
-        else:
-            speculative_round(state, tstep, dstep, clock.mark if clock is not None else None, logs)
+        f.round(clock.mark if clock is not None else None, logs)
         r += 1
     stats = state.stats
     clone = lambda t: t.clone()  # noqa: E731  (graph state is reused by the next forecast)
     return SpecResult(forecast_of(state, horizon), clone(stats.proposed), clone(stats.accepted), clone(stats.evaluated),
                       clone(stats.rounds), clone(stats.emitted), clone(stats.cap_hits), clone(stats.accepted_hist),
                       logs or [])
+
+
+@torch.no_grad()
+def round_seconds(tstep: Stepper, dstep: Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig,
+                  seeds: torch.Tensor, round_graphs: dict | None, repeats: int) -> float:
+    """Median wall time of one round (the first of a forecast, as the timed pass runs it: graph or eager),
+    synchronised, after one untimed round."""
+    f = start_forecast(tstep, dstep, context, horizon, spec, seeds, round_graphs)
+    times = []
+    for _ in range(repeats + 1):
+        reset(f.state, f.norm, f.tokens, seeds)
+        synchronize(context.device)
+        start = time.perf_counter()
+        f.round()
+        synchronize(context.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])

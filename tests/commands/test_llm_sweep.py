@@ -8,13 +8,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import typer
-from test_llm_cli import PROFILE, invoke, work  # noqa: F401  (the module-scoped pretrained target)
 from typer.testing import CliRunner
 
 from specctl.commands import sweep as sweep_cmd
 from specctl.commands.plot import plot
 from specctl.llm import sweep as llm_sweep
 from specctl.llm.spectest import load_target, pick_draft
+from tests.commands.test_llm_cli import PROFILE, invoke, work  # noqa: F401  (the module-scoped pretrained target)
 
 GRID = '\n[sweep]\n"llm.exit_layer" = [0, 1]\n"llm.spec.gamma" = [2, 3]\n'
 LLM_PLOTS = ["layer_acceptance", "layer_pareto", "acceptance_lengths"]

@@ -106,7 +106,7 @@ def test_pretrain_writes_a_hugging_face_model(work):
     model = AutoModelForCausalLM.from_pretrained(work / "target")
     assert model.config.num_hidden_layers == 3 and (work / "target" / "model.safetensors").is_file()
     assert AutoTokenizer.from_pretrained(work / "target").chat_template
-    metrics = json.loads(next((work / "runs" / "pretrain").glob("*/metrics.json")).read_text())
+    metrics = json.loads(next((work / "runs" / "pretrain").glob("*/metrics.json")).read_text())["metrics"]
     assert metrics["val_ppl"] < metrics["unigram_ppl"]
 
 
@@ -155,7 +155,9 @@ def test_finetune_head_resumes_from_the_last_finished_epoch(work):
                   "--set", "llm.eval_baseline=false", "--resume", "--json")
     assert more.exit_code == 0, more.output
     assert [r["epochs"] for r in json.loads(more.output)["rows"]] == [2, 2]
-    assert len(list(Path("runs/finetune-head").iterdir())) == 1  # the same run directory continued
+    first_run, second_run = sorted(Path("runs/finetune-head").iterdir())  # a finished run is never rewritten:
+    manifest = json.loads((second_run / "manifest.json").read_text())  # the resume continues a copy of it
+    assert manifest["resumed_from"] == str(first_run) and json.loads(more.output)["run_dir"] == str(second_run)
 
 
 def exit_ce(folder: Path, layer: int, texts: list[str]) -> float:

@@ -8,9 +8,9 @@ import torch
 from specctl.core.errors import SpecctlError
 from specctl.timeseries.forecast import Norm, forecast_cached, times_for
 from specctl.timeseries.model import init_logvar_head
+from specctl.timeseries.profile import SpecConfig
 from specctl.timeseries.rng import series_seeds
-from specctl.core.schema import SpecConfig
-from specctl.timeseries.speculative import flat, speculative_forecast
+from specctl.timeseries.speculative import flat_tokens, speculative_forecast
 from tests.helpers import smooth_series, tiny_timer
 
 H = 40  # 5 patches of 8
@@ -125,7 +125,7 @@ def test_incompatible_draft_is_rejected():
 
 def test_flat_layout_round_trip():
     x = torch.randn(2, 3, 4, 8)
-    assert flat(x).shape == (2, 4, 24)
+    assert flat_tokens(x).shape == (2, 4, 24)
 
 
 def test_a_reused_round_state_gives_the_same_forecasts(models):

@@ -11,7 +11,7 @@ from specctl.timeseries.forecast import (
     times_for,
 )
 from specctl.timeseries.model import TimerXL, count_parameters, drop_path, rope, scaled_config
-from specctl.core.schema import ModelConfig
+from specctl.timeseries.profile import ModelConfig
 from tests.helpers import smooth_series, tiny_timer
 
 VARIANTS = [{}, {"norm_center": "last_patch"}, {"norm_position": "post"},

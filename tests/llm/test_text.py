@@ -17,7 +17,7 @@ from specctl.llm.text import (
     encode,
     load_examples,
     prompt_ids,
-    render,
+    render_chat,
     resolve_text_file,
     split,
 )
@@ -64,7 +64,7 @@ def test_missing_file_is_one_clear_error(tmp_path):
 def test_simple_template_when_tokenizer_has_none(tokenizer):
     assert not tokenizer.chat_template or tokenizer.chat_template == SIMPLE_TEMPLATE
     chat = Example(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
-    assert render(chat, tokenizer) == f"<|user|>\nhi\n<|assistant|>\nyo{tokenizer.eos_token}\n"
+    assert render_chat(chat, tokenizer) == f"<|user|>\nhi\n<|assistant|>\nyo{tokenizer.eos_token}\n"
     prompt = tokenizer.decode(prompt_ids(chat, tokenizer, 100))
     assert prompt.endswith("hi\n<|assistant|>\n") and "yo" not in prompt
     assert len(encode(chat, tokenizer, 3)) == 3

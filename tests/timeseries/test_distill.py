@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from specctl.commands.distill import distill as distill_command
 from specctl.core.checkpoint import save_checkpoint
+from specctl.core.rundir import RunDir, profile_to_toml
 from specctl.timeseries.distill import (
     Pass,
     collapse_penalty,
@@ -27,9 +28,8 @@ from specctl.timeseries.distill import (
 )
 from specctl.timeseries.forecast import Norm
 from specctl.timeseries.model import TimerConfig, TimerXL, checkpoint_config, load_timer
-from specctl.timeseries.pretrain import loader, window_length
-from specctl.core.rundir import RunDir, profile_to_toml
-from specctl.core.schema import Profile
+from specctl.timeseries.profile import TimeseriesProfile as Profile
+from specctl.timeseries.training import loader, window_length
 
 CPU = torch.device("cpu")
 LOOKBACK = 32
@@ -78,7 +78,7 @@ def test_nll_lowers_teacher_error_without_collapse(target):
     setup = prepare(profile, CPU)
     before = val_metrics(profile, setup)
     run = RunDir.create(profile, "distill", "cpu")
-    last = distill(profile, setup, CPU, run, resume=False).fit.history[-1]
+    last = distill(profile, CPU, run, False).fit.history[-1]
     assert last["teacher_mse"] < 0.5 * before["teacher_mse"]
     assert last["near_floor"] == 0.0  # no log-variance within 0.5 of logvar_min
     assert 0.0 < last["std_p05"] < last["std_mean"] < last["std_p95"]
@@ -90,7 +90,7 @@ def test_checkpoint_resume_and_estimate(target, loss):
     tables = {"model": {"stochastic": loss == "nll"}, "distill": {"target": target, "loss": loss, "sigmas": [0.5, 1.0]},
                   "train": {"epochs": 1, "max_steps_per_epoch": 4, "save_to": "artifacts/distilled"}}
     profile = tiny_profile(**tables)
-    first = distill(profile, prepare(profile, CPU), CPU, RunDir.create(profile, "distill", "cpu"), resume=False)
+    first = distill(profile, CPU, RunDir.create(profile, "distill", "cpu"), False)
     for name in ("best", "last"):
         assert (first.fit.best_dir.parent / name / "model.safetensors").is_file()
     exported, _ = load_timer("artifacts/distilled")
@@ -100,8 +100,8 @@ def test_checkpoint_resume_and_estimate(target, loss):
     profile = tiny_profile(**tables)
     last = first.fit.best_dir.parent / "last"
     last.rename(last.with_name(".last.old"))  # as if the last save was cut off between its two renames
-    run = RunDir.latest(profile, "distill")
-    second = distill(profile, prepare(profile, CPU), CPU, run, resume=True)
+    run = RunDir.resume(profile, "distill", "cpu")
+    second = distill(profile, CPU, run, True)
     assert second.fit.epochs_done == 2 and len(second.fit.history) == 2
     assert second.fit.history[0] == first.fit.history[0]
     e = second.estimate
@@ -134,7 +134,7 @@ def test_ctrl_c_leaves_a_usable_checkpoint(target):
     profile = tiny_profile(model={"stochastic": True}, distill={"target": target, "loss": "nll"})
     run = RunDir.create(profile, "distill", "cpu")
     with pytest.raises(KeyboardInterrupt):
-        distill(profile, prepare(profile, CPU), CPU, run, resume=False, progress=CtrlC())
+        distill(profile, CPU, run, False, CtrlC())
     model, _ = load_timer(str(run.checkpoints / "interrupted"))
     assert model.cfg.stochastic
 
@@ -229,6 +229,6 @@ def test_wider_draft_warns_and_runs(tmp_path):
     assert code == 0, output
     assert "warning: the draft (d_model 16" in output and "is not smaller than the target" in output
     assert "predicted acceptance per token" in output
-    metrics = json.loads(next(Path("runs/distill").glob("*/metrics.json")).read_text())
+    metrics = json.loads(next(Path("runs/distill").glob("*/metrics.json")).read_text())["metrics"]
     assert [row["sigma"] for row in metrics["acceptance"]] == [0.25, 0.5, 1.0]
     assert "not smaller" in metrics["warnings"][0]

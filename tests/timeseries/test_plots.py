@@ -10,6 +10,7 @@ import pandas as pd
 import typer
 from typer.testing import CliRunner
 
+import specctl.timeseries.plots  # noqa: F401  (registers the time-series plots)
 from specctl.commands.plot import plot as plot_cmd
 from specctl.core.plots import PLOTS, render
 

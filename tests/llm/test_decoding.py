@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from scipy.stats import chisquare
 from torch import nn
 
+from specctl.backends import load_profile
 from specctl.core.errors import SpecctlError
-from specctl.llm.profile import ArchConfig
 from specctl.llm.draft import build_draft, load_draft
 from specctl.llm.finetune import TextSets, checksum, evaluate, train_draft
 from specctl.llm.lm import LM, find_parts, load_lm
@@ -29,9 +29,9 @@ from specctl.llm.pretrain import (
     next_token_ce,
     train_bpe,
 )
+from specctl.llm.profile import ArchConfig
 from specctl.llm.speculative import Decoding, Sampling, distribution, verify, verify_greedy
 from specctl.llm.static import DynamicLM, StaticLM, static_pair
-from specctl.core.profile import load_profile
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "the", "dog", "ran", "to", "the", "park", "where",
          "birds", "sing", "all", "day", "long"]
@@ -142,7 +142,7 @@ def test_layer_dropout_skips_later_blocks_per_sequence_in_training_only(lm):
 @pytest.mark.parametrize("share", [False, True])
 def test_last_layer_with_target_head_has_zero_kl_and_full_acceptance(lm, share):
     draft = build_draft(lm, lm.n_layers - 1)
-    profile = load_profile("", ["llm.kl_temperature=2.0"])
+    profile = load_profile("", ["kind=\"llm\"", "llm.kl_temperature=2.0"])
     metrics = evaluate(draft, sets_for(lm).held_out["val"], profile, torch.device("cpu"))
     assert metrics["kl"] == pytest.approx(0, abs=1e-6) and metrics["kl_t1"] == pytest.approx(0, abs=1e-6)
     assert metrics["top1"] == metrics["target_top1"] and metrics["ce"] == pytest.approx(metrics["target_ce"])
@@ -156,8 +156,8 @@ def test_last_layer_with_target_head_has_zero_kl_and_full_acceptance(lm, share):
 
 
 def test_finetuning_never_changes_the_target_and_reloads(lm, tmp_path):
-    profile = load_profile("", ["train.epochs=2", "train.batch_size=4", "train.lr=1e-2", "train.max_steps_per_epoch=3",
-                                "llm.ce_weight=0.5", "llm.kl_temperature=2.0"])
+    profile = load_profile("", ["kind=\"llm\"", "train.epochs=2", "train.batch_size=4", "train.lr=1e-2",
+                                "train.max_steps_per_epoch=3", "llm.ce_weight=0.5", "llm.kl_temperature=2.0"])
     before = checksum(lm.model)
     draft = build_draft(lm, 1, tune_block=True)
     head_before = draft.model.lm_head.weight.clone()
@@ -172,7 +172,8 @@ def test_finetuning_never_changes_the_target_and_reloads(lm, tmp_path):
 
 def test_draft_for_another_vocabulary_is_refused(lm, tmp_path):
     draft = build_draft(lm, 0)
-    train_draft(draft, sets_for(lm), load_profile("", ["train.epochs=1", "train.max_steps_per_epoch=1"]),
+    train_draft(draft, sets_for(lm), load_profile("", ["kind=\"llm\"", "train.epochs=1",
+                                                       "train.max_steps_per_epoch=1"]),
                 torch.device("cpu"), tmp_path / "ckpt")
     other = make_target(tmp_path / "other", 280)
     with pytest.raises(SpecctlError, match="tokenizer/vocab mismatch between target and draft"):

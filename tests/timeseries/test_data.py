@@ -7,19 +7,19 @@ import pandas as pd
 import pytest
 import torch
 
+from specctl.core.data_dir import data_dir
+from specctl.core.errors import SpecctlError
 from specctl.timeseries.data import (
-    KNOWN,
+    SPLIT_ENDS,
     Windows,
     count_windows,
-    data_dir,
     eval_windows,
     load_series,
     resolve_data_file,
     split_bounds,
     synthetic_series,
 )
-from specctl.core.errors import SpecctlError
-from specctl.core.schema import DataConfig, ExtraTrainSet, SyntheticConfig
+from specctl.timeseries.profile import DataConfig, ExtraTrainSet, SyntheticConfig
 
 
 def write_csv(path, values: np.ndarray, columns: list[str] | None = None) -> None:
@@ -48,7 +48,7 @@ def test_etth1_reference_split_and_window_counts(data_dir):
     # Val/test only borrow the lookback from the split before; their target rows are their own.
     assert np.array_equal(data.val[:lookback], data.train[-lookback:])
     assert np.array_equal(data.test[:lookback], data.val[-lookback:])
-    assert split_bounds(17420, lookback, KNOWN["ETTh1"].ends) == [(0, 8640), (7968, 11520), (10848, 14400)]
+    assert split_bounds(17420, lookback, SPLIT_ENDS["ett-hourly"]) == [(0, 8640), (7968, 11520), (10848, 14400)]
     assert np.allclose(data.train.mean(0), 0, atol=1e-4) and np.allclose(data.train.std(0), 1, atol=1e-4)
     assert any("unused" in note for note in data.notes)
 
@@ -188,15 +188,15 @@ def test_non_numeric_columns_are_named(tmp_path):
 
 def test_too_few_rows_names_the_split(tmp_path):
     write_csv(tmp_path / "short.csv", ramp(100, 2))
-    with pytest.raises(SpecctlError, match="the val split has 14 rows but needs at least 20"):
+    with pytest.raises(SpecctlError, match="the val split .* has 14 rows but a window needs 20"):
         load_series(DataConfig(path=str(tmp_path / "short.csv"), lookback=4), 20)
-    with pytest.raises(SpecctlError, match="the train split has 70 rows but needs at least 80"):
+    with pytest.raises(SpecctlError, match="the train split has 70 rows, fewer than data.lookback 80"):
         load_series(DataConfig(path=str(tmp_path / "short.csv"), lookback=80), 8)
 
 
 def test_truncated_ett_file_is_an_error(tmp_path):
     write_csv(tmp_path / "ETTh1.csv", ramp(1000, 7))
-    with pytest.raises(SpecctlError, match="1000 rows, but the fixed ETTh1 split needs 14400"):
+    with pytest.raises(SpecctlError, match="1000 rows, but the ETT hourly borders .* split needs 14400"):
         load_series(DataConfig(name="ETTh1", dir=str(tmp_path), lookback=4), 8)
 
 

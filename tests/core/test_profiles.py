@@ -1,7 +1,8 @@
 import pytest
 
+from specctl.backends import SCHEMAS, load_profile
 from specctl.core.errors import SpecctlError
-from specctl.core.profile import load_profile, shipped_profiles
+from specctl.core.profile import shipped_profiles
 
 
 def test_some_profiles_ship():
@@ -12,7 +13,7 @@ def test_some_profiles_ship():
 @pytest.mark.parametrize("name", shipped_profiles())
 def test_every_shipped_profile_parses(name):
     profile = load_profile(name)
-    assert profile.data.lookback > 0
+    assert isinstance(profile, SCHEMAS[profile.kind]) and profile.name
 
 
 def test_extends_merges_and_child_wins():

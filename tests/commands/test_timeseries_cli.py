@@ -9,10 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from specctl.backends import load_profile
 from specctl.cli import app
 from specctl.core.checkpoint import load_weights
 from specctl.timeseries.model import load_timer
-from specctl.core.profile import load_profile
 
 runner = CliRunner()
 FAST = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=5", "--set", "data.max_eval_windows=16",
@@ -101,9 +101,16 @@ def test_dry_run_prints_resolved_profile():
     assert result.exit_code == 0 and "scale_d_model = 0.25" in result.output and not Path("runs").exists()
 
 
+def test_spec_test_names_the_commands_for_missing_checkpoints():
+    assert_clean_error(invoke("spec-test", "--profile", "quickstart", *FAST),
+                       "checkpoint artifacts/quickstart/distilled is missing", "specctl pretrain --profile "
+                       "quickstart/target && specctl distill --profile quickstart/distill", "--train-missing")
+    assert not Path("artifacts").exists() and not Path("runs").exists()
+
+
 def test_spec_test_quickstart_trains_missing_checkpoints(tmp_path):
     result = invoke("spec-test", "--profile", "quickstart", *FAST, "--set", "spec.max_windows=16",
-                    "--set", "spec.repeats=1", "--debug-csv", "--json")
+                    "--set", "spec.repeats=1", "--train-missing", "--debug-csv", "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output[result.output.index("{"):])
     assert 0 <= metrics["acceptance_rate"] <= 1 and metrics["speedup"] > 0 and metrics["windows"] == 16
@@ -222,32 +229,33 @@ def test_impossible_spec_settings(override, fragment):
 
 
 def test_ctrl_c_marks_the_run_interrupted_and_says_how_to_resume(monkeypatch):
-    import specctl.timeseries.pretrain
+    import specctl.timeseries.backend
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(specctl.timeseries.pretrain, "pretrain", interrupted)
+    monkeypatch.setattr(specctl.timeseries.backend, "pretrain", interrupted)
     result = invoke("pretrain", "--profile", "quickstart/target", *FAST)
     assert result.exit_code == 130 and "Traceback" not in result.output
-    assert "specctl pretrain --profile quickstart/target --resume" in " ".join(result.output.split())  # unwrapped
     run = next(Path("runs/pretrain").iterdir())
+    assert f"specctl pretrain --profile {run}/profile.toml --resume" in "".join(result.output.split("\n"))
     assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
     assert not (run / "metrics.json").exists()
 
 
 def test_a_training_that_fails_marks_its_run_failed(monkeypatch):
-    import specctl.commands.distill
+    import specctl.timeseries.backend
     from specctl.core.errors import SpecctlError
 
     assert invoke("pretrain", "--profile", "quickstart/target", *FAST).exit_code == 0
     for metrics in Path("runs").rglob("metrics.json"):
         metrics.unlink()
 
-    def diverged(*args, **kwargs):
+    def diverged(profile, device, run, *args):
+        run.checkpoints.mkdir()  # an epoch's worth of work
         raise SpecctlError("training diverged: loss is nan")
 
-    monkeypatch.setattr(specctl.commands.distill, "distill_draft", diverged)
+    monkeypatch.setattr(specctl.timeseries.backend, "distill", diverged)
     assert_clean_error(invoke("distill", "--profile", "quickstart/distill", *FAST), "training diverged")
     manifest = json.loads((next(Path("runs/distill").iterdir()) / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "diverged" in manifest["error"]

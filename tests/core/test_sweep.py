@@ -17,13 +17,14 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from specctl import backends
 from specctl.commands import sweep as sweep_cmd
 from specctl.core.errors import SpecctlError
-from specctl.core.schema import Profile
 from specctl.core.sweep import Results, exclusive, expand_grid, plan_trials, run_sweep
+from specctl.timeseries.profile import TimeseriesProfile as Profile
 
 # Written to a temporary folder and imported by name, so that the sweep command (in this process, in spawned
-# workers and in a subprocess) finds it through its runner registry. Every load and run is logged to $FAKE_LOG.
+# workers and in a subprocess) finds it through the backend table. Every load and run is logged to $FAKE_LOG.
 FAKE_RUNNER = '''
 import json, os, time
 from specctl.core.errors import SpecctlError
@@ -55,6 +56,14 @@ class FakeSession:
         acceptance = min(1.0, s.sigma * s.bias)
         return {"acceptance_rate": acceptance, "mse": 0.4 + 0.01 * s.bias, "mse_target": 0.4,
                 "speedup": 1.0 + acceptance * s.k / 4, "predicted_speedup": 1.1 + acceptance * s.k / 4}
+
+
+class FakeBackend:
+    def ensure_checkpoints(self, profile, device, train_missing, say):
+        pass
+
+    def sweep_session(self, profile, device, progress=None):
+        return FakeSession(profile, device, progress)
 '''
 
 TOY = """
@@ -73,7 +82,7 @@ def fake(tmp_path, monkeypatch):
     (tmp_path / "fake_runner.py").write_text(FAKE_RUNNER)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("FAKE_LOG", str(tmp_path / "log.jsonl"))
-    monkeypatch.setitem(sweep_cmd.RUNNERS, "timeseries", "fake_runner:FakeSession")
+    monkeypatch.setitem(backends.BACKENDS, "timeseries", "fake_runner:FakeBackend")
     sys.modules.pop("fake_runner", None)
     return importlib.import_module("fake_runner")
 
@@ -109,14 +118,14 @@ def test_grid_is_the_cartesian_product_in_written_order():
 
 
 def test_trial_ids_hash_the_resolved_profile_and_invalid_values_fail_per_trial():
-    base = Profile(sweep={"spec.rule": ["gaussian", "exact"], "spec.bias": [1, 2.0]})
+    base = Profile(spec={"emit": "sample"}, sweep={"spec.rule": ["gaussian", "exact"], "spec.bias": [1, 2.0]})
     trials = plan_trials(base)
     assert [t.params for t in trials][-1] == {"spec.rule": "exact", "spec.bias": 2.0}
     assert [bool(t.error) for t in trials] == [False, False, False, True]
     assert "exact" in trials[-1].error
     assert len({t.trial_id for t in trials}) == 4
     # the id depends on the resolved configuration, not on the grid it came from (bias 1 == 1.0)
-    other = plan_trials(Profile(sweep={"spec.bias": [1.0, 5.0]}))
+    other = plan_trials(Profile(spec={"emit": "sample"}, sweep={"spec.bias": [1.0, 5.0]}))
     assert other[0].trial_id == trials[0].trial_id
     with pytest.raises(SpecctlError, match="no valid trial"):
         plan_trials(Profile(sweep={"spec.sigmaa": [1.0]}))
@@ -174,8 +183,8 @@ def test_invalid_trial_values_are_reported_without_running(tmp_path, fake):
     toml = write_profile(tmp_path, TOY.replace('"spec.sigma" = [0.25, 0.5]', '"spec.rule" = ["gaussian", "exact"]'))
     assert cli("--profile", toml, "--out", "r.csv").exit_code == 0
     failed = [r for r in rows(tmp_path / "r.csv") if r["status"] == "failed"]
-    assert len(failed) == 2 and all("exact" in r["error"] for r in failed)
-    assert len(events(tmp_path)) == 6
+    assert len(failed) == 4 and all("exact" in r["error"] for r in failed)  # exact needs bias 1 and emit sample
+    assert len(events(tmp_path)) == 4
 
 
 def test_workers_run_trials_in_parallel_processes(tmp_path, fake, monkeypatch):
@@ -199,7 +208,7 @@ def alive(pid: int) -> bool:
 def test_a_killed_sweep_keeps_its_csv_and_the_rerun_runs_only_missing_trials(tmp_path, fake, sig, workers):
     script = tmp_path / "run_sweep.py"
     script.write_text("import sys, typer\nfrom specctl.commands import sweep\n"
-                      "sweep.RUNNERS['timeseries'] = 'fake_runner:FakeSession'\n"
+                      "import specctl.backends\nspecctl.backends.BACKENDS['timeseries'] = 'fake_runner:FakeBackend'\n"
                       "app = typer.Typer()\napp.command()(sweep.sweep)\n"
                       "if __name__ == '__main__':\n    app(sys.argv[1:])\n")  # spawned workers import this file
     out = tmp_path / "r.csv"

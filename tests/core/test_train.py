@@ -11,7 +11,7 @@ from specctl.core.checkpoint import load_state, load_weights, save_checkpoint
 from specctl.core.errors import SpecctlError
 from specctl.core.files import recover_dir
 from specctl.core.schema import TrainConfig
-from specctl.core.train import fit, learning_rate
+from specctl.core.train import Task, fit, learning_rate
 
 
 def problem():
@@ -28,7 +28,7 @@ def problem():
 def train(cfg: TrainConfig, folder, resume: bool = False):
     """Fit a fresh copy of the problem into `folder`."""
     model, batches, loss, validate = problem()
-    return fit(model, model.parameters(), loss, batches, validate, cfg, folder, {}, resume=resume)
+    return fit(Task(model, model.parameters(), loss, batches, validate, {}), cfg, folder, resume=resume)
 
 
 def train_straight_and_split(cfg: TrainConfig, tmp_path, split_after: int) -> None:
@@ -41,19 +41,19 @@ def train_straight_and_split(cfg: TrainConfig, tmp_path, split_after: int) -> No
 def test_fit_checkpoints_and_resumes(tmp_path):
     cfg = TrainConfig(epochs=2, lr=0.05, schedule="constant")
     model, batches, loss, validate = problem()
-    first = fit(model, model.parameters(), loss, batches, validate, cfg, tmp_path, {"kind": "test"})
+    first = fit(Task(model, model.parameters(), loss, batches, validate, {"kind": "test"}), cfg, tmp_path)
     assert first.epochs_done == 2 and (tmp_path / "best/model.safetensors").is_file()
     assert json.loads((tmp_path / "best/config.json").read_text()) == {"kind": "test"}
     model2, batches2, loss2, validate2 = problem()
-    more = fit(model2, model2.parameters(), loss2, batches2, validate2, cfg.model_copy(update={"epochs": 4}),
-               tmp_path, {"kind": "test"}, resume=True)
+    more = fit(Task(model2, model2.parameters(), loss2, batches2, validate2, {"kind": "test"}),
+               cfg.model_copy(update={"epochs": 4}), tmp_path, resume=True)
     assert more.epochs_done == 4 and len(more.history) == 4 and more.best_val < first.best_val
 
 
 def test_early_stopping_on_validation(tmp_path):
     model, batches, loss, _ = problem()
-    result = fit(model, model.parameters(), loss, batches, lambda: {"val_loss": 1.0},
-                 TrainConfig(epochs=10, patience=2, schedule="constant"), tmp_path, {})
+    result = fit(Task(model, model.parameters(), loss, batches, lambda: {"val_loss": 1.0}, {}),
+                 TrainConfig(epochs=10, patience=2, schedule="constant"), tmp_path)
     assert result.stopped_early and result.epochs_done == 3
 
 
@@ -68,7 +68,7 @@ def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path):
         return loss(batch)
 
     with pytest.raises(KeyboardInterrupt):
-        fit(model, model.parameters(), interrupting, batches, validate, TrainConfig(epochs=3), tmp_path, {})
+        fit(Task(model, model.parameters(), interrupting, batches, validate, {}), TrainConfig(epochs=3), tmp_path)
     weights = load_weights(tmp_path / "interrupted")
     torch.testing.assert_close(weights["weight"], model.weight.detach())
     assert (tmp_path / "last/state.json").is_file()  # the finished first epoch is resumable
@@ -77,7 +77,7 @@ def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path):
 def test_weight_average_is_what_validation_and_checkpoints_see_and_leaves_training_alone(tmp_path):
     cfg = TrainConfig(epochs=2, lr=0.05, schedule="constant")
     plain, batches, loss, validate = problem()
-    fit(plain, plain.parameters(), loss, batches, validate, cfg, tmp_path / "plain", {})
+    fit(Task(plain, plain.parameters(), loss, batches, validate, {}), cfg, tmp_path / "plain")
     model, batches, loss, validate = problem()
     averaged = {k: v.detach().clone() for k, v in model.state_dict().items()}
     seen = []
@@ -96,8 +96,8 @@ def test_weight_average_is_what_validation_and_checkpoints_see_and_leaves_traini
         seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         return validate()
 
-    fit(model, model.parameters(), tracking, batches, validating, cfg.model_copy(update={"ema_decay": 0.9}),
-        tmp_path / "ema", {})
+    fit(Task(model, model.parameters(), tracking, batches, validating, {}), cfg.model_copy(update={"ema_decay": 0.9}),
+        tmp_path / "ema")
     torch.testing.assert_close(model.weight, plain.weight)  # the raw trajectory is plain training's
     d = min(0.9, steps / (9 + steps))  # the last step's update, which no later loss call saw
     for k, v in model.state_dict().items():

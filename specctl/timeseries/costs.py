@@ -1,0 +1,95 @@
+"""What a speculative forecast costs, from measured per-call times, and the speedup that predicts.
+
+Target-only decoding of `steps` tokens is one prefill of the n0 context tokens, then steps - 1 one-token steps.
+A speculative forecast is one prefill of n0 - 1 tokens in each model, then rounds; a round is K draft steps, one
+verification call over W + K tokens, and the acceptance and bookkeeping around them, all measured together as
+one round. A batch runs until its slowest series has emitted `steps` tokens, so its rounds are the maximum over
+its series of each series' rounds; each series' rounds follow from its own acceptance rate a_s (accepted /
+evaluated) under the model "each drafted position passes with probability a_s, the scan stops at the first
+rejection", simulated with a fixed seed. Leviathan et al.'s formula, which knows only a single step cost ratio,
+is kept for reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SIMULATIONS = 256  # forecasts simulated per series to estimate a batch's rounds
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Measured seconds at one batch size (medians, synchronised)."""
+
+    target_step: float  # one cached one-token target call
+    draft_step: float  # one cached one-token draft call
+    verify: float  # one target call over W + K tokens
+    round: float  # one whole speculative round (draft, verify, accept, bookkeeping)
+    prefill_target: float  # the target-only forecast's prefill (n0 tokens)
+    prefill_spec: float  # the speculative forecast's prefills (n0 - 1 tokens, both models)
+
+    @property
+    def c_hat(self) -> float:
+        return self.draft_step / self.target_step
+
+    @property
+    def v_hat(self) -> float:
+        return self.verify / self.target_step
+
+    def o_hat(self, k: int) -> float:
+        """Per-round cost beyond K draft steps and one verification, in target steps (acceptance, bookkeeping,
+        launches)."""
+        return self.round / self.target_step - k * self.c_hat - self.v_hat
+
+
+def tokens_per_round(alpha: float, k: int, bonus: bool) -> float:
+    """E[tokens emitted per round] when each drafted token passes with probability alpha until the first rejection:
+    (1 - a^(K+1)) / (1 - a) with the bonus token, a^K fewer without it."""
+    with_bonus = k + 1.0 if alpha >= 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    return with_bonus - (0.0 if bonus else alpha**k)
+
+
+def leviathan_speedup(alpha: float, k: int, c: float, bonus: bool = True) -> float:
+    """Leviathan et al.: E[tokens per round] / (K c + 1), in target steps."""
+    return tokens_per_round(alpha, k, bonus) / (k * c + 1)
+
+
+def simulated_rounds(alphas: np.ndarray, k: int, steps: int, bonus: bool, seed: int = 0) -> np.ndarray:
+    """[S, len(alphas)] simulated rounds each series needs to emit `steps` tokens (S = SIMULATIONS)."""
+    rng = np.random.default_rng(seed)
+    n = len(alphas)
+    emitted = np.zeros((SIMULATIONS, n), dtype=np.int64)
+    rounds = np.zeros((SIMULATIONS, n), dtype=np.int64)
+    while (emitted < steps).any():
+        passes = rng.random((SIMULATIONS, n, k)) < np.clip(alphas, 0, 1)[None, :, None]
+        accepted = np.cumprod(passes, axis=-1).sum(-1)
+        new = np.where(accepted == k, k + int(bonus), accepted + 1)
+        active = emitted < steps
+        emitted += new * active
+        rounds += active
+    return rounds
+
+
+def batch_rounds(alphas: list[np.ndarray], k: int, steps: int, bonus: bool) -> float:
+    """Expected rounds summed over batches: per batch, E[max over its series of their rounds]."""
+    return float(sum(simulated_rounds(a, k, steps, bonus).max(axis=1).mean() for a in alphas if len(a)))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    target_seconds: float
+    spec_seconds: float
+
+    @property
+    def speedup(self) -> float:
+        return self.target_seconds / self.spec_seconds
+
+
+def predict(costs: StepCosts, rounds: float, batches: int, steps: int) -> Prediction:
+    """Wall time of every batch's target-only and speculative forecast (the sum of `batches` batches that take
+    `rounds` rounds together)."""
+    target = batches * (costs.prefill_target + (steps - 1) * costs.target_step)
+    spec = batches * costs.prefill_spec + rounds * costs.round
+    return Prediction(target, spec)

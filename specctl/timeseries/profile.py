@@ -1,0 +1,151 @@
+"""The time-series sections of a profile ([data], [model], [distill], [spec]) and the profile they make.
+
+The seeds' flag names map onto these fields: spec_k -> spec.k, spec_sigma -> spec.sigma,
+spec_accept_bias -> spec.bias, draft_teacher_noise -> distill.teacher_noise,
+draft_nll_var_reg -> distill.var_reg, draft_teacher_dropout -> distill.teacher_dropout,
+draft_scale_* -> model.scale_*, draft_stochastic -> model.stochastic, input_token_len -> model.patch_len,
+seq_len -> data.lookback, test_pred_len -> data.horizons, e_layers -> model.e_layers.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from specctl.core.schema import DataLocation, Profile, Strict
+
+
+class SyntheticConfig(Strict):
+    """The embedded generator: seasonalities, trend, noise and cross-variable coupling."""
+
+    n_vars: int = Field(3, ge=1)
+    length: int = Field(10000, ge=16)
+    periods: list[float] = [24.0, 168.0]
+    trend: float = 0.5
+    noise: float = Field(0.1, ge=0.0)
+    coupling: float = Field(0.3, ge=0.0, le=1.0)
+    seed: int = 0
+
+
+class ExtraTrainSet(Strict):
+    """Another series whose train split is added to the training windows (never to validation or test).
+
+    `every` = n keeps every n-th row and makes each of the n phases its own series: ETTm1 (15 min) at
+    every = 4 is ETTh1's hourly grid (phase 0 equals ETTh1 row for row) and three copies shifted by 15, 30
+    and 45 minutes, over the same months as ETTh1's train split."""
+
+    name: str
+    path: str | None = None
+    every: int = Field(1, ge=1)
+
+
+class DataConfig(DataLocation):
+    name: str = "synthetic"
+    path: str | None = None
+    lookback: int = Field(672, gt=0)
+    horizons: list[int] = [96, 192, 336, 720]
+    # the split protocol: "auto" takes ETT's fixed borders for files named ETTh*/ETTm* and 70/10/20 for the rest
+    split: Literal["auto", "ett-hourly", "ett-15min", "ratio-70-10-20"] = "auto"
+    missing: Literal["interpolate", "error"] = "interpolate"
+    sentinels: list[float] = [-9999.0]
+    max_eval_windows: int | None = Field(None, gt=0)
+    synthetic: SyntheticConfig = SyntheticConfig()
+    extra_train: list[ExtraTrainSet] = []
+
+    @field_validator("horizons")
+    @classmethod
+    def _positive_horizons(cls, horizons: list[int]) -> list[int]:
+        if not horizons or any(h <= 0 for h in horizons):
+            raise ValueError("every horizon must be a positive integer")
+        return horizons
+
+
+class ModelConfig(Strict):
+    """Timer-XL. A draft is the same architecture with the scale_* factors applied to these sizes."""
+
+    patch_len: int = Field(96, gt=0)
+    d_model: int = Field(1024, gt=0)
+    n_heads: int = Field(8, gt=0)
+    d_ff: int = Field(2048, gt=0)
+    e_layers: int = Field(1, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    scale_d_model: float = Field(1.0, gt=0.0)
+    scale_n_heads: float = Field(1.0, gt=0.0)
+    scale_d_ff: float = Field(1.0, gt=0.0)
+    scale_e_layers: float = Field(1.0, gt=0.0)
+    stochastic: bool = False
+    # centre of the frozen instance normalisation: the lookback's mean (the paper), or the mean of its last
+    # patch, the level the forecast starts from (robust to level shifts, like NLinear's last-value subtraction)
+    norm_center: Literal["mean", "last_patch"] = "mean"
+    # LayerNorm before each sublayer (pre) or after each residual sum, as the reference code's TimerLayer (post)
+    norm_position: Literal["pre", "post"] = "pre"
+    # share of each head's channels that RoPE rotates (the reference code rotates half; the rest carry no
+    # position, so attention on them is by content alone) and the feed-forward activation (the reference: relu)
+    rope_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    activation: Literal["gelu", "relu"] = "gelu"
+    # stochastic depth for deep targets on small data: in training, each sample skips a layer's residual
+    # branches with a probability rising linearly from 0 (first layer) to drop_path (last); 0 = off
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    # LayerScale: initial value of a learned per-channel gain on every residual branch (e.g. 0.1); None = off
+    layer_scale: float | None = Field(None, gt=0.0)
+    # each variable attends only to its own past (the univariate Timer, PatchTST's channel independence): one
+    # model for every variable, which cannot fit cross-variable patterns of a small training set
+    channel_independent: bool = False
+    logvar_min: float = -10.0
+    logvar_max: float = 4.0
+
+
+class DistillConfig(Strict):
+    target: str | None = None
+    loss: Literal["mse", "nll"] = "mse"
+    var_reg: float = Field(0.01, ge=0.0)
+    teacher_noise: float = Field(0.05, ge=0.0)
+    teacher_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    alpha_truth: float = Field(0.0, ge=0.0, le=1.0)
+    mse_warn: float = Field(0.6, gt=0.0)
+    sigmas: list[float] = [0.1, 0.25, 0.5]
+
+
+class SpecConfig(Strict):
+    target: str | None = None
+    draft: str | None = None
+    target_profile: str | None = None
+    draft_profile: str | None = None
+    k: int = Field(3, ge=1)
+    rule: Literal["gaussian", "exact", "tolerance"] = "gaussian"
+    sigma: float = Field(0.25, gt=0.0)
+    bias: float = Field(1.0, ge=1.0)
+    tol: float = Field(0.1, ge=0.0)
+    # the tolerance as a share of the target's own per-token RMSE to the truth on validation windows (replaces tol:
+    # one value means the same strictness on every dataset)
+    tol_relative: float | None = Field(None, ge=0.0)
+    emit: Literal["target_mean", "draft_mean", "sample"] = "target_mean"
+    horizon: int | None = Field(None, gt=0)
+    batch_size: int = Field(32, ge=1)
+    max_windows: int | None = Field(None, gt=0)
+    repeats: int = Field(3, ge=1)
+    warmup: int = Field(1, ge=0)
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    cuda_graphs: bool = True
+    graph_rounds: bool = False  # replay each whole round as one CUDA graph (checked against eager rounds first)
+    exact_max_tries: int = Field(100, ge=1)
+    sliding_baseline: bool = True
+
+    @model_validator(mode="after")
+    def _exact_is_exact(self) -> SpecConfig:
+        if self.rule == "exact" and self.bias != 1.0:
+            raise ValueError("rule 'exact' means bias 1 (set spec.bias = 1 or choose rule 'gaussian')")
+        if self.rule == "exact" and self.emit != "sample":
+            raise ValueError("rule 'exact' preserves the target's distribution only for emitted samples: set "
+                             'spec.emit = "sample" (or choose rule "gaussian" or "tolerance")')
+        return self
+
+
+
+class TimeseriesProfile(Profile):
+    kind: Literal["timeseries"] = "timeseries"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    distill: DistillConfig = DistillConfig()
+    spec: SpecConfig = SpecConfig()
