@@ -57,7 +57,8 @@ def horizon_table(scores: list, title: str) -> Table:
 
 
 def pretrain_view(result, title: str) -> list[RenderableType]:
-    return [horizon_table(result.scores, f"{title}: rolling forecast on the test split"),
+    return [*result.data_notes, horizon_table(result.scores, f"{title}: rolling forecast on the test split "
+                                                             f"({result.split})"),
             f"{result.parameters:,} parameters, {result.fit.epochs_done} epochs, checkpoint: {result.checkpoint}"]
 
 

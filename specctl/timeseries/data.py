@@ -242,11 +242,11 @@ def fit_scaler(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_series(cfg: DataConfig, min_length: int, extra_train: bool = False, splits: tuple[str, ...] = SPLITS,
-                patch_len: int | None = None) -> SeriesData:
+                horizon: int | None = None) -> SeriesData:
     """Load, clean, split and scale one dataset. Each split in `splits` (those the caller cuts windows from) must
-    hold `min_length` rows (its longest window, e.g. lookback + horizon, in whole patches of `patch_len` where
-    given), else a SpecctlError says which split falls short and which knobs fix it. With `extra_train` (training
-    commands), the series of `data.extra_train` are loaded too."""
+    hold `min_length` rows (its longest window: lookback + `horizon`, rounded up to whole patches where the caller
+    trains on whole patches), else a SpecctlError says which split falls short and which knobs fix it. With
+    `extra_train` (training commands), the series of `data.extra_train` are loaded too."""
     table = read_table(cfg)
     bounds = split_bounds(len(table.values), cfg.lookback, table.ends)
     if bounds[0][1] < cfg.lookback:  # the val/test starts move back by the lookback into the train rows
@@ -254,7 +254,7 @@ def load_series(cfg: DataConfig, min_length: int, extra_train: bool = False, spl
                            f"{cfg.lookback}; choose a shorter data.lookback")
     for split, (start, stop) in zip(SPLITS, bounds):
         if split in splits and stop - start < min_length:
-            raise SpecctlError(split_too_short(table, split, stop - start, cfg.lookback, min_length, patch_len))
+            raise SpecctlError(split_too_short(table, split, stop - start, cfg.lookback, min_length, horizon))
     mean, std = fit_scaler(table.values[: bounds[0][1]])
     scaled = ((table.values - mean) / std).astype(np.float32)
     extra, extra_notes = load_extra_train(cfg, len(table.columns), min_length) if extra_train else ([], [])
@@ -280,16 +280,17 @@ def load_series(cfg: DataConfig, min_length: int, extra_train: bool = False, spl
     )
 
 
-def split_too_short(table: Table, split: str, rows: int, lookback: int, need: int, patch_len: int | None) -> str:
+def split_too_short(table: Table, split: str, rows: int, lookback: int, need: int, horizon: int | None) -> str:
     """Why a split cannot hold the longest window, and the knobs that fix it."""
-    horizon = need - lookback
-    longest = rows - lookback
-    rounding = (f", the horizon rounded up to whole patches of {patch_len}: choose a patch length dividing it"
-                if patch_len and horizon % patch_len == 0 and longest > 0 else "")
-    fits = f"the longest horizon this split allows is {longest}" if longest > 0 else "no horizon fits"
+    window = need - lookback
+    horizon = horizon or window
+    rounded = f" rounded up to whole patches ({window})" if window > horizon else ""
+    fits = rows - lookback - (window - horizon)  # the longest horizon (same rounding) that fits
+    knobs = (f"a horizon of at most {fits}" if fits > 0 else "a shorter data.lookback") + (
+        ", a patch length dividing the horizon" if rounded else "") + ", or a shorter data.lookback"
     return (f"{table.name}: the {split} split ({SPLIT_TEXT[table.split]}) has {rows} rows but a window needs {need} "
-            f"(data.lookback {lookback} + {horizon}{rounding}); {fits} at this lookback, or choose a shorter "
-            f"data.lookback (the series has {len(table.values)} rows)")
+            f"(data.lookback {lookback} + horizon {horizon}{rounded}); choose {knobs} (the series has "
+            f"{len(table.values)} rows)")
 
 
 def load_extra_train(cfg: DataConfig, n_vars: int, min_length: int) -> tuple[list[np.ndarray], list[str]]:

@@ -23,6 +23,7 @@ stochastic draft, q = N(mu, s_q^2): P(accept) = E_{x~q} min(1, p(x)/q(x)) = 1 - 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from specctl.core.rundir import RunDir
 from specctl.core.runtime import seed_everything
 from specctl.core.train import FitResult
 from specctl.timeseries.acceptance import acceptance_closed_form, acceptance_probability
+from specctl.timeseries.builders import training_command
 from specctl.timeseries.data import SeriesData, eval_windows, load_series
 from specctl.timeseries.forecast import Norm, times_for
 from specctl.timeseries.model import Attention, TimerXL, check_compatible, count_parameters, load_timer
@@ -138,7 +140,9 @@ def load_teacher(cfg: DistillConfig, draft: TimerXL, device: torch.device) -> Ti
     try:
         target, _ = load_timer(cfg.target, device)
     except SpecctlError as e:
-        raise SpecctlError(f"distill.target: {e}") from None
+        command = None if Path(cfg.target).exists() else training_command(cfg.target)
+        hint = f" (train it first: `{command}`)" if command else ""
+        raise SpecctlError(f"distill.target: {e}{hint}") from None
     check_compatible(draft.cfg, target.cfg, f"distill.target {cfg.target} (target vs data/draft)")
     set_dropout(target, cfg.teacher_dropout)
     return target.requires_grad_(False)
@@ -165,7 +169,8 @@ def prepare(profile: TimeseriesProfile, device: torch.device) -> DistillSetup:
                            '(or distill.loss = "mse")')
     if not profile.distill.target:
         raise SpecctlError("distill.target is not set: give the target checkpoint to distill from")
-    data = load_series(profile.data, window_length(profile), extra_train=True)
+    data = load_series(profile.data, window_length(profile), extra_train=True,
+                       horizon=max(profile.data.horizons))
     draft = build_model(profile, data, device)
     target = load_teacher(profile.distill, draft, device)
     return DistillSetup(data, draft, target, setup_warnings(profile, draft, target))
@@ -291,6 +296,17 @@ def estimate_acceptance(profile: TimeseriesProfile, draft: TimerXL, target: Time
                     {s: accepted[s] / tokens for s in sigmas})
 
 
+def acceptance_warnings(e: Estimate) -> list[str]:
+    """A draft the gaussian rule accepts at no sigma tried: name the settings that can accept it."""
+    if max(e.acceptance.values()) >= 5e-4:
+        return []
+    rmse = math.sqrt(e.draft_target_mse)  # per value; the tolerance rule compares a token's RMSE
+    return [f"predicted acceptance is 0.000 at every sigma tried ({', '.join(f'{s:g}' for s in e.acceptance)}): "
+            f"the draft is {rmse:.3g} (RMSE per value) from the target over {e.tokens // e.windows} tokens of P*C "
+            f"values; rule \"tolerance\" with spec.tol >= {rmse:.3g} accepts tokens this close, or the gaussian "
+            "rule needs a much larger spec.sigma"]
+
+
 def distill_line(record: dict) -> str:
     """The tail of a distillation's epoch line: distance to the target and the truth, the draft's spread."""
     line = f"  vs target {record['teacher_mse']:.4f}  vs truth {record['truth_mse']:.4f}"
@@ -328,6 +344,9 @@ def distill(profile: TimeseriesProfile, device: torch.device, run: RunDir, resum
                          validate_batches=lambda batches: validation_metrics(cfg, draft, target, batches, lookback))
     draft.load_state_dict(load_weights(result.best_dir, device))
     estimate = estimate_acceptance(profile, draft, target, setup.data.test, device)
+    for message in acceptance_warnings(estimate):
+        say(f"warning: {message}")
+        last_warnings.append(message)
     save_to = profile.train.save_to
     checkpoint = export_checkpoint(result.best_dir, save_to) if save_to else result.best_dir
     return DistillResult(profile, result, estimate, count_parameters(draft), Path(checkpoint),

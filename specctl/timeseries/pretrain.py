@@ -14,7 +14,7 @@ from specctl.core.checkpoint import export_checkpoint, load_weights
 from specctl.core.rundir import RunDir
 from specctl.core.runtime import seed_everything
 from specctl.core.train import FitResult
-from specctl.timeseries.data import load_series
+from specctl.timeseries.data import describe_split, load_series
 from specctl.timeseries.evaluate import HorizonScore, evaluate_rolling, scores_to_dict
 from specctl.timeseries.forecast import next_patch_loss, rollout_mse
 from specctl.timeseries.model import count_parameters
@@ -26,6 +26,7 @@ DEFINITIONS = {
     "horizons": "per horizon H: test windows, MSE and MAE of the rolling forecast vs truth (scaled space), KV-cached "
                 "growing context (`cached`) and the reference sliding-window loop (`sliding`)",
     "average": "mean over data.horizons of each mode's MSE and MAE",
+    "split": "the split protocol of the data (data.split)",
     "history": "per epoch: train loss, validation metrics, learning rate, seconds",
 }
 
@@ -39,6 +40,7 @@ class PretrainResult:
     parameters: int
     checkpoint: Path
     data_notes: list[str]
+    split: str
 
     def metrics(self) -> dict[str, Any]:
         """metrics.json of a pretrain run: training history and the rolling-forecast scores."""
@@ -49,6 +51,7 @@ class PretrainResult:
             "stopped_early": self.fit.stopped_early,
             "checkpoint": str(self.checkpoint),
             "data_notes": self.data_notes,
+            "split": self.split,
             "history": self.fit.history,
             **scores_to_dict(self.scores),
         }
@@ -58,7 +61,8 @@ def pretrain(profile: TimeseriesProfile, device: torch.device, run: RunDir, resu
              say: Say | None = None) -> PretrainResult:
     check_lookback(profile.data.lookback, profile.model.patch_len)
     seed_everything(profile.seed)  # the same initial weights whoever calls (a command, a chain, a sweep worker)
-    data = load_series(profile.data, window_length(profile), extra_train=True)
+    data = load_series(profile.data, window_length(profile), extra_train=True,
+                       horizon=max(profile.data.horizons))
     model = build_model(profile, data, device)
     lookback, train = profile.data.lookback, profile.train
 
@@ -76,7 +80,8 @@ def pretrain(profile: TimeseriesProfile, device: torch.device, run: RunDir, resu
                               progress=progress)
     save_to = profile.train.save_to
     checkpoint = export_checkpoint(result.best_dir, save_to) if save_to else result.best_dir
-    return PretrainResult(result, scores, count_parameters(model), Path(checkpoint), data.notes)
+    return PretrainResult(result, scores, count_parameters(model), Path(checkpoint), data.notes,
+                          describe_split(data))
 
 
 def sweep_row(metrics: dict[str, Any]) -> dict[str, Any]:

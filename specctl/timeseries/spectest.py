@@ -230,7 +230,7 @@ class SpecTestSession:
         if spec.dtype == "bf16":
             self.target.to(torch.bfloat16), self.draft.to(torch.bfloat16)
         self.horizon = spec.horizon or max(profile.data.horizons)
-        data = load_series(profile.data, lookback + self.horizon, splits=("test",))
+        data = load_series(profile.data, lookback + self.horizon, splits=("test",), horizon=self.horizon)
         if data.n_vars != self.target.cfg.n_vars:
             raise SpecctlError(f"data '{profile.data.name}' has {data.n_vars} variables but the checkpoints were "
                                f"trained on {self.target.cfg.n_vars}")
