@@ -25,23 +25,22 @@ class StepCosts:
 
     target_step: float  # one cached one-token target call
     draft_step: float  # one cached one-token draft call
-    verify: float  # one target call over W + K tokens
-    round: float  # one whole speculative round (draft, verify, accept, bookkeeping)
     prefill_target: float  # the target-only forecast's prefill (n0 tokens)
     prefill_spec: float  # the speculative forecast's prefills (n0 - 1 tokens, both models)
+    verify: dict[int, float]  # k -> one target call over the w + k tokens a round of k verifies
+    round: dict[int, float]  # k -> one whole round of k draft tokens (draft, verify, accept, bookkeeping)
 
     @property
     def c_hat(self) -> float:
         return self.draft_step / self.target_step
 
-    @property
-    def v_hat(self) -> float:
-        return self.verify / self.target_step
+    def v_hat(self, k: int) -> float:
+        return self.verify[k] / self.target_step
 
     def o_hat(self, k: int) -> float:
-        """Per-round cost beyond K draft steps and one verification, in target steps (acceptance, bookkeeping,
+        """Per-round cost beyond k draft steps and one verification, in target steps (acceptance, bookkeeping,
         launches)."""
-        return self.round / self.target_step - k * self.c_hat - self.v_hat
+        return self.round[k] / self.target_step - k * self.c_hat - self.v_hat(k)
 
 
 def tokens_per_round(alpha: float, k: int, bonus: bool) -> float:
@@ -87,9 +86,34 @@ class Prediction:
         return self.target_seconds / self.spec_seconds
 
 
-def predict(costs: StepCosts, rounds: float, batches: int, steps: int) -> Prediction:
-    """Wall time of every batch's target-only and speculative forecast (the sum of `batches` batches that take
-    `rounds` rounds together)."""
+def predict(costs: StepCosts, rounds: dict[int, float], batches: int, steps: int) -> Prediction:
+    """Wall time of every batch's target-only and speculative forecast: `batches` batches whose rounds of each draft
+    length k number rounds[k] in all."""
     target = batches * (costs.prefill_target + (steps - 1) * costs.target_step)
-    spec = batches * costs.prefill_spec + rounds * costs.round
+    spec = batches * costs.prefill_spec + sum(n * costs.round[k] for k, n in rounds.items())
     return Prediction(target, spec)
+
+
+class AdaptiveK:
+    """A round's draft length: the k in 0..K with the highest predicted rate, E[tokens per round] / the measured
+    seconds of a round of k (k = 0 is a target step: one token), at the batch's running acceptance rate. The run's
+    earlier batches are the prior (`observe`), starting from alpha = 1/2 with the weight of two tests. Reading the
+    batch's counts syncs the host once per round."""
+
+    def __init__(self, rounds: dict[int, float], bonus: bool) -> None:
+        self.rounds, self.bonus = rounds, bonus
+        self.accepted, self.evaluated = 1.0, 2.0
+
+    def rate(self, alpha: float, k: int) -> float:
+        return (1.0 if k == 0 else tokens_per_round(alpha, k, self.bonus)) / self.rounds[k]
+
+    def best(self, alpha: float) -> int:
+        return max(self.rounds, key=lambda k: self.rate(alpha, k))
+
+    def __call__(self, state) -> int:
+        accepted = self.accepted + int(state.stats.accepted.sum())
+        evaluated = self.evaluated + int(state.stats.evaluated.sum())
+        return self.best(accepted / evaluated)
+
+    def observe(self, accepted: int, evaluated: int) -> None:
+        self.accepted, self.evaluated = self.accepted + accepted, self.evaluated + evaluated

@@ -129,6 +129,14 @@ class SpecConfig(Strict):
     dtype: Literal["fp32", "bf16"] = "fp32"
     cuda_graphs: bool = True
     graph_rounds: bool = False  # replay each whole round as one CUDA graph (checked against eager rounds first)
+    # per round, the draft length 0..k with the best predicted rate at the batch's running acceptance (0: a plain
+    # target step, so a setting that cannot pay falls back to target-only decoding)
+    adaptive_k: bool = False
+    # choose tol (as tol_relative) and k on validation windows: the fastest predicted setting among
+    # budget_tolerances x budget_ks whose validation MSE is within this share of the target's (e.g. 0.01 = +1%)
+    fidelity_budget: float | None = Field(None, ge=0.0)
+    budget_tolerances: list[float] = [0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0]
+    budget_ks: list[int] = []  # empty: spec.k only
     exact_max_tries: int = Field(100, ge=1)
     sliding_baseline: bool = True
 

@@ -26,7 +26,7 @@ import torch
 from specctl.core.errors import SpecctlError
 from specctl.core.files import append_line, write_csv
 from specctl.core.runtime import PhaseClock, Timing, time_call
-from specctl.timeseries.costs import StepCosts, batch_rounds, leviathan_speedup, predict
+from specctl.timeseries.costs import AdaptiveK, StepCosts, batch_rounds, leviathan_speedup, predict
 from specctl.timeseries.data import describe_split, load_series
 from specctl.timeseries.evaluate import window_starts
 from specctl.timeseries.forecast import Norm, forecast_cached, forecast_sliding, n_tokens, times_for
@@ -47,9 +47,12 @@ METRICS = {
     "c_hat": "measured draft one-step time / target one-step time, same batch size",
     "v_hat": "measured verification-call time (W + K tokens) / target one-step time, same batch size",
     "o_hat": "measured round time / target one-step time - K c_hat - v_hat: acceptance and bookkeeping per round",
+    "adaptive_k": "each round drafted the k in 0..K with the best predicted rate (0: a plain target step)",
+    "k_rounds": "rounds per draft length k, all batches (adaptive K's schedule; one entry, K, otherwise)",
     "predicted_speedup": "predicted target-only / speculative wall time of the whole run: prefills, each batch's "
-                         "rounds (the slowest series', simulated from each series' alpha) at the measured round "
-                         "time, and target-only's steps at the measured step time (costs.py)",
+                         "rounds (the slowest series', simulated from each series' alpha; with adaptive K the rounds "
+                         "of each k it chose) at the measured round time, and target-only's steps at the measured "
+                         "step time (costs.py)",
     "predicted_speedup_leviathan": "(1 - a^(K+1)) / ((1 - a)(K c + 1)) with a = alpha_hat, c = c_hat (Leviathan et "
                                    "al.; a^K fewer tokens per round without the bonus token, emit = draft_mean)",
     "speedup": "target-only KV-cached wall time / speculative wall time (same windows, device, warm, synchronised)",
@@ -139,6 +142,8 @@ class SpecTestResult:
     cuda_graphs: bool
     graph_rounds: bool
     split: str
+    adaptive_k: bool = False
+    k_rounds: dict[int, int] = field(default_factory=dict)
     tol: float | None = None
     tol_relative: float | None = None
     target_rmse_val: float | None = None
@@ -164,13 +169,17 @@ def session_key(profile: TimeseriesProfile) -> str:
 
 
 def time_batches(fn: Callable[[Window], Any], batches: list[Window], device, repeats: int, warmup: int,
-                 progress=None, label: str = "") -> tuple[list, list[Timing]]:
-    """Run fn on every batch: the first call's output is kept, then the batch is timed (warm-up excluded)."""
+                 progress=None, label: str = "",
+                 after: Callable[[Any], None] | None = None) -> tuple[list, list[Timing]]:
+    """Run fn on every batch: the first call's output is kept, then the batch is timed (warm-up excluded), then
+    `after(output)` (e.g. what adaptive K learns from the batch, for the next one)."""
     outputs, timings = [], []
     task = progress.add_task(label, total=len(batches), info="") if progress is not None else None
     for batch in batches:
         outputs.append(fn(batch))
         timings.append(time_call(partial(fn, batch), device, repeats, max(0, warmup - 1)))
+        if after is not None:
+            after(outputs[-1])
         if progress is not None:
             progress.update(task, advance=1, info=f"{1e3 * timings[-1].median:.1f} ms/batch")
     if progress is not None:
@@ -309,11 +318,11 @@ class SpecTestSession:
         return series_seeds(profile.seed, torch.from_numpy(batch.ids).to(self.device))
 
     def speculate(self, profile: TimeseriesProfile, batch: Window, debug: bool = False,
-                  clock: PhaseClock | None = None, rounds: bool = False) -> SpecResult:
+                  clock: PhaseClock | None = None, rounds: bool = False, policy: AdaptiveK | None = None) -> SpecResult:
         k, B = profile.spec.k, len(batch.ids)
         return speculative_forecast(self.stepper("target", B, k), self.stepper("draft", B, k), batch.context,
                                     self.horizon, profile.spec, self.seeds(profile, batch), debug, clock,
-                                    self.round_graphs if rounds else None)
+                                    self.round_graphs if rounds else None, policy)
 
     def round_graphs_agree(self, profile: TimeseriesProfile) -> bool:
         """Whole-round CUDA graphs are used only if they reproduce eager rounds on the first batch."""
@@ -331,16 +340,20 @@ class SpecTestSession:
             warnings.warn("whole-round CUDA graphs differ from eager rounds on the first batch: not used", stacklevel=2)
         return agree
 
-    def costs(self, profile: TimeseriesProfile, whole_rounds: bool) -> StepCosts:
-        """Per-call costs of this setting at the first batch's size (the round as the timed pass runs it)."""
-        first, k = self.batches[0], profile.spec.k
-        B = len(first.ids)
-        tstep, dstep = self.stepper("target", B, k), self.stepper("draft", B, k)
-        verify = call_seconds(tstep, first.context, 2 * k + 1, self.device)  # W + K = 2K + 1 tokens
+    def costs(self, profile: TimeseriesProfile, whole_rounds: bool, batch: Window | None = None) -> StepCosts:
+        """Per-call costs of this setting at the size of `batch` (default: the first test batch): the rounds of each
+        draft length it may use, as the timed pass runs them."""
+        spec, batch = profile.spec, batch or self.batches[0]
+        B = len(batch.ids)
+        tstep, dstep = self.stepper("target", B, spec.k), self.stepper("draft", B, spec.k)
         graphs = self.round_graphs if whole_rounds else None
-        one_round = round_seconds(tstep, dstep, first.context, self.horizon, profile.spec, self.seeds(profile, first),
-                                  graphs, repeats=max(5, profile.spec.repeats))
-        return StepCosts(verify=verify, round=one_round, **self.base_costs)
+        verify, rounds = {}, {}
+        for k in range(spec.k + 1) if spec.adaptive_k else [spec.k]:
+            w = k + 1 if spec.emit == "target_mean" else 1  # a round re-feeds w tokens (speculative.refeed_width)
+            verify[k] = call_seconds(tstep, batch.context, w + k, self.device)
+            rounds[k] = round_seconds(tstep, dstep, batch.context, self.horizon, spec, self.seeds(profile, batch),
+                                      graphs, max(5, spec.repeats), k, w)
+        return StepCosts(verify=verify, round=rounds, **self.base_costs)
 
     def run(self, profile: TimeseriesProfile, debug_csv: Path | None = None) -> SpecTestResult:
         if not self.compatible(profile):
@@ -348,19 +361,23 @@ class SpecTestSession:
         profile = self.resolve_tolerance(profile)
         spec = profile.spec
         whole_rounds = spec.graph_rounds and self.graphs and self.round_graphs_agree(profile)
-        results, timings = time_batches(lambda b: self.speculate(profile, b, rounds=whole_rounds), self.batches,
-                                        self.device, spec.repeats, spec.warmup, self.progress, "speculative")
+        costs = self.costs(profile, whole_rounds)
+        policy = AdaptiveK(costs.round, spec.emit != "draft_mean") if spec.adaptive_k else None
+        learn = (lambda r: policy.observe(int(r.accepted.sum()), int(r.evaluated.sum()))) if policy else None
+        results, timings = time_batches(lambda b: self.speculate(profile, b, rounds=whole_rounds, policy=policy),
+                                        self.batches, self.device, spec.repeats, spec.warmup, self.progress,
+                                        "speculative", after=learn)
         clock = PhaseClock(self.device)
         for batch in self.batches:
-            self.speculate(profile, batch, clock=clock)
+            self.speculate(profile, batch, clock=clock, policy=policy)
         if debug_csv is not None:
-            rows = [row for batch in self.batches for row in self.speculate(profile, batch, debug=True).debug_rows(
-                [int(i) for i in batch.ids])]
+            rows = [row for batch in self.batches for row in self.speculate(
+                profile, batch, debug=True, policy=policy).debug_rows([int(i) for i in batch.ids])]
             write_csv(debug_csv, rows)
-        return self.score(profile, results, timings, clock, whole_rounds)
+        return self.score(profile, results, timings, clock, whole_rounds, costs)
 
     def score(self, profile: TimeseriesProfile, results: list[SpecResult], timings: list[Timing], clock: PhaseClock,
-              whole_rounds: bool) -> SpecTestResult:
+              whole_rounds: bool, costs: StepCosts) -> SpecTestResult:
         spec, K = profile.spec, profile.spec.k
         total = lambda name: int(sum(int(getattr(r, name).sum()) for r in results))  # noqa: E731
         proposed, accepted, evaluated = total("proposed"), total("accepted"), total("evaluated")
@@ -369,8 +386,11 @@ class SpecTestSession:
         bonus = spec.emit != "draft_mean"
         steps = n_tokens(self.horizon, self.target.cfg.patch_len)
         per_series = [(r.accepted.double() / r.evaluated.clamp(min=1).double()).cpu().numpy() for r in results]
-        costs = self.costs(profile, whole_rounds)
-        predicted = predict(costs, batch_rounds(per_series, K, steps, bonus), len(self.batches), steps)
+        k_rounds = {k: sum(r.k_rounds.get(k, 0) for r in results) for k in range(K + 1)}
+        k_rounds = {k: n for k, n in k_rounds.items() if n}
+        # fixed K: rounds from each series' alpha (simulated); adaptive: the schedule the policy chose
+        schedule = k_rounds if spec.adaptive_k else {K: batch_rounds(per_series, K, steps, bonus)}
+        predicted = predict(costs, schedule, len(self.batches), steps)
         spec_seconds = sum(t.median for t in timings)
         forecasts = [r.forecast for r in results]
         mse, mae = errors(forecasts, self.truths)
@@ -384,7 +404,8 @@ class SpecTestSession:
             acceptance_rate=accepted / proposed if proposed else 0.0,
             alpha_hat=alpha, mean_accepted=accepted / rounds if rounds else 0.0,
             tokens_per_target_call=emitted / rounds if rounds else 0.0,
-            c_hat=costs.c_hat, v_hat=costs.v_hat, o_hat=costs.o_hat(K),
+            c_hat=costs.c_hat, v_hat=costs.v_hat(K), o_hat=costs.o_hat(K), adaptive_k=spec.adaptive_k,
+            k_rounds=k_rounds,
             predicted_speedup=predicted.speedup,
             predicted_speedup_leviathan=leviathan_speedup(alpha, K, costs.c_hat, bonus),
             speedup=self.cached.seconds / spec_seconds, speedup_draft=self.cached.seconds / self.draft_alone.seconds,

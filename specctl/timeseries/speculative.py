@@ -1,12 +1,17 @@
 """Speculative rolling forecasts with continuous patch tokens (docs/design.md, "Speculative decoding").
 
-State per series b: `hist`, the final values of the W = K+1 newest tokens, at positions p-W+1..p (positions
-before 0, which only a lookback shorter than K+1 tokens has, repeat token 0 at time 0). Each round re-feeds them,
-rewriting those cache slots with what was finally emitted there, before proposing: a round emits at most K+1
-tokens, so every slot a round wrote with a draft value is rewritten by the next one, and the context is exactly
-the emitted forecast. Every call has a static shape:
-  draft:  hist at p-W+1..p -> mu_1; then fed_i at p+i -> mu_{i+1}                    (K calls)
-  target: [hist, fed_1..fed_K] at p-W+1..p+K -> t_1..t_{K+1}                         (1 call)
+State per series b: `hist`, the final values of the K+1 newest tokens, at positions p-K..p (positions before 0,
+which only a lookback shorter than K+1 tokens has, repeat token 0 at time 0). A round of k <= K draft tokens
+re-feeds the newest w of them, rewriting those cache slots with what was finally emitted there, before proposing:
+  draft:  hist at p-w+1..p -> mu_1; then fed_i at p+i -> mu_{i+1}                    (k calls)
+  target: [hist, fed_1..fed_k] at p-w+1..p+k -> t_1..t_{k+1}                         (1 call)
+so the context is exactly the emitted forecast when w covers every slot the last round wrote with a value other
+than the one emitted there. With `sample` and `draft_mean` emission an accepted token is the value that was fed, so
+only the newest token (the correction, or a draft token the draft never fed itself) needs it: w = 1. With
+`target_mean` every token the last round emitted differs from what was fed: w = its k + 1. Slots beyond the new p
+hold stale values but are masked until they are overwritten. A round with k = 0 is a plain target step (the
+fallback of adaptive K); the draft does not see it, so once a forecast takes a target step it takes only target
+steps (the draft would have to catch up on tokens it never fed). Every call has a static shape per (k, w).
 Acceptance scans i = 1..K and stops at the first rejection j; the fed sequence continues with x_1..x_{j-1} and
 a correction at j (residual sample for `exact`, t_j otherwise), or with the bonus t_{K+1} when all K pass.
 With `draft_mean` emission the bonus is not taken, so the forecast is the draft's wherever it was accepted.
@@ -63,6 +68,7 @@ class SpecResult:
     cap_hits: torch.Tensor
     accepted_hist: torch.Tensor  # [K+1] rounds that accepted 0..K tokens
     logs: list[RoundLog] = field(default_factory=list)
+    k_rounds: dict[int, int] = field(default_factory=dict)  # rounds of the batch per draft length k (0: target step)
 
     def debug_rows(self, series_ids: list[int]) -> list[dict]:
         rows = []
@@ -123,6 +129,7 @@ class RoundState:
 
     @property
     def K(self) -> int:
+        """The largest k a round may have (random-number blocks and buffers are laid out for it)."""
         return self.spec.k
 
     @property
@@ -229,15 +236,17 @@ def uniform_block(s: RoundState, start: int, count: int) -> torch.Tensor:
     return uniform(s.seeds, base + torch.arange(count, device=s.seeds.device)[None, :].expand(len(s.seeds), -1))
 
 
-def propose(s: RoundState, draft_call: ModelCall) -> Proposal:
-    """K autoregressive draft steps after re-feeding the newest W final values."""
-    spec, K, C = s.spec, s.K, s.C
+def propose(s: RoundState, draft_call: ModelCall, k: int, w: int) -> Proposal:
+    """k autoregressive draft steps after re-feeding the newest w final values."""
+    spec, C, B, D = s.spec, s.C, s.hist.shape[0], s.D
     scale, shift = s.scale[:, 0], s.shift[:, 0]
-    back = torch.arange(-(s.W - 1), 1, device=s.p.device)
-    feed, feed_times = unflat_tokens(s.hist, C), s.times(back)
-    eps = normal_block(s, 0, K).view(-1, K, s.D) if s.sampling else None
+    if k == 0:
+        empty = s.hist.new_zeros(B, 0, D)
+        return Proposal(empty, empty, empty, spec.sigma if not s.stochastic else empty)
+    feed, feed_times = unflat_tokens(s.hist[:, -w:], C), s.times(torch.arange(1 - w, 1, device=s.p.device))
+    eps = normal_block(s, 0, k).view(B, k, D) if s.sampling else None
     mus, xs, feds, stds = [], [], [], []
-    for i in range(K):
+    for i in range(k):
         mean, logvar = draft_call(feed, feed_times)
         mu = flat_tokens(mean[:, :, -1]) * scale + shift  # scaled units
         std_q = (flat_tokens(logvar[:, :, -1]).mul(0.5).exp() * scale) if logvar is not None else spec.sigma
@@ -249,26 +258,30 @@ def propose(s: RoundState, draft_call: ModelCall) -> Proposal:
     return Proposal(torch.stack(mus, 1), torch.stack(xs, 1), torch.stack(feds, 1), std)
 
 
-def verify(s: RoundState, target_call: ModelCall, fed: torch.Tensor) -> torch.Tensor:
-    """One target pass over [hist, fed_1..fed_K]: t_1..t_{K+1} [B, K+1, D] (scaled), for positions p+1..p+K+1."""
-    verify_in = torch.cat([s.hist, (fed - s.shift) / s.scale], dim=1)  # [B, W+K, D] normalised
-    t_norm, _ = target_call(unflat_tokens(verify_in, s.C), s.times(torch.arange(-(s.W - 1), s.K + 1,
-                                                                                device=s.p.device)))
-    return flat_tokens(t_norm[:, :, s.W - 1:]) * s.scale + s.shift
+def verify(s: RoundState, target_call: ModelCall, fed: torch.Tensor, w: int) -> torch.Tensor:
+    """One target pass over [newest w of hist, fed_1..fed_k]: t_1..t_{k+1} [B, k+1, D] (scaled), for positions
+    p+1..p+k+1."""
+    k = fed.shape[1]
+    verify_in = torch.cat([s.hist[:, -w:], (fed - s.shift) / s.scale], dim=1)  # [B, w+k, D] normalised
+    t_norm, _ = target_call(unflat_tokens(verify_in, s.C), s.times(torch.arange(1 - w, k + 1, device=s.p.device)))
+    return flat_tokens(t_norm[:, :, w - 1:]) * s.scale + s.shift
 
 
 def accept(s: RoundState, q: Proposal, t: torch.Tensor) -> tuple[Decision, torch.Tensor]:
     """The rule's accept tests up to the first rejection, and what is emitted after the accepted tokens; also the
-    residual draws that hit the try cap ([B] bool)."""
-    spec, K, B, D = s.spec, s.K, s.hist.shape[0], s.D
+    residual draws that hit the try cap ([B] bool). Random numbers come from the round's blocks laid out for K."""
+    spec, k, K, B, D = s.spec, q.mu.shape[1], s.K, s.hist.shape[0], s.D
     prob, log_ratio = acceptance.acceptance_probability(spec.rule, q.x, t, q.mu, q.std_q, spec.sigma, spec.bias,
                                                         spec.tol)
-    n_acc = acceptance.count_accepted(uniform_block(s, 0, K) < prob)  # [B]
+    n_acc = acceptance.count_accepted(uniform_block(s, 0, k) < prob)  # [B]
     t_j = t.gather(1, n_acc[:, None, None].expand(B, 1, D)).squeeze(1)  # t at the correction (or bonus) position
     cap = torch.zeros(B, dtype=torch.bool, device=t.device)
     if not s.residual_needed:
         return Decision(n_acc, t_j, t_j, prob, log_ratio), cap
-    j = n_acc.clamp(max=K - 1)[:, None, None].expand(B, 1, D)
+    bonus = t_j + spec.sigma * normal_block(s, K + s.tries, 1)  # all k passed: t_{k+1} + sigma eps ~ p_{k+1}
+    if k == 0:
+        return Decision(n_acc, bonus, t_j, prob, log_ratio), cap
+    j = n_acc.clamp(max=k - 1)[:, None, None].expand(B, 1, D)
     mu_j, x_j = q.mu.gather(1, j).squeeze(1), q.x.gather(1, j).squeeze(1)
     std_j = q.std_q.gather(1, j).squeeze(1) if torch.is_tensor(q.std_q) else q.std_q
     if s.reflect:  # reflection needs no extra draws
@@ -277,25 +290,24 @@ def accept(s: RoundState, q: Proposal, t: torch.Tensor) -> tuple[Decision, torch
         noise = normal_block(s, K, s.tries).view(B, s.tries, D)
         tries_u = uniform_block(s, K, s.tries)
     residual, cap = acceptance.residual_sample(t_j, mu_j, x_j, std_j, spec.sigma, noise, tries_u)
-    bonus = t_j + spec.sigma * normal_block(s, K + s.tries, 1)  # all K passed: t_{K+1} + sigma eps ~ p_{K+1}
-    all_pass = n_acc == K
+    all_pass = n_acc == k
     return Decision(n_acc, torch.where(all_pass[:, None], bonus, residual), t_j, prob, log_ratio), cap & ~all_pass
 
 
 def advance(s: RoundState, q: Proposal, t: torch.Tensor, d: Decision, cap: torch.Tensor) -> torch.Tensor:
     """Write this round's tokens, move each active series on, count; returns the active mask of the round."""
-    spec, K, W, B, D = s.spec, s.K, s.W, s.hist.shape[0], s.D
-    pos = torch.arange(K + W, device=s.p.device)
+    spec, k, W, B, D = s.spec, q.mu.shape[1], s.W, s.hist.shape[0], s.D
+    pos = torch.arange(k + 1 + W, device=s.p.device)
     active = s.n_out < s.steps
-    take_bonus = spec.emit != "draft_mean"
-    n_new = torch.where(d.n_acc == K, d.n_acc + int(take_bonus), d.n_acc + 1)
+    take_bonus = spec.emit != "draft_mean" or k == 0  # a k = 0 round is a target step: it emits the target's token
+    n_new = torch.where(d.n_acc == k, d.n_acc + int(take_bonus), d.n_acc + 1)
     shown = d.t_j if spec.emit == "target_mean" else d.correction
     emitted = acceptance.emit_tokens(spec.emit, q.x, q.mu, t, d.n_acc, shown)  # [B, K+1, D]
-    write = (pos[None, : K + 1] < n_new[:, None]) & active[:, None]
-    slots = (s.n_out[:, None] + pos[None, : K + 1]).clamp(max=s.out.shape[1] - 1)[:, :, None].expand(B, K + 1, D)
+    write = (pos[None, : k + 1] < n_new[:, None]) & active[:, None]
+    slots = (s.n_out[:, None] + pos[None, : k + 1]).clamp(max=s.out.shape[1] - 1)[:, :, None].expand(B, k + 1, D)
     s.out.scatter_(1, slots, torch.where(write[:, :, None], emitted, s.out.gather(1, slots)))
     # the newest W final values: the old ones followed by this round's emitted tokens
-    seq = torch.cat([s.hist, (emitted - s.shift) / s.scale], dim=1)  # [B, W+K+1, D]
+    seq = torch.cat([s.hist, (emitted - s.shift) / s.scale], dim=1)  # [B, W+k+1, D]
     newest = (n_new[:, None] + pos[None, :W])[:, :, None].expand(B, W, D)
     s.hist.copy_(torch.where(active[:, None, None], seq.gather(1, newest), s.hist))
     act = active.long()
@@ -303,31 +315,38 @@ def advance(s: RoundState, q: Proposal, t: torch.Tensor, d: Decision, cap: torch
     s.p.copy_(torch.where(active, s.p + n_new, s.p))
     s.n_out.add_(n_new * act)
     s.index.add_(1)
-    s.stats.proposed += K * act
+    s.stats.proposed += k * act
     s.stats.accepted += d.n_acc * act
-    s.stats.evaluated += (d.n_acc + 1).clamp(max=K) * act
+    s.stats.evaluated += (d.n_acc + 1).clamp(max=k) * act
     s.stats.rounds += act
     s.stats.cap_hits += (cap & active).long()
     s.stats.accepted_hist.scatter_add_(0, d.n_acc, act)
     return active
 
 
-def speculative_round(state: RoundState, target_call: ModelCall, draft_call: ModelCall,
-                      mark: Callable[[str], None] | None = None, logs: list | None = None) -> None:
-    """One round for every series, in place: K draft steps, one verification pass, acceptance, bookkeeping.
-    Series that are already done ride along (static shapes) and change nothing."""
+def speculative_round(state: RoundState, target_call: ModelCall, draft_call: ModelCall, k: int | None = None,
+                      w: int = 1, mark: Callable[[str], None] | None = None, logs: list | None = None) -> None:
+    """One round for every series, in place: k draft steps (default K) after re-feeding the newest w tokens, one
+    verification pass, acceptance, bookkeeping. Series that are already done ride along (static shapes) and change
+    nothing."""
+    k = state.K if k is None else k
     mark = mark or (lambda phase: None)
-    proposal = propose(state, draft_call)
+    proposal = propose(state, draft_call, k, w)
     mark("draft")
-    t = verify(state, target_call, proposal.fed)
+    t = verify(state, target_call, proposal.fed, w)
     mark("verify")
     decision, cap = accept(state, proposal, t)
     mark("accept")
     active = advance(state, proposal, t, decision, cap)
     if logs is not None:
-        delta = (t[:, : state.K] - proposal.mu).norm(dim=-1) / state.spec.sigma
+        delta = (t[:, :k] - proposal.mu).norm(dim=-1) / state.spec.sigma
         logs.append(RoundLog(active, decision.n_acc, delta, decision.log_ratio, decision.prob))
     mark("overhead")
+
+
+def refeed_width(spec: SpecConfig, previous_k: int | None) -> int:
+    """The newest tokens a round must re-feed (module docstring): 1, or the last round's k + 1 with target_mean."""
+    return previous_k + 1 if spec.emit == "target_mean" and previous_k is not None else 1
 
 
 def forecast_of(state: RoundState, horizon: int) -> torch.Tensor:
@@ -337,16 +356,20 @@ def forecast_of(state: RoundState, horizon: int) -> torch.Tensor:
     return tokens.transpose(1, 2)[:, :horizon].clone()
 
 
-class RoundGraph:
-    """One speculative round captured as a CUDA graph over its own persistent RoundState and the steppers'
-    caches; the model calls inside run eagerly during capture (graphs do not nest)."""
+class RoundGraphs:
+    """Speculative rounds captured as CUDA graphs over one persistent RoundState and the steppers' caches, one graph
+    per (k, w), captured the first time it is needed; the model calls inside run eagerly during capture (graphs do
+    not nest)."""
 
     def __init__(self, state: RoundState, tstep: Stepper, dstep: Stepper) -> None:
-        self.state = state
-        self.graph, _ = capture_graph(lambda: speculative_round(state, tstep.eager, dstep.eager))
+        self.state, self.tstep, self.dstep = state, tstep, dstep
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
 
-    def replay(self) -> None:
-        self.graph.replay()
+    def replay(self, k: int, w: int) -> None:
+        if (k, w) not in self.graphs:
+            self.graphs[k, w], _ = capture_graph(
+                lambda: speculative_round(self.state, self.tstep.eager, self.dstep.eager, k, w))
+        self.graphs[k, w].replay()
 
 
 @dataclass
@@ -358,13 +381,13 @@ class Forecaster:
     state: RoundState
     norm: Norm
     tokens: torch.Tensor
-    graph: RoundGraph | None
+    graphs: RoundGraphs | None
 
-    def round(self, mark: Callable[[str], None] | None = None, logs: list | None = None) -> None:
-        if self.graph is not None:
-            self.graph.replay()
+    def round(self, k: int, w: int, mark: Callable[[str], None] | None = None, logs: list | None = None) -> None:
+        if self.graphs is not None:
+            self.graphs.replay(k, w)
         else:
-            speculative_round(self.state, self.tstep, self.dstep, mark, logs)
+            speculative_round(self.state, self.tstep, self.dstep, k, w, mark, logs)
 
 
 def steppers(target: TimerXL | Stepper, draft: TimerXL | Stepper, batch: int, lookback: int, horizon: int,
@@ -402,26 +425,29 @@ def start_forecast(tstep: Stepper, dstep: Stepper, context: torch.Tensor, horizo
     graphed = round_graphs is not None and device.type == "cuda"
     key = (B, L, horizon, id(tstep), id(dstep), spec.model_dump_json())
     if graphed and key not in round_graphs:
-        state = new_state(tstep.model, dstep.model, B, L, horizon, spec, device)
-        reset(state, norm, tokens, seeds)
-        round_graphs[key] = RoundGraph(state, tstep, dstep)
-    graph = round_graphs[key] if graphed else None
-    state = graph.state if graph else new_state(tstep.model, dstep.model, B, L, horizon, spec, device)
+        round_graphs[key] = RoundGraphs(new_state(tstep.model, dstep.model, B, L, horizon, spec, device), tstep, dstep)
+    graphs = round_graphs[key] if graphed else None
+    state = graphs.state if graphs else new_state(tstep.model, dstep.model, B, L, horizon, spec, device)
     reset(state, norm, tokens, seeds)
-    return Forecaster(tstep, dstep, state, norm, tokens, graph)
+    return Forecaster(tstep, dstep, state, norm, tokens, graphs)
+
+
+KPolicy = Callable[[RoundState], int]  # the draft length of the next round (adaptive K)
 
 
 @torch.no_grad()
 def speculative_forecast(
     target: TimerXL | Stepper, draft: TimerXL | Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig,
     seeds: torch.Tensor, debug: bool = False, clock: PhaseClock | None = None,
-    round_graphs: dict | None = None,
+    round_graphs: dict | None = None, policy: KPolicy | None = None,
 ) -> SpecResult:
     """Forecast `horizon` points for each series of `context` [B, L, C] with draft proposals verified by the target.
 
     `target` and `draft` are models, or Steppers (model + reusable cache, optionally CUDA graphs) sized for
     this batch and at least `cache_length` slots. With `round_graphs` on a CUDA device each whole round is replayed
-    as one captured CUDA graph; debug logs and the clock need eager rounds."""
+    as one captured CUDA graph; debug logs and the clock need eager rounds. `policy` picks each round's k (0..K,
+    reading the state: a host sync per round; after a k = 0 round every round is one); without it every round
+    drafts K tokens."""
     tstep, dstep = steppers(target, draft, context.shape[0], context.shape[1], horizon, spec.k)
     if clock is not None:
         clock.start()
@@ -430,31 +456,31 @@ def speculative_forecast(
     if clock is not None:
         clock.mark("prefill")  # paid once per forecast, by both decoders
     logs: list[RoundLog] | None = [] if debug else None
-    state = f.state
+    state, k_rounds, previous = f.state, {}, None
     sure_rounds = -(-state.steps // (spec.k + 1))  # a round emits at most K+1 tokens: no series is done before
-    r = 0
-    while r < sure_rounds or bool((state.n_out < state.steps).any()):  # the only host sync
-        f.round(clock.mark if clock is not None else None, logs)
-        r += 1
+    while sum(k_rounds.values()) < sure_rounds or bool((state.n_out < state.steps).any()):  # the only host sync
+        k = 0 if previous == 0 else policy(state) if policy is not None else spec.k
+        f.round(k, refeed_width(spec, previous), clock.mark if clock is not None else None, logs)
+        k_rounds[k], previous = k_rounds.get(k, 0) + 1, k
     stats = state.stats
     clone = lambda t: t.clone()  # noqa: E731  (graph state is reused by the next forecast)
     return SpecResult(forecast_of(state, horizon), clone(stats.proposed), clone(stats.accepted), clone(stats.evaluated),
                       clone(stats.rounds), clone(stats.emitted), clone(stats.cap_hits), clone(stats.accepted_hist),
-                      logs or [])
+                      logs or [], k_rounds)
 
 
 @torch.no_grad()
 def round_seconds(tstep: Stepper, dstep: Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig,
-                  seeds: torch.Tensor, round_graphs: dict | None, repeats: int) -> float:
-    """Median wall time of one round (the first of a forecast, as the timed pass runs it: graph or eager),
-    synchronised, after one untimed round."""
+                  seeds: torch.Tensor, round_graphs: dict | None, repeats: int, k: int, w: int) -> float:
+    """Median wall time of one round of k draft tokens re-feeding w (the first of a forecast, as the timed pass runs
+    it: graph or eager), synchronised, after one untimed round."""
     f = start_forecast(tstep, dstep, context, horizon, spec, seeds, round_graphs)
     times = []
     for _ in range(repeats + 1):
         reset(f.state, f.norm, f.tokens, seeds)
         synchronize(context.device)
         start = time.perf_counter()
-        f.round()
+        f.round(k, w)
         synchronize(context.device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])

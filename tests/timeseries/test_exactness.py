@@ -87,9 +87,11 @@ def test_exact_rule_emits_the_targets_joint_law(std_ratio):
         assert abs(float(cross)) < 5 * float(se[0])
 
 
-def reference_forecast(target, draft, context: torch.Tensor, horizon: int, k: int, tol: float) -> torch.Tensor:
-    """Speculative decoding with the tolerance rule and target-mean emission, without any cache: every model call is
-    a full forward over the context followed by exactly the tokens emitted so far (and the round's proposals)."""
+def reference_forecast(target, draft, context: torch.Tensor, horizon: int, k: int, tol: float,
+                       emit: str = "target_mean") -> torch.Tensor:
+    """Speculative decoding with the tolerance rule, without any cache: every model call is a full forward over the
+    context followed by exactly the tokens emitted so far (and the round's proposals). Emitted: the target's means
+    and its bonus token (target_mean), or the accepted draft means then the target's correction (draft_mean)."""
     P = target.cfg.patch_len
     norm = Norm.fit(context, target.cfg)
     seq = norm.tokens(context, P)  # [B=1, C, n0, P]: the context, then the emitted tokens
@@ -108,13 +110,18 @@ def reference_forecast(target, draft, context: torch.Tensor, horizon: int, k: in
         scale = norm.std.transpose(1, 2)[..., None]  # the rule compares in scaled units
         rmse = ((drafted - verified[:, :, :k]) * scale).pow(2).mean(dim=(1, 3)).sqrt()[0]  # [K]
         accepted = int(torch.cumprod((rmse <= tol).long(), 0).sum())
-        seq = torch.cat([seq, verified[:, :, : accepted + 1]], dim=2)  # t_1..t_{n+1}: target means (and the bonus)
+        if emit == "target_mean":
+            seq = torch.cat([seq, verified[:, :, : accepted + 1]], dim=2)  # t_1..t_{n+1} (t_{K+1}: the bonus)
+        else:  # the accepted draft means, then the correction t_{n+1} unless all K passed (no bonus)
+            tail = verified[:, :, accepted : accepted + 1] if accepted < k else verified[:, :, :0]
+            seq = torch.cat([seq, drafted[:, :, :accepted], tail], dim=2)
     return norm.series(seq[:, :, n0 : n0 + steps])[:, :horizon]
 
 
-@pytest.mark.parametrize("n0", [2, 3])
-def test_context_is_the_emitted_forecast_with_a_short_lookback(n0):
-    """W = K+1 > n0: the cache slots a round wrote with draft values are rewritten with what was emitted."""
+@pytest.mark.parametrize("n0, emit", [(2, "target_mean"), (3, "target_mean"), (2, "draft_mean")])
+def test_context_is_the_emitted_forecast_with_a_short_lookback(n0, emit):
+    """K+1 > n0: the cache slots a round wrote with draft values are rewritten with what was emitted (target_mean
+    re-feeds the last round's k + 1 tokens; draft_mean only the newest one, since accepted tokens are what was fed)."""
     torch.manual_seed(0)
     target = tiny_timer(n_vars=2, d_model=32, e_layers=2, seed=0)
     draft = tiny_timer(n_vars=2, d_model=16, e_layers=1, seed=1)
@@ -122,10 +129,10 @@ def test_context_is_the_emitted_forecast_with_a_short_lookback(n0):
     contexts = smooth_series(6, n0 * P, 2, seed=2)
     mixed = 0
     for tol in (0.05, 0.2, 0.6):
-        spec = SpecConfig(rule="tolerance", tol=tol, emit="target_mean", k=3)
+        spec = SpecConfig(rule="tolerance", tol=tol, emit=emit, k=3)
         result = speculative_forecast(target, draft, contexts, horizon, spec, series_seeds(0, torch.arange(6)))
         for b in range(6):
-            expected = reference_forecast(target, draft, contexts[b : b + 1], horizon, 3, tol)
+            expected = reference_forecast(target, draft, contexts[b : b + 1], horizon, 3, tol, emit)
             torch.testing.assert_close(result.forecast[b : b + 1], expected, atol=2e-4, rtol=0)
         mixed += 0 < int(result.accepted.sum()) < int(result.proposed.sum())
     assert mixed, "the test needs settings that accept some tokens and reject others"

@@ -1,0 +1,100 @@
+"""Adaptive K: the chooser is the argmax of the predicted rate, it matches the best fixed K where that is known, and
+it falls back to target steps when no draft length pays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from specctl.timeseries.costs import AdaptiveK, tokens_per_round
+from specctl.timeseries.forecast import Norm, forecast_cached, times_for
+from specctl.timeseries.profile import SpecConfig
+from specctl.timeseries.rng import series_seeds
+from specctl.timeseries.speculative import speculative_forecast
+from tests.helpers import smooth_series, tiny_timer
+
+ROUNDS = {0: 1.0, 1: 1.3, 2: 1.6, 3: 1.9, 4: 2.2}  # seconds of a round of k draft tokens (k = 0: a target step)
+
+
+@pytest.mark.parametrize("alpha, best", [(0.95, 4), (0.7, 2), (0.6, 1), (0.15, 0)])
+def test_the_chooser_is_the_argmax_of_the_predicted_rate(alpha, best):
+    policy = AdaptiveK(ROUNDS, bonus=True)
+    rates = {k: (1.0 if k == 0 else tokens_per_round(alpha, k, True)) / t for k, t in ROUNDS.items()}
+    assert policy.best(alpha) == max(rates, key=rates.get) == best
+
+
+def simulate(alpha: float, steps: int, choose, rng: np.random.Generator, bonus: bool = True) -> tuple[float, int, int]:
+    """Seconds to emit `steps` tokens of one series whose drafted tokens each pass with probability alpha; and the
+    series' accepted and evaluated counts."""
+    emitted = accepted = evaluated = 0
+    seconds = 0.0
+    while emitted < steps:
+        k = choose(accepted, evaluated)
+        if k == 0:
+            emitted, seconds = emitted + 1, seconds + ROUNDS[0]
+            continue
+        n = int(np.cumprod(rng.random(k) < alpha).sum())
+        emitted += n + 1 if n < k or bonus else n
+        accepted, evaluated, seconds = accepted + n, evaluated + min(n + 1, k), seconds + ROUNDS[k]
+    return seconds, accepted, evaluated
+
+
+@pytest.mark.parametrize("alpha", [0.9, 0.55, 0.2])
+def test_adaptive_k_is_as_fast_as_the_best_fixed_k(alpha):
+    """Where the best fixed K is known (a stationary acceptance rate), learning the rate as it goes (each forecast
+    the prior of the next, as batches are) costs little."""
+    policy = AdaptiveK(ROUNDS, bonus=True)
+
+    def adaptive(accepted: int, evaluated: int) -> int:
+        return policy.best((policy.accepted + accepted) / (policy.evaluated + evaluated))
+
+    def total(choose, learn: bool = False) -> float:
+        rng, seconds = np.random.default_rng(0), 0.0
+        for _ in range(300):
+            spent, accepted, evaluated = simulate(alpha, 64, choose, rng)
+            seconds += spent
+            if learn:
+                policy.observe(accepted, evaluated)
+        return seconds
+
+    fixed = {k: total(lambda a, e, k=k: k) for k in ROUNDS}
+    assert total(adaptive, learn=True) <= 1.03 * min(fixed.values())
+
+
+def test_a_draft_that_is_never_accepted_falls_back_to_target_steps():
+    target, draft = tiny_timer(d_model=32, e_layers=2, seed=0), tiny_timer(d_model=16, e_layers=1, seed=1)
+    context, horizon = smooth_series(4, 32, 3), 80
+    spec = SpecConfig(rule="tolerance", tol=0.0, k=4, adaptive_k=True)
+    policy = AdaptiveK({0: 1.0, 1: 1.5, 2: 2.0, 3: 2.5, 4: 3.0}, bonus=True)
+    result = speculative_forecast(target, draft, context, horizon, spec, series_seeds(0, torch.arange(4)),
+                                  policy=policy)
+    torch.testing.assert_close(result.forecast, forecast_cached(target, context, horizon), atol=1e-5, rtol=0)
+    assert result.k_rounds.get(0, 0) >= 6 and sum(result.k_rounds.values()) == int(result.rounds.max())
+
+
+def test_adaptive_rounds_keep_the_context_exact():
+    """Rounds of different k, then target steps, in one forecast, each with its own re-feed width: with an always-
+    accepting rule and draft_mean, a round of k emits k draft means and a target step the target's mean, each
+    predicted from exactly the emitted context (checked against full forwards without a cache). Once a target step
+    is taken, the rest are target steps."""
+    target, draft = tiny_timer(d_model=32, e_layers=2, seed=0), tiny_timer(d_model=16, e_layers=1, seed=1)
+    context, horizon, P = smooth_series(3, 32, 3), 160, 8
+    plan = [3, 1, 4, 2, 4, 1, 0, 3, 2, 4] + [0] * 12  # the 3 and later after the first 0 become target steps
+    schedule = iter(plan)
+    spec = SpecConfig(rule="tolerance", tol=1e9, k=4, emit="draft_mean")
+    result = speculative_forecast(target, draft, context, horizon, spec, series_seeds(0, torch.arange(3)),
+                                  policy=lambda state: next(schedule))
+    norm = Norm.fit(context, target.cfg)
+    seq, n0 = norm.tokens(context, P), context.shape[1] // P
+    taken = plan[: plan.index(0)] + [0] * 12
+    for k in taken:
+        for _ in range(max(k, 1)):
+            model = target if k == 0 else draft
+            mean, _ = model(seq, times_for(3, 0, seq.shape[2], "cpu"))
+            seq = torch.cat([seq, mean[:, :, -1:]], dim=2)
+        if seq.shape[2] - n0 >= horizon // P:
+            break
+    expected = norm.series(seq[:, :, n0 : n0 + horizon // P])
+    torch.testing.assert_close(result.forecast, expected, atol=1e-4, rtol=0)
+    assert result.k_rounds[0] >= 1 and len(result.k_rounds) == 5
