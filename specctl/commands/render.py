@@ -113,6 +113,14 @@ def spec_speed_table(r, title: str) -> Table:
     if r.tol is not None:
         relative = f" = {r.tol_relative:.3g} × target RMSE {r.target_rmse_val:.3g}" if r.tol_relative else ""
         rows.insert(1, ("tolerance (scaled units)", f"{r.tol:.4g}{relative}"))
+    if r.budget is not None:
+        b = r.budget
+        rows.insert(1, ("fidelity budget (validation)", f"{b.budget:.1%}: tol_relative {b.tol_relative:g}, K {b.k}; "
+                                                         f"{b.val_delta_mse_pct:+.2f}% MSE, predicted "
+                                                         f"{b.val_predicted_speedup:.2f}x ({b.within_budget}/"
+                                                         f"{b.candidates} settings within)"))
+    if r.adaptive_k:
+        rows.insert(1, ("adaptive K: rounds per k", ", ".join(f"{k}: {n}" for k, n in sorted(r.k_rounds.items()))))
     if r.speedup_sliding is not None:
         rows.append(("speedup vs sliding window", f"{r.speedup_sliding:.2f}x"))
     rows += [

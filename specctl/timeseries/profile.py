@@ -144,6 +144,8 @@ class SpecConfig(Strict):
     def _exact_is_exact(self) -> SpecConfig:
         if self.rule == "exact" and self.bias != 1.0:
             raise ValueError("rule 'exact' means bias 1 (set spec.bias = 1 or choose rule 'gaussian')")
+        if self.fidelity_budget is not None and self.rule != "tolerance":
+            raise ValueError('spec.fidelity_budget chooses a tolerance: set spec.rule = "tolerance"')
         if self.rule == "exact" and self.emit != "sample":
             raise ValueError("rule 'exact' preserves the target's distribution only for emitted samples: set "
                              'spec.emit = "sample" (or choose rule "gaussian" or "tolerance")')

@@ -71,6 +71,8 @@ METRICS = {
     "tol_relative": "tol / the target's own per-token RMSE to the truth on validation windows",
     "target_rmse_val": "the target's per-token RMSE to the truth on validation windows (sqrt of its MSE there)",
     "split": "the split protocol the windows come from",
+    "budget": "spec.fidelity_budget: the tolerance (relative) and k chosen on validation windows as the fastest "
+              "predicted setting whose validation MSE is within the budget of the target's, and its validation scores",
     "breakdown_s": "seconds per phase (prefill of both decoders, draft, verify, accept, overhead) over all batches, "
                    "from a separate pass synchronised at every phase (slower than the timed pass)",
 }
@@ -144,6 +146,7 @@ class SpecTestResult:
     split: str
     adaptive_k: bool = False
     k_rounds: dict[int, int] = field(default_factory=dict)
+    budget: BudgetChoice | None = None
     tol: float | None = None
     tol_relative: float | None = None
     target_rmse_val: float | None = None
@@ -155,6 +158,20 @@ class SpecTestResult:
 
     def metrics(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class BudgetChoice:
+    """What spec.fidelity_budget chose on validation windows, and how it scored there."""
+
+    budget: float
+    tol_relative: float
+    k: int
+    val_delta_mse_pct: float
+    val_acceptance_rate: float
+    val_predicted_speedup: float
+    candidates: int
+    within_budget: int
 
 
 def session_key(profile: TimeseriesProfile) -> str:
@@ -255,6 +272,7 @@ class SpecTestSession:
         self.sliding = (self.timed(lambda b: forecast_sliding(self.target, b.context, self.horizon),
                                    "target (sliding)") if spec.sliding_baseline else None)
         self.base_costs = self.step_costs()
+        self.val_batches: list[Window] | None = None
         self.target_rmse_val: float | None = None
 
     def timed(self, fn: Callable[[Window], torch.Tensor], label: str) -> Measured:
@@ -288,15 +306,22 @@ class SpecTestSession:
     def compatible(self, profile: TimeseriesProfile) -> bool:
         return session_key(profile) == self.key
 
+    def validation_batches(self) -> list[Window]:
+        """Windows of the validation split (at most spec.max_windows, else 256), for choices made before the test
+        split is looked at; [] when the split holds none."""
+        if self.val_batches is None:
+            spec, lookback = self.profile.spec, self.profile.data.lookback
+            val = torch.from_numpy(np.ascontiguousarray(self.data.val, dtype=np.float32)).to(self.device)
+            enough = len(val) >= lookback + self.horizon
+            self.val_batches = make_batches(val, lookback, self.horizon, spec.batch_size,
+                                            spec.max_windows or 256) if enough else []
+        return self.val_batches
+
     def validation_rmse(self) -> float | None:
         """The target's per-token RMSE to the truth on validation windows (None when the val split holds none):
         what spec.tol_relative is relative to."""
-        if self.target_rmse_val is None:
-            spec, lookback = self.profile.spec, self.profile.data.lookback
-            val = torch.from_numpy(np.ascontiguousarray(self.data.val, dtype=np.float32)).to(self.device)
-            if len(val) < lookback + self.horizon:
-                return None
-            batches = make_batches(val, lookback, self.horizon, spec.batch_size, spec.max_windows or 256)
+        batches = self.validation_batches()
+        if self.target_rmse_val is None and batches:
             mse, _ = errors([self.forecast("target", b) for b in batches], [b.truth for b in batches])
             self.target_rmse_val = math.sqrt(mse)
         return self.target_rmse_val
@@ -358,6 +383,11 @@ class SpecTestSession:
     def run(self, profile: TimeseriesProfile, debug_csv: Path | None = None) -> SpecTestResult:
         if not self.compatible(profile):
             raise SpecctlError("this trial changes models, data or timing settings: it needs a new session")
+        budget = None
+        if profile.spec.fidelity_budget is not None:
+            from specctl.timeseries.budget import choose_within_budget
+
+            profile, budget = choose_within_budget(self, profile)
         profile = self.resolve_tolerance(profile)
         spec = profile.spec
         whole_rounds = spec.graph_rounds and self.graphs and self.round_graphs_agree(profile)
@@ -374,7 +404,9 @@ class SpecTestSession:
             rows = [row for batch in self.batches for row in self.speculate(
                 profile, batch, debug=True, policy=policy).debug_rows([int(i) for i in batch.ids])]
             write_csv(debug_csv, rows)
-        return self.score(profile, results, timings, clock, whole_rounds, costs)
+        result = self.score(profile, results, timings, clock, whole_rounds, costs)
+        result.budget = budget
+        return result
 
     def score(self, profile: TimeseriesProfile, results: list[SpecResult], timings: list[Timing], clock: PhaseClock,
               whole_rounds: bool, costs: StepCosts) -> SpecTestResult:

@@ -1,0 +1,68 @@
+"""A fidelity budget instead of a raw tolerance: on validation windows only, every tolerance (relative to the
+target's own validation RMSE) x K of the profile's candidates is scored, and the setting with the best predicted
+speedup among those whose MSE stays within the budget of target-only's is what the test split then runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specctl.core.errors import SpecctlError
+from specctl.timeseries.costs import batch_rounds, predict
+from specctl.timeseries.forecast import n_tokens
+from specctl.timeseries.profile import TimeseriesProfile
+from specctl.timeseries.spectest import BudgetChoice, SpecTestSession, errors
+
+
+@dataclass
+class Candidate:
+    tol_relative: float
+    k: int
+    delta_mse: float  # relative to the target's validation MSE
+    acceptance_rate: float
+    predicted_speedup: float
+
+
+def with_setting(profile: TimeseriesProfile, tol: float, k: int) -> TimeseriesProfile:
+    spec = profile.spec.model_copy(update={"tol": tol, "tol_relative": None, "k": k, "fidelity_budget": None})
+    return profile.model_copy(update={"spec": spec})
+
+
+def score_candidate(session: SpecTestSession, profile: TimeseriesProfile, tol_relative: float, rmse: float,
+                    mse_target: float, costs) -> Candidate:
+    """One (tolerance, k) on the validation windows: its MSE against the target's and its predicted speedup."""
+    spec = profile.spec
+    batches = session.validation_batches()
+    results = [session.speculate(profile, b) for b in batches]
+    mse, _ = errors([r.forecast for r in results], [b.truth for b in batches])
+    proposed = sum(int(r.proposed.sum()) for r in results)
+    alphas = [(r.accepted.double() / r.evaluated.clamp(min=1).double()).cpu().numpy() for r in results]
+    steps = n_tokens(session.horizon, session.target.cfg.patch_len)
+    rounds = {spec.k: batch_rounds(alphas, spec.k, steps, spec.emit != "draft_mean")}
+    predicted = predict(costs, rounds, len(batches), steps).speedup
+    accepted = sum(int(r.accepted.sum()) for r in results)
+    return Candidate(tol_relative, spec.k, (mse - mse_target) / mse_target, accepted / proposed if proposed else 0.0,
+                     predicted)
+
+
+def choose_within_budget(session: SpecTestSession, profile: TimeseriesProfile) -> tuple[TimeseriesProfile,
+                                                                                        BudgetChoice]:
+    """The profile with the chosen tolerance and k (tolerance 0, which is target-only, when none fits)."""
+    spec = profile.spec
+    batches = session.validation_batches()
+    if not batches:
+        raise SpecctlError(f"spec.fidelity_budget chooses on validation windows, but the val split has "
+                           f"{len(session.data.val)} rows, fewer than data.lookback + horizon")
+    mse_target, _ = errors([session.forecast("target", b) for b in batches], [b.truth for b in batches])
+    rmse = session.validation_rmse()
+    candidates = []
+    for k in spec.budget_ks or [spec.k]:
+        trial = with_setting(profile, 0.0, k)
+        costs = session.costs(trial, whole_rounds=False, batch=batches[0])
+        candidates += [score_candidate(session, with_setting(profile, rel * rmse, k), rel, rmse, mse_target, costs)
+                       for rel in sorted(spec.budget_tolerances)]
+    fits = [c for c in candidates if c.delta_mse <= spec.fidelity_budget]
+    best = max(fits, key=lambda c: (c.predicted_speedup, c.tol_relative)) if fits else Candidate(
+        0.0, spec.k, 0.0, 0.0, 1.0)
+    choice = BudgetChoice(spec.fidelity_budget, best.tol_relative, best.k, 100 * best.delta_mse,
+                          best.acceptance_rate, best.predicted_speedup, len(candidates), len(fits))
+    return with_setting(profile, best.tol_relative * rmse, best.k), choice

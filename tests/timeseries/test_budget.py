@@ -1,0 +1,70 @@
+"""spec.fidelity_budget: chosen on validation windows only, within the budget there, reported with the result."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from specctl.backends import load_profile
+from specctl.cli import app
+from specctl.timeseries import budget as budget_module
+from specctl.timeseries.spectest import SpecTestSession
+
+FAST = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=4", "--set", "data.max_eval_windows=8",
+        "--set", "data.synthetic.length=3000"]
+CHECKPOINTS = ["spec.max_windows=16", "spec.repeats=1", "spec.sliding_baseline=false"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pair")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        for command, name in (("pretrain", "quickstart/target"), ("distill", "quickstart/distill")):
+            assert CliRunner().invoke(app, [command, "-p", name, *FAST]).exit_code == 0
+    finally:
+        os.chdir(cwd)
+    return folder / "artifacts" / "quickstart"
+
+
+def profile_for(pair, *more: str):
+    return load_profile("quickstart", [f'spec.target="{pair / "target"}"', f'spec.draft="{pair / "distilled"}"',
+                                       *CHECKPOINTS, "data.synthetic.length=3000", *more])
+
+
+def test_the_budget_is_chosen_on_validation_windows_only(pair, monkeypatch):
+    profile = profile_for(pair, "spec.fidelity_budget=0.05", "spec.budget_ks=[2, 3]",
+                          "spec.budget_tolerances=[0.1, 0.5, 2.0]")
+    session = SpecTestSession(profile, torch.device("cpu"))
+    seen = []
+    original = session.speculate
+    monkeypatch.setattr(session, "speculate", lambda p, b, *a, **k: seen.append(b) or original(p, b, *a, **k))
+    chosen, choice = budget_module.choose_within_budget(session, profile)
+    assert seen and all(any(b is v for v in session.validation_batches()) for b in seen)
+    assert not any(b is t for b in seen for t in session.batches)
+    assert choice.candidates == 6 and choice.k in (2, 3) and chosen.spec.k == choice.k
+    assert choice.val_delta_mse_pct <= 5.0
+    assert chosen.spec.tol == pytest.approx(choice.tol_relative * session.validation_rmse())
+
+
+def test_spec_test_reports_the_choice(pair):
+    args = ["spec-test", "-p", "quickstart", *FAST, "--set", f'spec.target="{pair / "target"}"',
+            "--set", f'spec.draft="{pair / "distilled"}"', *(x for c in CHECKPOINTS for x in ("--set", c)),
+            "--set", "spec.fidelity_budget=0.02"]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    budget = json.loads(result.output[result.output.index("{"):])["budget"]
+    assert budget["budget"] == 0.02 and budget["val_delta_mse_pct"] <= 2.0
+    table = CliRunner().invoke(app, args)
+    assert "fidelity budget (validation)" in table.output
+
+
+def test_a_budget_needs_the_tolerance_rule():
+    result = CliRunner().invoke(app, ["spec-test", "-p", "quickstart", "--set", "spec.fidelity_budget=0.01",
+                                      "--set", 'spec.rule="gaussian"'])
+    assert result.exit_code == 2 and 'set spec.rule = "tolerance"' in result.output
