@@ -42,7 +42,7 @@ from specctl.core.train import FitResult
 from specctl.timeseries.acceptance import acceptance_closed_form, acceptance_probability
 from specctl.timeseries.builders import training_command
 from specctl.timeseries.data import SeriesData, eval_windows, load_series
-from specctl.timeseries.forecast import Norm, times_for
+from specctl.timeseries.forecast import Norm, rollout, times_for
 from specctl.timeseries.model import Attention, TimerXL, check_compatible, count_parameters, load_timer
 from specctl.timeseries.profile import DistillConfig, TimeseriesProfile
 from specctl.timeseries.training import build_model, check_lookback, epoch_logger, train_timer, window_length
@@ -176,15 +176,22 @@ def prepare(profile: TimeseriesProfile, device: torch.device) -> DistillSetup:
     return DistillSetup(data, draft, target, setup_warnings(profile, draft, target))
 
 
-def forward_pass(draft: TimerXL, target: TimerXL, window: Tensor, lookback: int, target_dropout: bool = False) -> Pass:
+def forward_pass(draft: TimerXL, target: TimerXL, window: Tensor, lookback: int, target_dropout: bool = False,
+                 on_policy: float = 0.0) -> Pass:
+    """Both models on the window's tokens. With `on_policy`, that share of the windows gets, after the lookback, the
+    target's own rolling forecast instead of the truth: the context speculative decoding feeds (the target's tokens,
+    several steps deep), so the draft learns to predict the target where it will be asked to."""
     P = draft.cfg.patch_len
     norm = Norm.fit(window[:, :lookback], target.cfg)
-    tokens = norm.tokens(window, P)
-    times = times_for(window.shape[0], 0, tokens.shape[2] - 1, window.device)
+    inputs = norm.tokens(window, P)[:, :, :-1]
+    times = times_for(window.shape[0], 0, inputs.shape[2], window.device)
+    if on_policy > 0:
+        own = torch.rand(window.shape[0], device=window.device) < on_policy
+        inputs = torch.where(own[:, None, None, None], rollout(target, inputs, lookback // P), inputs)
     target.train(target_dropout)
     with torch.no_grad():
-        t, _ = target(tokens[:, :, :-1], times)
-    mean, logvar = draft(tokens[:, :, :-1], times)
+        t, _ = target(inputs, times)
+    mean, logvar = draft(inputs, times)
     return Pass(norm, window[:, P:], t, mean, logvar)
 
 
@@ -337,8 +344,8 @@ def distill(profile: TimeseriesProfile, device: torch.device, run: RunDir, resum
             say(f"warning: {message}")
 
     def train_loss(window: Tensor) -> Tensor:
-        return distill_loss(cfg, forward_pass(draft, target, window, lookback, cfg.teacher_dropout > 0), low,
-                            cfg.teacher_noise)
+        views = forward_pass(draft, target, window, lookback, cfg.teacher_dropout > 0, cfg.on_policy)
+        return distill_loss(cfg, views, low, cfg.teacher_noise)
 
     result = train_timer(profile, draft, setup.data, device, run, train_loss, resume, progress, on_epoch_end,
                          validate_batches=lambda batches: validation_metrics(cfg, draft, target, batches, lookback))

@@ -103,6 +103,9 @@ class DistillConfig(Strict):
     teacher_noise: float = Field(0.05, ge=0.0)
     teacher_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     alpha_truth: float = Field(0.0, ge=0.0, le=1.0)
+    # share of training windows whose tokens after the lookback are the target's own rolling forecast (on-policy,
+    # as DistillSpec for LLMs): the draft learns the target's next token in the context decoding will give it
+    on_policy: float = Field(0.0, ge=0.0, le=1.0)
     mse_warn: float = Field(0.6, gt=0.0)
     sigmas: list[float] = [0.1, 0.25, 0.5]
 

@@ -232,3 +232,23 @@ def test_wider_draft_warns_and_runs(tmp_path):
     metrics = json.loads(next(Path("runs/distill").glob("*/metrics.json")).read_text())["metrics"]
     assert [row["sigma"] for row in metrics["acceptance"]] == [0.25, 0.5, 1.0]
     assert "not smaller" in metrics["warnings"][0]
+
+
+def test_on_policy_windows_see_the_targets_rollout_after_the_lookback(target):
+    """distill.on_policy = 1: the draft's inputs after the lookback are the target's rolling forecast."""
+    from specctl.timeseries.distill import forward_pass
+    from specctl.timeseries.forecast import rollout
+
+    profile = tiny_profile(distill={"target": target, "on_policy": 1.0}, train={"epochs": 1, "max_steps_per_epoch": 2})
+    setup = prepare(profile, CPU)
+    window = torch.from_numpy(setup.data.train[: window_length(profile)]).float()[None]
+    seen = []
+    hook = setup.draft.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    p = forward_pass(setup.draft, setup.target, window, LOOKBACK, on_policy=1.0)
+    hook.remove()
+    P, n0 = setup.draft.cfg.patch_len, LOOKBACK // setup.draft.cfg.patch_len
+    real = p.norm.tokens(window, P)[:, :, :-1]
+    torch.testing.assert_close(seen[0], rollout(setup.target, real, n0))
+    assert not torch.allclose(seen[0][:, :, n0:], real[:, :, n0:])
+    result = distill(profile, CPU, RunDir.create(profile, "distill", "cpu"), False)
+    assert result.fit.epochs_done == 1 and math.isfinite(result.fit.history[-1]["teacher_mse"])
