@@ -110,6 +110,9 @@ class AdaptiveK:
     def best(self, alpha: float) -> int:
         return max(self.rounds, key=lambda k: self.rate(alpha, k))
 
+    def opening(self) -> int:
+        return self.best(self.accepted / self.evaluated)
+
     def __call__(self, state) -> int:
         accepted = self.accepted + int(state.stats.accepted.sum())
         evaluated = self.evaluated + int(state.stats.evaluated.sum())

@@ -32,13 +32,14 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from specctl.core.errors import SpecctlError
 from specctl.core.runtime import PhaseClock, capture_graph, synchronize
 from specctl.timeseries import acceptance
-from specctl.timeseries.forecast import Norm, n_tokens, times_for
+from specctl.timeseries.forecast import Norm, forecast_cached, n_tokens, times_for
 from specctl.timeseries.model import Stepper, TimerXL, check_compatible
 from specctl.timeseries.profile import SpecConfig
 from specctl.timeseries.rng import normal, uniform
@@ -324,13 +325,35 @@ def advance(s: RoundState, q: Proposal, t: torch.Tensor, d: Decision, cap: torch
     return active
 
 
+def target_step(s: RoundState, target_call: ModelCall, w: int) -> None:
+    """A round of k = 0, lean: the target's token after re-feeding the newest w (a sample of p where the exact rule
+    emits samples, else its mean), written and counted; no draft, no acceptance."""
+    B, D = s.hist.shape[0], s.D
+    t = verify(s, target_call, s.hist[:, :0], w)[:, 0]
+    token = t + s.spec.sigma * normal_block(s, s.K + s.tries, 1) if s.residual_needed else t
+    active = s.n_out < s.steps
+    act = active.long()
+    slot = s.n_out.clamp(max=s.out.shape[1] - 1)[:, None, None].expand(B, 1, D)
+    s.out.scatter_(1, slot, torch.where(active[:, None, None], token[:, None], s.out.gather(1, slot)))
+    newest = torch.cat([s.hist[:, 1:], ((token - s.shift[:, 0]) / s.scale[:, 0])[:, None]], dim=1)
+    s.hist.copy_(torch.where(active[:, None, None], newest, s.hist))
+    s.p.add_(act), s.n_out.add_(act), s.index.add_(1)
+    s.stats.rounds += act
+    s.stats.emitted += act
+    s.stats.accepted_hist[0] += act.sum()
+
+
 def speculative_round(state: RoundState, target_call: ModelCall, draft_call: ModelCall, k: int | None = None,
                       w: int = 1, mark: Callable[[str], None] | None = None, logs: list | None = None) -> None:
     """One round for every series, in place: k draft steps (default K) after re-feeding the newest w tokens, one
-    verification pass, acceptance, bookkeeping. Series that are already done ride along (static shapes) and change
-    nothing."""
+    verification pass, acceptance, bookkeeping (k = 0: a target step). Series that are already done ride along
+    (static shapes) and change nothing."""
     k = state.K if k is None else k
     mark = mark or (lambda phase: None)
+    if k == 0:
+        target_step(state, target_call, w)
+        mark("verify")
+        return
     proposal = propose(state, draft_call, k, w)
     mark("draft")
     t = verify(state, target_call, proposal.fed, w)
@@ -403,25 +426,26 @@ def steppers(target: TimerXL | Stepper, draft: TimerXL | Stepper, batch: int, lo
     return tstep, dstep
 
 
-def prefill(tstep: Stepper, dstep: Stepper, context: torch.Tensor) -> tuple[Norm, torch.Tensor]:
-    """Frozen statistics, the context's tokens, and both caches filled with all but the newest token (the first
-    round re-feeds it)."""
+def prefill(tstep: Stepper, dstep: Stepper | None, context: torch.Tensor) -> tuple[Norm, torch.Tensor]:
+    """Frozen statistics, the context's tokens, and both caches (the draft's unless it will not run) filled with all
+    but the newest token (the first round re-feeds it)."""
     norm = Norm.fit(context, tstep.model.cfg)
     tokens = norm.tokens(context, tstep.model.cfg.patch_len)
     n0 = tokens.shape[2]
     if n0 > 1:
         warm = times_for(context.shape[0], 0, n0 - 1, context.device)
-        tstep(tokens[:, :, : n0 - 1], warm)
-        dstep(tokens[:, :, : n0 - 1], warm)
+        for step in (tstep, dstep) if dstep is not None else (tstep,):
+            step(tokens[:, :, : n0 - 1], warm)
     return norm, tokens
 
 
 def start_forecast(tstep: Stepper, dstep: Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig,
-                   seeds: torch.Tensor, round_graphs: dict | None) -> Forecaster:
-    """Prefill both models and set up the round state; with `round_graphs` (a dict the caller keeps) on a CUDA
-    device, the round is one captured CUDA graph over a persistent state, captured once per shape and setting."""
+                   seeds: torch.Tensor, round_graphs: dict | None, drafting: bool = True) -> Forecaster:
+    """Prefill the models (the draft only if `drafting`) and set up the round state; with `round_graphs` (a dict the
+    caller keeps) on a CUDA device, the round is one captured CUDA graph over a persistent state, captured once per
+    shape and setting."""
     B, L, device = context.shape[0], context.shape[1], context.device
-    norm, tokens = prefill(tstep, dstep, context)
+    norm, tokens = prefill(tstep, dstep if drafting else None, context)
     graphed = round_graphs is not None and device.type == "cuda"
     key = (B, L, horizon, id(tstep), id(dstep), spec.model_dump_json())
     if graphed and key not in round_graphs:
@@ -432,7 +456,26 @@ def start_forecast(tstep: Stepper, dstep: Stepper, context: torch.Tensor, horizo
     return Forecaster(tstep, dstep, state, norm, tokens, graphs)
 
 
-KPolicy = Callable[[RoundState], int]  # the draft length of the next round (adaptive K)
+class KPolicy(Protocol):
+    """The draft length of each round (adaptive K)."""
+
+    def opening(self) -> int:
+        """The first round's k, before the batch has shown anything."""
+
+    def __call__(self, state: RoundState) -> int:
+        """The next round's k, from the state so far (a host sync)."""
+
+
+def target_only(tstep: Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig) -> SpecResult:
+    """A forecast that drafts nothing: the target's own KV-cached decoding (mean emission), counted as target steps."""
+    forecast = forecast_cached(tstep.model, context, horizon, tstep)
+    B, steps, device = context.shape[0], n_tokens(horizon, tstep.model.cfg.patch_len), context.device
+    zeros = torch.zeros(B, dtype=torch.long, device=device)
+    full = torch.full((B,), steps, dtype=torch.long, device=device)
+    hist = torch.zeros(spec.k + 1, dtype=torch.long, device=device)
+    hist[0] = B * steps
+    return SpecResult(forecast, zeros, zeros.clone(), zeros.clone(), full, full.clone(), zeros.clone(), hist, [],
+                      {0: steps})
 
 
 @torch.no_grad()
@@ -449,14 +492,17 @@ def speculative_forecast(
     reading the state: a host sync per round; after a k = 0 round every round is one); without it every round
     drafts K tokens."""
     tstep, dstep = steppers(target, draft, context.shape[0], context.shape[1], horizon, spec.k)
+    drafting = policy is None or policy.opening() > 0
+    if not drafting and spec.emit != "sample" and not debug:
+        return target_only(tstep, context, horizon, spec)  # nothing is expected to pay: the target's own loop
     if clock is not None:
         clock.start()
     graphs = round_graphs if not debug and clock is None else None
-    f = start_forecast(tstep, dstep, context, horizon, spec, seeds, graphs)
+    f = start_forecast(tstep, dstep, context, horizon, spec, seeds, graphs, drafting)
     if clock is not None:
         clock.mark("prefill")  # paid once per forecast, by both decoders
     logs: list[RoundLog] | None = [] if debug else None
-    state, k_rounds, previous = f.state, {}, None
+    state, k_rounds, previous = f.state, {}, (None if drafting else 0)
     sure_rounds = -(-state.steps // (spec.k + 1))  # a round emits at most K+1 tokens: no series is done before
     while sum(k_rounds.values()) < sure_rounds or bool((state.n_out < state.steps).any()):  # the only host sync
         k = 0 if previous == 0 else policy(state) if policy is not None else spec.k

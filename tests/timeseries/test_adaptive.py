@@ -73,6 +73,19 @@ def test_a_draft_that_is_never_accepted_falls_back_to_target_steps():
     assert result.k_rounds.get(0, 0) >= 6 and sum(result.k_rounds.values()) == int(result.rounds.max())
 
 
+class Scripted:
+    """A policy that plays a fixed schedule."""
+
+    def __init__(self, schedule) -> None:
+        self.schedule = schedule
+
+    def opening(self) -> int:
+        return 1
+
+    def __call__(self, state) -> int:
+        return next(self.schedule)
+
+
 def test_adaptive_rounds_keep_the_context_exact():
     """Rounds of different k, then target steps, in one forecast, each with its own re-feed width: with an always-
     accepting rule and draft_mean, a round of k emits k draft means and a target step the target's mean, each
@@ -84,7 +97,7 @@ def test_adaptive_rounds_keep_the_context_exact():
     schedule = iter(plan)
     spec = SpecConfig(rule="tolerance", tol=1e9, k=4, emit="draft_mean")
     result = speculative_forecast(target, draft, context, horizon, spec, series_seeds(0, torch.arange(3)),
-                                  policy=lambda state: next(schedule))
+                                  policy=Scripted(schedule))
     norm = Norm.fit(context, target.cfg)
     seq, n0 = norm.tokens(context, P), context.shape[1] // P
     taken = plan[: plan.index(0)] + [0] * 12
@@ -98,3 +111,23 @@ def test_adaptive_rounds_keep_the_context_exact():
     expected = norm.series(seq[:, :, n0 : n0 + horizon // P])
     torch.testing.assert_close(result.forecast, expected, atol=1e-4, rtol=0)
     assert result.k_rounds[0] >= 1 and len(result.k_rounds) == 5
+
+
+@pytest.mark.parametrize("emit", ["target_mean", "sample"])
+def test_a_policy_that_expects_nothing_runs_the_targets_own_loop(emit):
+    """Mean emission: the target's own KV-cached forecast, no draft call. Samples: lean target steps drawing from p."""
+    target, draft = tiny_timer(d_model=32, e_layers=2, seed=0), tiny_timer(d_model=16, e_layers=1, seed=1)
+    context, horizon = smooth_series(4, 32, 3), 40
+    policy = AdaptiveK({0: 1.0, 1: 10.0}, bonus=True)  # a draft step costs 9 target steps: never worth it
+    rule = {"rule": "exact", "sigma": 0.5} if emit == "sample" else {"rule": "tolerance", "tol": 1e9}
+    spec = SpecConfig(k=1, adaptive_k=True, emit=emit, **rule)
+    calls = []
+    draft.register_forward_hook(lambda *a: calls.append(1))
+    result = speculative_forecast(target, draft, context, horizon, spec, series_seeds(0, torch.arange(4)),
+                                  policy=policy)
+    cached = forecast_cached(target, context, horizon)
+    assert result.k_rounds == {0: 5} and int(result.proposed.sum()) == 0 and calls == []
+    if emit == "target_mean":
+        torch.testing.assert_close(result.forecast, cached, atol=1e-5, rtol=0)
+    else:  # one draw from N(t, sigma^2) per value, the first token around the target's mean
+        assert 0.2 < float((result.forecast[:, :8] - cached[:, :8]).std()) < 0.8
