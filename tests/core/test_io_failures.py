@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import builtins
 import errno
+import functools
 import io
 import json
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +35,6 @@ from tests.timeseries.test_plots import grid_results
 
 FAST = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=5", "--set", "data.max_eval_windows=16",
         "--set", "data.synthetic.length=3000"]
-ROOT = os.geteuid() == 0
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny CPU models run far faster on one thread
 
 
@@ -119,22 +120,41 @@ def refuse_writes(monkeypatch, folder: Path, code: int = errno.EROFS) -> None:
         monkeypatch.setattr(os, name, guard_pair(getattr(os, name)))
 
 
+@functools.cache
+def lock_mechanism() -> str | None:
+    """How this machine can make a folder refuse writes: "chmod" (not root), "chattr" (root, whom chmod does not
+    stop, with `chattr +i` allowed), or None."""
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe"
+        probe.mkdir(0o555)
+        try:
+            (probe / "file").touch()
+        except PermissionError:
+            return "chmod"
+        finally:
+            probe.chmod(0o755)
+        if shutil.which("chattr") and subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode == 0:
+            subprocess.run(["chattr", "-i", str(probe)], check=True)
+            return "chattr"
+    return None
+
+
 @contextmanager
 def unwritable(folder: Path, immutable: bool = False) -> Iterator[None]:
     """`folder` refuses new entries, renames and deletions: chmod 555, or `chattr +i` as root (where chmod does
-    not stop writes). `immutable`: also refuse renaming the folder itself, which chmod cannot do."""
-    folder = Path(folder)
-    if not ROOT and not immutable:
+    not stop writes). `immutable`: also refuse renaming the folder itself, which only chattr can."""
+    folder, how = Path(folder), lock_mechanism()
+    if how == "chmod" and not immutable:
         folder.chmod(0o555)
         try:
             yield
         finally:
             folder.chmod(0o755)
         return
-    if not ROOT or shutil.which("chattr") is None:
-        pytest.skip("an immutable folder needs `chattr +i` as root (chmod does not stop renaming a folder)")
-    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
-        pytest.skip("running as root, where chmod does not stop writes, and `chattr +i` is refused here")
+    if how != "chattr":
+        pytest.skip("needs `chattr +i` as root: chmod does not stop renaming a folder" if immutable else
+                    "running as root, where chmod does not stop writes, and `chattr +i` is refused here")
+    subprocess.run(["chattr", "+i", str(folder)], check=True)
     try:
         yield
     finally:
@@ -156,7 +176,7 @@ def cause(how: str) -> str:
     """The strerror a refused write reports: EROFS when simulated; chmod gives EACCES, chattr +i EPERM."""
     if how == "simulated":
         return os.strerror(errno.EROFS)
-    return os.strerror(errno.EPERM if ROOT else errno.EACCES)
+    return os.strerror(errno.EACCES if lock_mechanism() == "chmod" else errno.EPERM)
 
 
 HOW = ["simulated", "real"]
