@@ -225,8 +225,11 @@ def test_a_killed_sweep_keeps_its_csv_and_the_rerun_runs_only_missing_trials(tmp
                       "app = typer.Typer()\napp.command()(sweep.sweep)\n"
                       "if __name__ == '__main__':\n    app(sys.argv[1:])\n")  # spawned workers import this file
     out = tmp_path / "r.csv"
+    # the child imports this checkout's specctl, whatever `pip install -e` points at
+    path = os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])
     child = subprocess.Popen([sys.executable, str(script), "--profile", write_profile(tmp_path), "--out", str(out),
-                              "--workers", str(workers)], cwd=tmp_path, env={**os.environ, "FAKE_DELAY": "0.4"},
+                              "--workers", str(workers)], cwd=tmp_path,
+                             env={**os.environ, "FAKE_DELAY": "0.4", "PYTHONPATH": path},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not (out.exists() and len(rows(out)) >= 2):
