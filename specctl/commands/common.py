@@ -221,7 +221,8 @@ def fail(message: str) -> None:
 
 
 def describe_os_error(e: OSError) -> str:
-    """`path: cause` for a failed read or write (a read-only folder, a full disk, ...)."""
-    where = e.filename or "a file"
-    return f"cannot write or read {where}: {e.strerror or e}" + (
-        " (the disk is full; earlier results are intact)" if getattr(e, "errno", None) == 28 else "")
+    """`path: cause` for a failed read or write that no writer in core named (the writers there raise their own
+    SpecctlError naming the file they were writing)."""
+    from specctl.core.files import io_cause
+
+    return f"cannot write or read {e.filename or 'a file'}: {io_cause(e)}"

@@ -12,14 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from specctl.core.errors import SpecctlError
-from specctl.core.rundir import RunDir
 from specctl.core.schema import Profile
-from specctl.core.sweep import TrialSession
+
+if TYPE_CHECKING:  # specctl.backends imports this module to answer a bad profile at once: no torch here
+    import torch
+
+    from specctl.core.rundir import RunDir
+    from specctl.core.sweep import TrialSession
 
 Say = Callable[[str], None]
 

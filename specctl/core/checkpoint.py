@@ -2,21 +2,25 @@
 
 Training checkpoints add `optimizer.safetensors` and `state.json` (epoch, best validation loss, ...).
 A folder is written whole into a hidden staging folder and then renamed into place, so the files of a
-checkpoint always belong to the same save (resuming never mixes two epochs).
+checkpoint always belong to the same save (resuming never mixes two epochs), and a save that fails (a full disk,
+a read-only folder) deletes its staging folder and leaves the previous checkpoint as the latest.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from specctl.core.errors import SpecctlError
-from specctl.core.files import atomic_write, replace_dir, staging_dir, write_json
+from specctl.core.files import atomic_write, staged_dir, write_error, write_json
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -26,7 +30,19 @@ STATE = "state.json"
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(path, lambda tmp: write_safetensors(tensors, tmp))
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' `save_file`, its I/O failures raised as the OSError they are (it wraps them in its own error
+    type, which would otherwise escape as a traceback)."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from e
 
 
 def save_checkpoint(
@@ -38,18 +54,18 @@ def save_checkpoint(
     extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write a checkpoint folder as a whole; `extra` maps more file names to tensors saved beside the weights."""
-    staging = staging_dir(folder)
-    save_tensors(staging / WEIGHTS, weights)
-    for name, tensors in (extra or {}).items():
-        save_tensors(staging / name, tensors)
-    if optimizer is not None:
-        tensors, groups = flatten_optimizer(optimizer)
-        save_tensors(staging / OPTIMIZER, tensors)
-        write_json(staging / STATE, {**(state or {}), "param_groups": groups})
-    elif state is not None:
-        write_json(staging / STATE, state)
-    write_json(staging / CONFIG, config)
-    return replace_dir(staging, folder)
+    with staged_dir(folder) as staging:
+        save_tensors(staging / WEIGHTS, weights)
+        for name, tensors in (extra or {}).items():
+            save_tensors(staging / name, tensors)
+        if optimizer is not None:
+            tensors, groups = flatten_optimizer(optimizer)
+            save_tensors(staging / OPTIMIZER, tensors)
+            write_json(staging / STATE, {**(state or {}), "param_groups": groups})
+        elif state is not None:
+            write_json(staging / STATE, state)
+        write_json(staging / CONFIG, config)
+    return Path(folder)
 
 
 def resolve_checkpoint(ref: str | Path) -> Path:
@@ -108,7 +124,16 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
 
 
 def export_checkpoint(best: Path, target: str | Path) -> Path:
-    """Copy a checkpoint folder to a stable path (train.save_to), replacing any older copy atomically."""
-    staging = staging_dir(Path(target))
-    shutil.copytree(best, staging, dirs_exist_ok=True)
-    return replace_dir(staging, Path(target))
+    """Copy a checkpoint folder to a stable path (train.save_to), replacing any older copy atomically. If that
+    fails, the older copy stays and the error says where the new checkpoint still is."""
+    target = Path(target)
+    try:
+        with staged_dir(target) as staging:
+            for src in sorted(Path(best).iterdir()):
+                try:
+                    (shutil.copytree if src.is_dir() else shutil.copy2)(src, staging / src.name)
+                except OSError as e:
+                    raise write_error(staging / src.name, e) from e
+    except SpecctlError as e:
+        raise SpecctlError(f"{e} (the trained checkpoint is in {best})") from e.__cause__
+    return target

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import torch
 
 from specctl.core.errors import SpecctlError
-from specctl.core.files import write_csv
+from specctl.core.files import check_writable, write_csv, writing
 from specctl.core.profile import with_overrides
 from specctl.core.schema import Profile
 
@@ -124,15 +124,20 @@ class Results:
         return [c for c in seen if c not in TRAILING] + list(TRAILING)
 
     def record(self, row: dict[str, Any]) -> None:
+        """Keep `row` and rewrite the CSV whole; a failed write is one SpecctlError line and the CSV keeps the rows
+        it had."""
         self.rows[row["trial_id"]] = row
         write_csv(self.path, list(self.rows.values()), self.columns())
 
 
 @contextmanager
 def exclusive(path: Path) -> Iterator[None]:
-    """Refuse a second sweep writing the same CSV at the same time (the lock dies with its process)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+    """Refuse a second sweep writing the same CSV at the same time (the lock dies with its process); a folder the
+    CSV cannot be written in is refused here, before any trial runs."""
+    check_writable(path.parent, "the folder of the results CSV")
+    with writing(path):
+        lock = open(path.with_name(f".{path.name}.lock"), "w")  # noqa: SIM115 (closed by the `with lock` below)
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,4 +1,5 @@
-"""Acceptance rules for continuous-token speculative decoding (SPEC section 4): pure, batched torch functions.
+"""Acceptance rules for continuous-token speculative decoding: pure, batched torch functions (docs/design.md,
+"Acceptance rules").
 
 Shapes: B series, K drafted tokens, D = P*C values per token. Draft means mu [B,K,D], draft std std_q (a tensor
 broadcastable to [B,K,D], or the float sigma), proposals x [B,K,D], target means t [B,K+1,D] (t[:, K] is the

@@ -37,6 +37,16 @@ def log(event, profile):
         f.write(line + "\\n")
 
 
+def meet(processes, timeout=120.0):
+    """Wait until trials have started in `processes` distinct processes (a rendezvous: the first trial of each
+    worker holds its worker until the others have one too, so no worker can run every trial alone)."""
+    deadline = time.monotonic() + timeout
+    while processes and len({e["pid"] for e in map(json.loads, open(os.environ["FAKE_LOG"]))}) < processes:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"trials never ran in {processes} processes at once")
+        time.sleep(0.01)
+
+
 class FakeSession:
     def __init__(self, profile, device, progress=None):
         self.profile = profile
@@ -47,6 +57,7 @@ class FakeSession:
 
     def run(self, profile):
         log("run", profile)
+        meet(int(os.environ.get("FAKE_MEET", "0")))
         time.sleep(float(os.environ.get("FAKE_DELAY", "0")))
         s = profile.spec
         if s.k == int(os.environ.get("FAKE_FAIL_K", "0")):
@@ -188,12 +199,14 @@ def test_invalid_trial_values_are_reported_without_running(tmp_path, fake):
 
 
 def test_workers_run_trials_in_parallel_processes(tmp_path, fake, monkeypatch):
-    monkeypatch.setenv("FAKE_DELAY", "0.2")
+    monkeypatch.setenv("FAKE_MEET", "2")  # each worker's first trial waits until the other worker has one running
     result = cli("--profile", write_profile(tmp_path), "--workers", "2", "--out", "r.csv", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["ran"] == 8
     assert {r["status"] for r in rows(tmp_path / "r.csv")} == {"ok"} and len(rows(tmp_path / "r.csv")) == 8
-    assert len({e["pid"] for e in events(tmp_path)}) == 2 and os.getpid() not in {e["pid"] for e in events(tmp_path)}
+    pids = {e["pid"] for e in events(tmp_path)}
+    assert len(pids) == 2 and os.getpid() not in pids  # two worker processes, neither the sweep's own
+    assert sorted(e["trial_id"] for e in events(tmp_path)) == sorted(r["trial_id"] for r in rows(tmp_path / "r.csv"))
 
 
 def alive(pid: int) -> bool:
@@ -212,8 +225,11 @@ def test_a_killed_sweep_keeps_its_csv_and_the_rerun_runs_only_missing_trials(tmp
                       "app = typer.Typer()\napp.command()(sweep.sweep)\n"
                       "if __name__ == '__main__':\n    app(sys.argv[1:])\n")  # spawned workers import this file
     out = tmp_path / "r.csv"
+    # the child imports this checkout's specctl, whatever `pip install -e` points at
+    path = os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])
     child = subprocess.Popen([sys.executable, str(script), "--profile", write_profile(tmp_path), "--out", str(out),
-                              "--workers", str(workers)], cwd=tmp_path, env={**os.environ, "FAKE_DELAY": "0.4"},
+                              "--workers", str(workers)], cwd=tmp_path,
+                             env={**os.environ, "FAKE_DELAY": "0.4", "PYTHONPATH": path},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not (out.exists() and len(rows(out)) >= 2):
