@@ -150,13 +150,27 @@ def spec_verdict(r) -> str:
     if r.mse_draft <= r.mse_target:
         advice.append("the draft alone is at least as accurate as the target: use the draft, or a stronger target")
     elif r.speedup < 1:
-        advice.append("speculation is slower than the target alone here: use the target")
+        advice.append("speculation is slower than the target alone here: use the target; " + why_slow(r))
     else:
         advice.append("speculation pays here" + (" (the draft alone is faster still, at a larger MSE cost)"
                                                  if r.speedup_draft > r.speedup else ""))
     if abs(r.predicted_speedup / r.speedup - 1) > 0.15:
         advice.append(f"the cost model predicted {r.predicted_speedup:.2f}x")
     return said + (" — " + "; ".join(advice) if advice else "") + "."
+
+
+def why_slow(r) -> str:
+    """Why speculation lost, from the measured costs: what a round costs against what it emits."""
+    if r.adaptive_k and set(r.k_rounds) == {0}:
+        reason = "adaptive K drafted nothing, no draft length being predicted to pay"
+    else:
+        reason = (f"a round of K = {r.k} costs {r.k * r.c_hat + r.v_hat + r.o_hat:.1f} target steps (draft "
+                  f"{r.c_hat:.2f} each, verification {r.v_hat:.1f}, bookkeeping {r.o_hat:.1f}) and emits "
+                  f"{r.tokens_per_target_call:.2f} tokens")
+    if r.device == "cpu":
+        reason += ("; on a CPU small models are bound by per-call overhead, which a draft pays as the target does "
+                   '(docs/results.md, "Speculative decoding on a GPU", has the measured GPU frontier)')
+    return reason
 
 
 def spec_view(r, title: str) -> list[RenderableType]:

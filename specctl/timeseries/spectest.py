@@ -144,6 +144,7 @@ class SpecTestResult:
     cuda_graphs: bool
     graph_rounds: bool
     split: str
+    device: str = "cpu"
     adaptive_k: bool = False
     k_rounds: dict[int, int] = field(default_factory=dict)
     budget: BudgetChoice | None = None
@@ -453,6 +454,7 @@ class SpecTestSession:
             batch_ms_spec=[1e3 * t.median for t in timings],
             batch_ms_spec_spread=[1e3 * (t.high - t.low) for t in timings],
             breakdown_s=clock.totals, cuda_graphs=self.graphs, graph_rounds=whole_rounds, split=self.split,
+            device=self.device.type,
             tol=spec.tol if spec.rule == "tolerance" else None,
             tol_relative=spec.tol / rmse_val if rmse_val and spec.rule == "tolerance" else None,
             target_rmse_val=rmse_val,

@@ -108,10 +108,11 @@ def test_sigterm_marks_a_run_interrupted(tmp_path):
     child = subprocess.Popen([sys.executable, "-m", "specctl", "pretrain", "-p", "quickstart/target",
                               "--set", "train.epochs=50", "--set", "data.synthetic.length=3000"],
                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not list((tmp_path / "runs" / "pretrain").glob("*/checkpoints/last/state.json")):
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "runs" / "pretrain").glob("*/manifest.json")):  # training has started
         assert child.poll() is None and time.monotonic() < deadline, child.stderr.read() if child.poll() else "slow"
         time.sleep(0.1)
+    time.sleep(1.0)
     child.send_signal(signal.SIGTERM)
     assert child.wait(timeout=60) == 130
     manifest = json.loads(next((tmp_path / "runs" / "pretrain").glob("*/manifest.json")).read_text())
