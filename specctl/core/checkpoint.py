@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from specctl.core import distributed
 from specctl.core.errors import SpecctlError
 from specctl.core.files import atomic_write, replace_dir, staging_dir, write_json
 
@@ -108,7 +109,10 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
 
 
 def export_checkpoint(best: Path, target: str | Path) -> Path:
-    """Copy a checkpoint folder to a stable path (train.save_to), replacing any older copy atomically."""
+    """Copy a checkpoint folder to a stable path (train.save_to), replacing any older copy atomically. Under torchrun
+    rank 0 alone copies; every process gets the path."""
+    if not distributed.is_main():
+        return Path(target)
     staging = staging_dir(Path(target))
     shutil.copytree(best, staging, dirs_exist_ok=True)
     return replace_dir(staging, Path(target))
