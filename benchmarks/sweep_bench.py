@@ -20,7 +20,8 @@ timings), so that row measures one worker again; `--cluster local:N` does share 
 
 CPU check of the script itself (seconds):
     python benchmarks/sweep_bench.py --out /tmp/sweep_bench --profile quickstart/sweep --workers 2 \\
-        --train-set train.epochs=1 --train-set train.max_steps_per_epoch=4 --set spec.max_windows=8
+        --train-set train.epochs=1 --train-set train.max_steps_per_epoch=4 --set spec.max_windows=8 \\
+        --grid 'spec.k=[2]'
 """
 
 from __future__ import annotations
@@ -142,15 +143,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--train-set", action="append", default=None, help=f"training --set (default {TRAIN_FAST})")
     parser.add_argument("--set", action="append", default=[], help=f"sweep --set, after {SWEEP_FAST}")
+    parser.add_argument("--grid", action="append", default=[], help="sweep --grid (e.g. a smaller grid for a check)")
     args = parser.parse_args()
     work = (args.out / "work").resolve()
     work.mkdir(parents=True, exist_ok=True)
     trained = train(args.profile, work, args.train_set or TRAIN_FAST)
     sweep_sets = [*SWEEP_FAST, *args.set]
+    grid = [x for item in args.grid for x in ("--grid", item)]
     n = args.workers
     modes = [("one worker", []), (f"-w {n}", ["--workers", str(n)]),
              (f"--cluster local:{n}", ["--cluster", f"local:{n}"])]
-    runs = [sweep(args.profile, work, mode, extra, sweep_sets) for mode, extra in modes]
+    runs = [sweep(args.profile, work, mode, [*extra, *grid], sweep_sets) for mode, extra in modes]
     reference = read_rows(Path(runs[0]["csv"])) if "csv" in runs[0] else {}
     for run in runs:
         if "csv" in run:

@@ -116,8 +116,9 @@ def check_workers(client: Client, device: torch.device, paths: list[str]) -> dic
 
 def describe(client: Client, workers: dict[str, Any], cluster: Cluster, device: torch.device) -> str:
     """One line: the workers, the GPU sharing if any, and the dashboard address."""
-    where = f"a local cluster of {len(workers)}" if cluster.workers else f"{client.scheduler.address}, {len(workers)}"
-    line = f"dask: {where} workers; dashboard {client.dashboard_link}"
+    n = f"{len(workers)} worker{'s' * (len(workers) != 1)}"
+    where = f"a local cluster of {n}" if cluster.workers else f"the scheduler at {client.scheduler.address}, {n}"
+    line = f"dask: {where}; dashboard {client.dashboard_link}"
     if cluster.workers and importlib.util.find_spec("bokeh") is None:
         line += f" (it needs bokeh: {INSTALL})"
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
@@ -136,7 +137,9 @@ def run_on_cluster(trials: list[Trial], results: Results, factory: SessionFactor
         say(describe(client, workers, cluster, device))
         ran_on: dict[str, str] = {}
         rows = collect(client, trials, factory, device, cluster, ran_on)
-        return record_rows(rows, results, on_row and (lambda row: on_row(row, ran_on[row["trial_id"]])))
+        if on_row is None:
+            return record_rows(rows, results)
+        return record_rows(rows, results, lambda row: on_row(row, ran_on[row["trial_id"]]))
 
 
 def collect(client: Client, trials: list[Trial], factory: SessionFactory, device: torch.device, cluster: Cluster,

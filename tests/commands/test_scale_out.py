@@ -83,3 +83,23 @@ def test_torchrun_pretrain_on_two_processes_matches_one_process_and_resumes(one_
     assert len(runs) == 3  # one run directory per command: rank 1 wrote none
     assert json.loads((runs[-1] / "manifest.json").read_text())["status"] == "finished"
     assert (runs[-1] / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("distributed") is None,
+                    reason='dask[distributed] is not installed (pip install -e ".[dask]")')
+def test_the_sweep_benchmark_runs_at_tiny_scale(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    tiny = ["--train-set", "train.epochs=1", "--train-set", "train.max_steps_per_epoch=4", "--train-set",
+            "data.synthetic.length=1200", "--set", "spec.max_windows=8", "--set", "spec.repeats=1",
+            "--set", 'spec.rule="gaussian"', "--grid", "spec.k=[2]"]
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sweep_bench.py"), "--out", "bench", "--profile",
+                           "quickstart/sweep", "--workers", "2", *tiny], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(Path("bench/sweep_bench.json").read_text())["runs"]
+    assert [r["mode"] for r in runs] == ["one worker", "-w 2", "--cluster local:2"]
+    assert all(r["trials"] == 4 and r["failed"] == 0 and r["max_rel_diff"] <= 1e-4 for r in runs)
+    report = Path("bench/sweep_bench.md").read_text()
+    assert "| --cluster local:2 | 4 | 0 |" in report and "device: cpu" in report

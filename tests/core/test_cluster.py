@@ -83,6 +83,22 @@ def test_a_worker_that_dies_mid_trial_is_replaced_and_the_trial_written_once(tmp
     retried = [pids for pids in attempts.values() if len(pids) > 1]
     assert len(retried) == 1 and len(set(retried[0])) == 2  # one trial ran twice, in two processes
     assert len(events(tmp_path, "done")) == 8
+    assert "dask: a local cluster of 2 workers; dashboard http://" in result.output
+
+
+@needs_dask
+def test_a_running_scheduler_takes_the_trials_and_each_worker_thread_keeps_a_session(tmp_path, fake, monkeypatch):
+    from distributed import LocalCluster
+
+    monkeypatch.setenv("FAKE_DELAY", "0.1")
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as running:
+        address = running.scheduler_address
+        result = cli("--profile", write_profile(tmp_path), "--cluster", address, "--out", "c.csv")
+    assert result.exit_code == 0, result.output
+    assert f"dask: the scheduler at {address}, 1 worker;" in result.output
+    assert len(rows(tmp_path / "c.csv")) == 8 and {r["status"] for r in rows(tmp_path / "c.csv")} == {"ok"}
+    loads = events(tmp_path, "load")
+    assert len({e["pid"] for e in loads}) == 1 and len(loads) <= 2  # one session per worker thread
 
 
 @needs_dask
