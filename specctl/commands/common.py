@@ -150,6 +150,7 @@ def run_training(session: Session, command: str, resume: bool, overwrite: bool,
     entry = train(session.backend)  # a command the kind lacks fails here, before any folder is made
     check_outputs(p, overwrite or resume)
     with distributed.launched(session.device) as device:
+        distributed.check_batch(p.train.batch_size)
         session = dataclasses.replace(session, device=device, json=session.json or not distributed.is_main())
         run = distributed.shared_run(lambda: session.open_run(command, resume))
         with session.resumable(run, command), session.progress() as progress:

@@ -132,6 +132,8 @@ def run_on_cluster(trials: list[Trial], results: Results, factory: SessionFactor
                    say: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run `trials` on the cluster, recording each row in `results` as it arrives; returns the rows of this run.
     `paths` are the files and folders the trials read (checked on every worker first)."""
+    if not trials:
+        return []
     with connect(cluster, device) as client:
         workers = check_workers(client, device, paths)
         say(describe(client, workers, cluster, device))

@@ -50,7 +50,11 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    if world_size() > 1:
+    if world_size() == 1:
+        return
+    if _device.type == "cuda":
+        dist.barrier(device_ids=[_device.index])  # nccl is told this process's GPU, which it cannot always guess
+    else:
         dist.barrier()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from specctl.core.cluster import Cluster, check_workers, parse_cluster
+from specctl.core.cluster import Cluster, check_workers, parse_cluster, pinned
 from specctl.core.errors import SpecctlError
 from tests.core.test_sweep import alive, cli, events, install_fake, rows, write_profile
 
@@ -164,3 +164,15 @@ def test_a_worker_that_cannot_read_a_checkpoint_stops_the_sweep_naming_the_worke
         check_workers(client, torch.device("cpu"), ["ckpt"])
     with pytest.raises(SpecctlError, match="GPU=1"):
         check_workers(StubClient("gpu-b", "ckpt", gpu=False), torch.device("cuda"), [])
+
+
+def test_local_workers_are_pinned_round_robin_to_the_visible_gpus(monkeypatch):
+    import torch
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert [pinned(torch.device("cuda"), name) for name in ("0", "1", "2", "3")] == [
+        torch.device("cuda", i) for i in (0, 1, 0, 1)]
+    assert current == [0, 1, 0, 1]  # each worker thread's current device is its own GPU too
+    assert pinned(torch.device("cpu"), "3") == torch.device("cpu") and len(current) == 4
