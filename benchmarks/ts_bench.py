@@ -89,7 +89,8 @@ def train(dataset: Dataset, lines: list[str], log) -> None:
 def train_summary(m: dict) -> str:
     if "average" in m:
         cached = m["average"]["cached"]
-        return f"test MSE {cached['mse']:.4f} / MAE {cached['mae']:.4f} (cached, avg over horizons), {m['epochs']} epochs"
+        return (f"test MSE {cached['mse']:.4f} / MAE {cached['mae']:.4f} (cached, avg over horizons), "
+                f"{m['epochs']} epochs")
     q = m["quality"]
     return (f"draft MSE {q['draft_mse']:.4f}, target MSE {q['target_mse']:.4f}, draft-vs-target MSE "
             f"{q['draft_target_mse']:.4f} (teacher-forced test windows)")
@@ -111,8 +112,9 @@ def row(batch: int, label: str, m: dict) -> dict:
 def baseline_rows(batch: int, m: dict) -> list[dict]:
     """The target itself and the draft alone, on the same windows."""
     blank = dict.fromkeys(COLUMNS, "")
-    return [{**blank, "batch": batch, "setting": "target-only (KV cache)", "speedup": "1x", "MSE": f"{m['mse_target']:.4f}",
-             "ΔMSE %": "0", "ms/batch": f"{1e3 * m['wall_s_target'] / m['batches']:.2f}"},
+    return [{**blank, "batch": batch, "setting": "target-only (KV cache)", "speedup": "1x",
+             "MSE": f"{m['mse_target']:.4f}", "ΔMSE %": "0",
+             "ms/batch": f"{1e3 * m['wall_s_target'] / m['batches']:.2f}"},
             {**blank, "batch": batch, "setting": "draft only", "speedup": f"{m['speedup_draft']:.2f}x",
              "MSE": f"{m['mse_draft']:.4f}", "ΔMSE %": f"{m['delta_mse_pct_draft']:+.2f}",
              "ms/batch": f"{1e3 * m['wall_s_draft'] / m['batches']:.2f}"}]

@@ -6,6 +6,7 @@ once; each command imports what it needs when it runs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -140,18 +141,24 @@ def resume_command(command: str, run: RunDir) -> str:
 def run_training(session: Session, command: str, resume: bool, overwrite: bool,
                  train: Callable[[Backend], Callable]) -> None:
     """A training command: outputs checked before any work, a run directory (or the one --resume continues),
-    `train(backend)(profile, device, run, resume, progress, say)`, metrics.json, then the result."""
+    `train(backend)(profile, device, run, resume, progress, say)`, metrics.json, then the result. Under torchrun
+    (core/distributed.py) every process trains on its own device; rank 0 alone writes and prints."""
+    from specctl.core import distributed
     from specctl.core.rundir import check_outputs
 
     p = session.profile
     entry = train(session.backend)  # a command the kind lacks fails here, before any folder is made
     check_outputs(p, overwrite or resume)
-    run = session.open_run(command, resume)
-    with session.resumable(run, command), session.progress() as progress:
-        result = entry(p, session.device, run, resume, progress, session.say)
-        run.write_json("metrics.json", {"metrics": result.metrics(), "definitions": result.definitions})
-        run.finish()
-    finish(session, run, result)
+    with distributed.launched(session.device) as device:
+        distributed.check_batch(p.train.batch_size)
+        session = dataclasses.replace(session, device=device, json=session.json or not distributed.is_main())
+        run = distributed.shared_run(lambda: session.open_run(command, resume))
+        with session.resumable(run, command), session.progress() as progress:
+            result = entry(p, session.device, run, resume, progress, session.say)
+            run.write_json("metrics.json", {"metrics": result.metrics(), "definitions": result.definitions})
+            run.finish()
+        if distributed.is_main():
+            finish(session, run, result)
 
 
 def finish(session: Session, run: RunDir, result: Any) -> None:

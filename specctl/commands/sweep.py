@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -29,6 +30,7 @@ from specctl.core.schema import Profile
 if TYPE_CHECKING:
     import pandas as pd
 
+    from specctl.core.cluster import Cluster
     from specctl.core.rundir import RunDir
     from specctl.core.sweep import Results, Trial
 
@@ -82,6 +84,10 @@ def sweep(
         "(CPU; on cuda only for pretrain sweeps, whose timings do not matter).")),
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Results CSV (default: <run_root>/sweep/<profile name>/results.csv).")] = None,
+    cluster: Annotated[str | None, typer.Option("--cluster", help=(
+        "Run the trials on Dask: local:N (N worker processes here, one GPU each when there are GPUs) or "
+        "tcp://HOST:PORT (a running dask scheduler). Needs the dask extra.")
+    )] = None,
     top_n: int = typer.Option(10, "--top", "-n", min=1, help="How many configurations the final table shows."),
     train_missing: TrainMissingOpt = False,
     dry_run: bool = typer.Option(False, "--dry-run", help="List the trials (done, pending, invalid) and exit."),
@@ -90,9 +96,15 @@ def sweep(
 ) -> None:
     """Run the \\[sweep] grid (cartesian product) through spec-test (or pretrain, for a recipe search with
     sweep_command = "pretrain"); rerunning resumes where it stopped."""
+    from specctl.core.cluster import parse_cluster, require_dask
     from specctl.core.rundir import RunDir
     from specctl.core.sweep import Results, exclusive, pending_trials, plan_trials
 
+    where = parse_cluster(cluster) if cluster else None
+    if where is not None:
+        require_dask()
+        if workers > 1:
+            raise SpecctlError("--workers and --cluster are alternatives: local:N already runs N worker processes")
     session = open_session(profile, set_, device, seed, json_out, False, verbose)
     p = with_grid(session.profile, grid or [])
     csv_path = out or default_csv(p)
@@ -115,10 +127,11 @@ def sweep(
             session.say(f"note: {csv_path} also holds {others} trials of other settings (not in this grid); "
                         "`specctl analyze` includes them; pass --out for a separate file")
         run = RunDir.create(p, "sweep", str(session.device))
-        run.manifest.update(results=str(csv_path), trials=len(trials), pending=len(todo), workers=workers)
+        run.manifest.update(results=str(csv_path), trials=len(trials), pending=len(todo), workers=workers,
+                            cluster=cluster)
         session.say(f"{len(trials)} trials, {len(trials) - len(todo)} already done; results: {csv_path}; "
                     f"run directory: {run.path}")
-        ran = run_with_progress(todo, results, session, workers, run)
+        ran = run_with_progress(todo, results, session, workers, run, where)
     failed = [r["trial_id"] for r in ran if r["status"] != "ok"]
     run.manifest.update(ran=len(ran), failed=failed)
     run.finish("failed" if ran and len(failed) == len(ran) else "finished")
@@ -131,22 +144,31 @@ def sweep(
         raise SpecctlError(f"every trial failed ({len(ran)}); the first: {first['error']}")
 
 
-def run_with_progress(todo: list[Trial], results: Results, session: Session, workers: int,
-                      run: RunDir) -> list[dict[str, Any]]:
-    """The trials under a progress bar with ETA; a failure is printed as it happens, an interrupt recorded."""
+def run_with_progress(todo: list[Trial], results: Results, session: Session, workers: int, run: RunDir,
+                      cluster: Cluster | None = None) -> list[dict[str, Any]]:
+    """The trials under a progress bar with ETA (and trials per worker on a cluster); a failure is printed as it
+    happens, an interrupt recorded."""
     from specctl.backends import BACKENDS, open_trial_session
+    from specctl.core.cluster import run_on_cluster
     from specctl.core.sweep import run_sweep
 
     try:
         with session.progress() as progress:
             task = progress.add_task("sweep", total=len(todo), info="")
+            per_worker: Counter[str] = Counter()
 
-            def on_row(row: dict[str, Any]) -> None:
-                progress.update(task, advance=1, info=row_info(row))
+            def on_row(row: dict[str, Any], worker: str | None = None) -> None:
+                per_worker.update([worker] if worker else [])
+                counts = " ".join(f"{'w' * name.isdigit()}{name}:{n}" for name, n in sorted(per_worker.items()))
+                progress.update(task, advance=1, info=row_info(row) + (f" | {counts}" if counts else ""))
                 if row["status"] != "ok":
                     session.say(f"warning: trial {row['trial_id']} failed: {row['error']}")
 
             factory = partial(open_trial_session, dict(BACKENDS))
+            if cluster is not None:
+                paths = sorted({path for t in todo if t.profile for path in session.backend.trial_inputs(t.profile)
+                                if Path(path).exists()})
+                return run_on_cluster(todo, results, factory, session.device, cluster, paths, on_row, session.say)
             return run_sweep(todo, results, factory, session.device, workers, progress, on_row)
     except KeyboardInterrupt:
         run.finish("interrupted")

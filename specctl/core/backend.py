@@ -59,6 +59,9 @@ class Backend(Protocol):
     def sweep_session(self, profile: Profile, device: torch.device, progress: Any) -> TrialSession:
         """What runs one sweep trial (spec-test, or pretrain for a recipe search) and keeps models between trials."""
 
+    def trial_inputs(self, profile: Profile) -> list[str]:
+        """The checkpoint paths one sweep trial of `profile` reads: what every worker of a cluster must see."""
+
     def register_plots(self) -> None:
         """Add this kind's figures to the plot registry (core/plots.py)."""
 

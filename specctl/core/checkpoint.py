@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from specctl.core import distributed
 from specctl.core.errors import SpecctlError
 from specctl.core.files import atomic_write, staged_dir, write_error, write_json
 
@@ -125,8 +126,11 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
 
 def export_checkpoint(best: Path, target: str | Path) -> Path:
     """Copy a checkpoint folder to a stable path (train.save_to), replacing any older copy atomically. If that
-    fails, the older copy stays and the error says where the new checkpoint still is."""
+    fails, the older copy stays and the error says where the new checkpoint still is. Under torchrun rank 0 alone
+    copies; every process gets the path."""
     target = Path(target)
+    if not distributed.is_main():
+        return target
     try:
         with staged_dir(target) as staging:
             for src in sorted(Path(best).iterdir()):

@@ -26,6 +26,8 @@ class DataLocation(Strict):
 
 class TrainConfig(Strict):
     epochs: int = Field(10, ge=1)
+    # the GLOBAL batch: under torchrun each of N processes takes batch_size / N of every batch (so it must be a
+    # multiple of N) and the gradients are averaged, so N processes train as one would (core/distributed.py)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0.0)
     optimizer: Literal["adam", "adamw"] = "adam"

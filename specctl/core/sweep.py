@@ -18,7 +18,7 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -237,6 +237,13 @@ def run_sweep(
     workers = min(workers, len(trials))
     rows = (run_parallel(trials, factory, device, workers) if workers > 1
             else map(Runner(factory, device, progress).run, trials))
+    return record_rows(rows, results, on_row)
+
+
+def record_rows(rows: Iterable[dict[str, Any]], results: Results,
+                on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """The one writer: each row is recorded in `results` (an atomic rewrite of the CSV) the moment it arrives, so
+    a sweep killed at any point keeps every row it had received."""
     ran = []
     for row in rows:
         results.record(row)

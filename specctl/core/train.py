@@ -4,6 +4,9 @@ Checkpoints under ckpt_dir: `last/` after every epoch (what --resume continues f
 validation loss improves, `interrupted/` when Ctrl-C stops training mid-epoch (usable weights, not resumed).
 With train.ema_decay every one of them holds the weight average, and `last/` adds the raw weights training
 continues from (`training_weights.safetensors`).
+
+Under torchrun the same loop runs in every process (core/distributed.py): gradients and validation metrics are
+averaged over the processes, and only rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from specctl.core import distributed
 from specctl.core.checkpoint import (
     load_state,
     load_tensors,
@@ -121,6 +125,7 @@ class Trainer:
 
     def __init__(self, task: Task, cfg: TrainConfig, ckpt_dir: Path, progress=None,
                  on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> None:
+        distributed.check_batch(cfg.batch_size)
         self.task, self.cfg, self.progress, self.on_epoch_end = task, cfg, progress, on_epoch_end
         self.params = [p for p in task.params if p.requires_grad]
         self.optimizer = make_optimizer(self.params, cfg)
@@ -135,8 +140,10 @@ class Trainer:
 
     def restore(self) -> None:
         """Continue from `last/`: weights, optimizer, weight average, history and counters."""
-        for folder in (self.last_dir, self.best_dir):
-            recover_dir(folder)  # a save cut off between its two renames
+        if distributed.is_main():
+            for folder in (self.last_dir, self.best_dir):
+                recover_dir(folder)  # a save cut off between its two renames
+        distributed.barrier()
         if not (self.last_dir / "state.json").is_file():
             raise SpecctlError(f"--resume: no finished epoch to resume from in {self.last_dir}")
         state = load_state(self.last_dir)
@@ -153,14 +160,15 @@ class Trainer:
         self.result.stopped_early = bool(state.get("stopped_early"))
 
     def step(self, batch: Any, epoch: int, steps: int) -> float:
-        """One optimizer step; returns the batch's loss."""
+        """One optimizer step; returns the batch's loss (under torchrun: the global batch's)."""
         cfg = self.cfg
         loss = self.task.loss(batch)
-        if not torch.isfinite(loss):
-            raise SpecctlError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, "
-                               f"step {steps + 1} (lower train.lr or set train.grad_clip)")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        value = distributed.average_gradients(self.params, loss)
+        if not math.isfinite(value):
+            raise SpecctlError(f"training diverged: loss is {value} at epoch {epoch + 1}, "
+                               f"step {steps + 1} (lower train.lr or set train.grad_clip)")
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         for group in self.optimizer.param_groups:
@@ -169,7 +177,7 @@ class Trainer:
         self.optimizer_steps += 1
         if self.average is not None:
             self.average.update()
-        return loss.item()
+        return value
 
     def train_epoch(self, epoch: int) -> tuple[float, int]:
         """Every batch of an epoch (at most train.max_steps_per_epoch); returns (summed loss, steps). Ctrl-C saves
@@ -192,8 +200,9 @@ class Trainer:
         except KeyboardInterrupt:
             if self.average is not None:
                 self.average.swap()
-            save_checkpoint(self.ckpt_dir / "interrupted", self.weights(), self.task.config,
-                            state={"epoch": epoch, "partial": True})
+            if distributed.is_main():
+                save_checkpoint(self.ckpt_dir / "interrupted", self.weights(), self.task.config,
+                                state={"epoch": epoch, "partial": True})
             self.result.interrupted = True
             raise
         return total, steps
@@ -205,34 +214,45 @@ class Trainer:
             self.average.swap()
         self.task.model.eval()
         with torch.no_grad():
-            metrics = self.task.validate()
+            metrics = distributed.mean_metrics(self.task.validate())
         record = {"epoch": epoch + 1, "train_loss": total / max(steps, 1), **metrics,
                   "lr": learning_rate(cfg, epoch), "seconds": time.perf_counter() - started}
         result.history.append(record)
         result.epochs_done = epoch + 1
-        if metrics["val_loss"] < result.best_val:
+        improved = metrics["val_loss"] < result.best_val
+        if improved:
             result.best_val, self.bad_epochs = metrics["val_loss"], 0
-            save_checkpoint(self.best_dir, self.weights(), self.task.config,
-                            state={"epoch": epoch + 1, "val_loss": metrics["val_loss"]})
         else:
             self.bad_epochs += 1
         result.stopped_early = self.bad_epochs >= cfg.patience
-        raw = {RAW_WEIGHTS: self.average.raw_weights()} if self.average is not None else None
-        save_checkpoint(self.last_dir, self.weights(), self.task.config, self.optimizer, extra=raw, state={
-            "epoch": epoch + 1, "best_val": result.best_val, "bad_epochs": self.bad_epochs,
-            "history": result.history, "stopped_early": result.stopped_early,
-            "optimizer_steps": self.optimizer_steps,
-            **({"ema_updates": self.average.updates} if self.average is not None else {}),
-        })
+        self.save(epoch, improved)
         if self.average is not None:
             self.average.swap()
         return record
+
+    def save(self, epoch: int, improved: bool) -> None:
+        """`best/` if the epoch improved, `last/` always: written by rank 0 alone, and no process goes on (and may
+        read them) before they are whole."""
+        result = self.result
+        if distributed.is_main():
+            if improved:
+                save_checkpoint(self.best_dir, self.weights(), self.task.config,
+                                state={"epoch": epoch + 1, "val_loss": result.best_val})
+            raw = {RAW_WEIGHTS: self.average.raw_weights()} if self.average is not None else None
+            save_checkpoint(self.last_dir, self.weights(), self.task.config, self.optimizer, extra=raw, state={
+                "epoch": epoch + 1, "best_val": result.best_val, "bad_epochs": self.bad_epochs,
+                "history": result.history, "stopped_early": result.stopped_early,
+                "optimizer_steps": self.optimizer_steps,
+                **({"ema_updates": self.average.updates} if self.average is not None else {}),
+            })
+        distributed.barrier()
 
     def fit(self, resume: bool = False) -> FitResult:
         if resume:
             self.restore()
             if self.result.stopped_early:
                 return self.result
+        distributed.synchronize_start(self.task.model)
         if self.progress is not None:
             self.task_id = self.progress.add_task("train", total=None, info="")
         for epoch in range(self.result.epochs_done, self.cfg.epochs):

@@ -52,5 +52,9 @@ class LLMBackend:
                                "is 'llm'")
         return LLMSpecSession(profile, device, progress)
 
+    def trial_inputs(self, profile: LLMProfile) -> list[str]:
+        llm = profile.llm
+        return [path for path in (llm.target, llm.tokenizer, llm.spec.draft) if path]
+
     def register_plots(self) -> None:
         import specctl.llm.plots  # noqa: F401  (registers on import)

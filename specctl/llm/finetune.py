@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from specctl.core import distributed
 from specctl.core.checkpoint import CONFIG, STATE, export_checkpoint, load_weights
 from specctl.core.data_dir import data_dir
 from specctl.core.errors import SpecctlError
@@ -130,7 +131,7 @@ def train_draft(draft: Draft, sets: TextSets, profile: LLMProfile, device: torch
     config = {**draft.config(), "kl_temperature": llm.kl_temperature, "kl_weight": llm.kl_weight,
               "ce_weight": llm.ce_weight, "train_files": llm.train_files, "max_len": llm.max_len}
     task = Task(draft.model, draft.trainable().values(), loss,
-                lambda epoch: batches(sets.train, cfg.batch_size, pad, "cpu", seed=profile.seed + epoch),
+                lambda epoch: batches(sets.train, cfg.batch_size, pad, "cpu", seed=profile.seed + epoch, shard=True),
                 validate, config, draft.weights)
     result = fit(task, cfg, ckpt_dir, resume, progress, on_epoch_end)
     draft.model.load_state_dict(load_weights(result.best_dir, device), strict=False)
@@ -193,5 +194,6 @@ def finetune_heads(profile: LLMProfile, device: torch.device, run: RunDir, resum
     unchanged = checksum(lm.model) == before
     if not unchanged:
         raise SpecctlError("internal error: the target's parameters changed while tuning a draft")
-    write_csv(run.path / "results.csv", rows)
+    if distributed.is_main():
+        write_csv(run.path / "results.csv", rows)
     return FinetuneResult(lm.path, lm.n_layers, unchanged, str(run.path / "results.csv"), rows)

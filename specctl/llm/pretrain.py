@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specctl.core import distributed
 from specctl.core.checkpoint import load_weights
 from specctl.core.data_dir import data_dir
 from specctl.core.errors import SpecctlError
@@ -82,6 +83,19 @@ def build_tokenizer(profile: LLMProfile, train: list[Example]):
     if choice == "gpt2":
         return gpt2_tokenizer(data_dir(profile.data))
     return load_tokenizer(choice)
+
+
+def run_tokenizer(profile: LLMProfile, start, train: list[Example], folder: Path, resume: bool):
+    """The run's tokenizer, kept in `folder`: the one there when resuming, else the starting model's or a new one.
+    Under torchrun rank 0 makes it and the other processes read it from there."""
+    if resume and folder.is_dir():
+        return load_tokenizer(str(folder))
+    tokenizer = None
+    if distributed.is_main():
+        tokenizer = start.tokenizer if start else build_tokenizer(profile, train)
+        tokenizer.save_pretrained(folder)
+    distributed.barrier()
+    return load_tokenizer(str(folder)) if tokenizer is None else tokenizer
 
 
 def llama_config(arch: ArchConfig, tokenizer):
@@ -268,11 +282,7 @@ def pretrain_lm(profile: LLMProfile, device: torch.device, run: RunDir, resume: 
     train_ex, val_ex = split(read_files(llm.train_files, folder, llm.max_examples), llm.val_fraction, profile.seed)
     start = load_lm(cfg.init_from, device) if cfg.init_from else None
     tok_dir = run.path / "tokenizer"
-    if resume and tok_dir.is_dir():
-        tokenizer = load_tokenizer(str(tok_dir))
-    else:
-        tokenizer = start.tokenizer if start else build_tokenizer(profile, train_ex)
-        tokenizer.save_pretrained(tok_dir)
+    tokenizer = run_tokenizer(profile, start, train_ex, tok_dir, resume)
     train_blocks, val_blocks = pack(train_ex, tokenizer, llm.max_len), pack(val_ex, tokenizer, llm.max_len)
     model = start.model.requires_grad_(True) if start else LlamaForCausalLM(llama_config(llm.arch, tokenizer))
     model.to(device)
@@ -285,7 +295,8 @@ def pretrain_lm(profile: LLMProfile, device: torch.device, run: RunDir, resume: 
 
     def train_batches(epoch: int):
         order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(profile.seed + epoch))
-        return (train_blocks[order[i:i + cfg.batch_size]] for i in range(0, len(order), cfg.batch_size))
+        batches = (order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size))
+        return (train_blocks[part] for part in distributed.shard_batches(batches))
 
     def validate() -> dict[str, float]:
         ce = mean_ce(model, val_blocks, cfg.batch_size, device, llm.dtype, cfg.max_val_batches)
@@ -298,8 +309,9 @@ def pretrain_lm(profile: LLMProfile, device: torch.device, run: RunDir, resume: 
     model.load_state_dict(load_weights(result.best_dir, device), strict=False)
     model.eval()
     out = Path(cfg.save_to) if cfg.save_to else run.path / "model"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if distributed.is_main():
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     eval_sets = {Path(f).stem: pack(read_files([f], folder, llm.max_eval_examples), tokenizer, llm.max_len)
                  for f in llm.eval_files}
     with torch.no_grad():

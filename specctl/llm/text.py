@@ -150,15 +150,19 @@ def contents(examples: list[Example]) -> list[str]:
     return [m["content"] for e in examples for m in (e.messages or [])] + [e.text for e in examples if e.text]
 
 
-def batches(seqs: list[list[int]], size: int, pad_id: int, device, seed: int | None = None):
-    """(ids, attention_mask) batches, right-padded to the longest sequence; shuffled when a seed is given."""
+def batches(seqs: list[list[int]], size: int, pad_id: int, device, seed: int | None = None, shard: bool = False):
+    """(ids, attention_mask) batches, right-padded to the longest sequence; shuffled when a seed is given. With
+    `shard` under torchrun: this process's part of each batch (core/distributed.py)."""
     import torch
+
+    from specctl.core import distributed
 
     order = list(range(len(seqs)))
     if seed is not None:
         random.Random(seed).shuffle(order)
-    for start in range(0, len(order), size):
-        chunk = [seqs[i] for i in order[start:start + size]]
+    parts = (order[start:start + size] for start in range(0, len(order), size))
+    for part in distributed.shard_batches(parts) if shard else parts:
+        chunk = [seqs[i] for i in part]
         width = max(len(s) for s in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)

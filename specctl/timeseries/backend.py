@@ -45,6 +45,10 @@ class TimeseriesBackend:
             return PretrainSession(profile, device, progress)
         return SpecTrials(profile, device, progress)
 
+    def trial_inputs(self, profile: TimeseriesProfile) -> list[str]:
+        pairs = builders.inputs(profile) if profile.sweep_command == "pretrain" else builders.spec_test_inputs(profile)
+        return [path for path, _, _ in pairs]
+
     def register_plots(self) -> None:
         import specctl.timeseries.plots  # noqa: F401  (registers on import)
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
+from specctl.core import distributed
 from specctl.core.backend import Say
 from specctl.core.errors import SpecctlError
 from specctl.core.rundir import RunDir
@@ -46,11 +47,17 @@ def check_lookback(lookback: int, patch_len: int, source: str = "model.patch_len
         raise SpecctlError(f"data.lookback {lookback} is not a multiple of {source} {patch_len}")
 
 
-def loader(arrays: list[np.ndarray], length: int, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    """Batches of stride-1 windows from all `arrays` (the train split and data.extra_train, or the val split)."""
+def loader(arrays: list[np.ndarray], length: int, batch_size: int, shuffle: bool, seed: int,
+           shard: bool = False) -> DataLoader:
+    """Batches of stride-1 windows from all `arrays` (the train split and data.extra_train, or the val split). With
+    `shard` under torchrun: this process's part of each batch one process would draw (core/distributed.py)."""
     generator = torch.Generator().manual_seed(seed)
     windows = ConcatDataset([Windows(a, length) for a in arrays])
-    return DataLoader(windows, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    if not shard or distributed.world_size() == 1:
+        return DataLoader(windows, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    # the same sampler and generator over the indices give exactly one process's batches, to be split
+    whole = DataLoader(range(len(windows)), batch_size=batch_size, shuffle=shuffle, generator=generator)
+    return DataLoader(windows, batch_sampler=list(distributed.shard_batches(b.tolist() for b in whole)))
 
 
 def build_model(profile: TimeseriesProfile, data: SeriesData, device: torch.device) -> TimerXL:
@@ -115,7 +122,7 @@ def train_timer(
     freeze_early_layers(model, train.tune_last_layers)
     task = Task(model, model.parameters(), lambda batch: loss_fn(batch.to(device)),
                 lambda epoch: loader([data.train, *data.extra_train], length, train.batch_size, True,
-                                     profile.seed + epoch),
+                                     profile.seed + epoch, shard=True),
                 validate, checkpoint_config(model, lookback, data.columns, profile.model_dump()))
     return fit(task, train, run.checkpoints, resume, progress, on_epoch_end)
 

@@ -58,13 +58,17 @@ class FakeSession:
     def run(self, profile):
         log("run", profile)
         meet(int(os.environ.get("FAKE_MEET", "0")))
-        time.sleep(float(os.environ.get("FAKE_DELAY", "0")))
+        time.sleep(float(os.environ.get("FAKE_DELAY", "0")) * (1 + profile.spec.bias / 10))
         s = profile.spec
+        if s.k == int(os.environ.get("FAKE_DIE_K", "0")) and not os.path.exists(os.environ["FAKE_LOG"] + ".died"):
+            open(os.environ["FAKE_LOG"] + ".died", "w").close()
+            os._exit(1)  # the worker process dies mid-trial, once
         if s.k == int(os.environ.get("FAKE_FAIL_K", "0")):
             raise RuntimeError("boom")
         if s.emit == "sample":
             raise SpecctlError("emit 'sample' needs a stochastic draft")
         acceptance = min(1.0, s.sigma * s.bias)
+        log("done", profile)
         return {"acceptance_rate": acceptance, "mse": 0.4 + 0.01 * s.bias, "mse_target": 0.4,
                 "speedup": 1.0 + acceptance * s.k / 4, "predicted_speedup": 1.1 + acceptance * s.k / 4}
 
@@ -75,6 +79,9 @@ class FakeBackend:
 
     def sweep_session(self, profile, device, progress=None):
         return FakeSession(profile, device, progress)
+
+    def trial_inputs(self, profile):
+        return os.environ["FAKE_INPUTS"].split(",") if os.environ.get("FAKE_INPUTS") else []
 '''
 
 TOY = """
@@ -90,6 +97,11 @@ device = "cpu"
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
+    return install_fake(tmp_path, monkeypatch)
+
+
+def install_fake(tmp_path: Path, monkeypatch):
+    """The fake backend as `timeseries` in the backend table (importable by spawned workers too)."""
     (tmp_path / "fake_runner.py").write_text(FAKE_RUNNER)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("FAKE_LOG", str(tmp_path / "log.jsonl"))
