@@ -1,10 +1,12 @@
 """Time-series GPU benchmark: train a dataset's target and draft, then measure the speculative frontier.
 
     python benchmarks/ts_bench.py --dataset etth1 --out DIR [--work /tmp/ts]   # train, then the frontier
+    python benchmarks/ts_bench.py --dataset etth1 --dataset ettm1 --stage train --out DIR --work /tmp/ts
+    python benchmarks/ts_bench.py --dataset etth1 --stage frontier --out DIR --work /tmp/ts
     python benchmarks/ts_bench.py --dataset quick --out DIR                     # the same code on the quick start
 
-Training runs the shipped profiles through the CLI (target and draft side by side on the GPU, then the
-distillation). The frontier: for each batch size, one spec-test session (the baselines, target-only KV-cached
+Training runs the shipped profiles through the CLI (every dataset's target and draft side by side on the GPU,
+then the distillations). The frontier: for each batch size, one spec-test session (the baselines, target-only KV-cached
 decoding, the draft alone and the sliding window, timed once), then every setting of SETTINGS on the same windows:
 acceptance, speed against the target and the sliding window, predicted speed, MSE against the truth and the target,
 fidelity. Writes DIR/<dataset>.md (command, device, date, tables), DIR/<dataset>.jsonl and
@@ -68,22 +70,33 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
-def train(dataset: Dataset, lines: list[str], log) -> None:
-    lines += ["## Training", "", "| command | seconds | result |", "|---|---|---|"]
-    for group in dataset.train:
+def train(datasets: dict[str, Dataset], out: Path) -> None:
+    """Group i of every dataset's training runs side by side; DIR/<dataset>_train.md and .jsonl per dataset."""
+    lines = {name: [f"# Training: {name}", "", f"- date: {date.today().isoformat()}", f"- device: {device_name()}",
+                    "- commands of a group ran side by side on the one device, so their seconds overlap", "",
+                    "| command | seconds | result |", "|---|---|---|"] for name in datasets}
+    for i in range(max(len(d.train) for d in datasets.values())):
         started, procs = time.perf_counter(), []
-        for command, profile in group:
-            argv = [sys.executable, "-m", "specctl", command, "--profile", profile, "--json", "--overwrite"]
-            procs.append((f"specctl {command} --profile {profile}",
-                          subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
-        for shown, proc in procs:
+        for name, dataset in datasets.items():
+            for command, profile in dataset.train[i] if i < len(dataset.train) else []:
+                argv = [sys.executable, "-m", "specctl", command, "--profile", profile, "--json", "--overwrite"]
+                procs.append((name, f"specctl {command} --profile {profile}",
+                              subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        for name, shown, proc in procs:
             stdout, stderr = proc.communicate()
             seconds = time.perf_counter() - started
             if proc.returncode:
                 raise SystemExit(f"{shown} failed:\n{stderr[-3000:]}")
             metrics = json.loads(stdout[stdout.index("{"):])
-            log({"stage": "train", "command": shown, "seconds": seconds, "metrics": metrics})
-            lines.append(f"| `{shown}` | {seconds:.0f} | {train_summary(metrics)} |")
+            append_jsonl(out / f"{name}_train.jsonl", {"command": shown, "seconds": seconds, "metrics": metrics})
+            lines[name].append(f"| `{shown}` | {seconds:.0f} | {train_summary(metrics)} |")
+            (out / f"{name}_train.md").write_text("\n".join(lines[name]) + "\n")
+            print(f"{shown}: {seconds:.0f} s", file=sys.stderr, flush=True)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=str) + "\n")
 
 
 def train_summary(m: dict) -> str:
@@ -120,7 +133,8 @@ def baseline_rows(batch: int, m: dict) -> list[dict]:
              "ms/batch": f"{1e3 * m['wall_s_draft'] / m['batches']:.2f}"}]
 
 
-def frontier(dataset: Dataset, device: torch.device, lines: list[str], log, out: Path, name: str) -> None:
+def frontier(dataset: Dataset, device: torch.device, lines: list[str], out: Path, name: str) -> None:
+    log = lambda record: append_jsonl(out / f"{name}.jsonl", record)  # noqa: E731
     rows, csv_rows = [], []
     for batch, windows in dataset.batches.items():
         overrides = [f"spec.batch_size={batch}", "spec.repeats=5" if batch < 256 else "spec.repeats=3",
@@ -151,33 +165,32 @@ def write_report(out: Path, name: str, lines: list[str], rows: list[dict]) -> No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=list(DATASETS), required=True)
-    parser.add_argument("--out", type=Path, required=True, help="where the report, JSONL and CSV go")
+    parser.add_argument("--dataset", choices=list(DATASETS), action="append", required=True)
+    parser.add_argument("--stage", choices=["all", "train", "frontier"], default="all")
+    parser.add_argument("--out", type=Path, required=True, help="where the reports, JSONL and CSV go")
     parser.add_argument("--work", type=Path, default=None, help="working folder for artifacts/ and runs/")
-    parser.add_argument("--skip-train", action="store_true", help="the checkpoints exist already (in --work)")
     args = parser.parse_args()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
         os.chdir(args.work)
-    dataset, device = DATASETS[args.dataset], resolve_device("auto")
-    lines = [f"# Speculative frontier: {args.dataset}", "", f"- date: {date.today().isoformat()}",
-             f"- device: {device_name()}, torch {torch.__version__}",
-             f"- command: `python benchmarks/ts_bench.py --dataset {args.dataset} --out OUT`",
-             f"- spec-test profile `{dataset.spec}`; per batch size the windows timed: "
-             + ", ".join(f"{b}: {w or 'all'}" for b, w in dataset.batches.items()),
-             "- speedup: target-only KV-cached wall time / speculative wall time, same windows, one process, median "
-             "of repeats per batch, warm-up excluded, synchronised; ΔMSE against target-only; fidelity = MSE between "
-             "the speculative and the target-only forecast", ""]
-
-    def log(record: dict) -> None:
-        with open(args.out / f"{args.dataset}.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=str) + "\n")
-
-    if not args.skip_train:
-        train(dataset, lines, log)
-    frontier(dataset, device, lines, log, args.out, args.dataset)
+    datasets = {name: DATASETS[name] for name in args.dataset}
+    if args.stage in ("all", "train"):
+        train(datasets, args.out)
+    if args.stage in ("all", "frontier"):
+        device = resolve_device("auto")
+        for name, dataset in datasets.items():
+            lines = [f"# Speculative frontier: {name}", "", f"- date: {date.today().isoformat()}",
+                     f"- device: {device_name()}, torch {torch.__version__}",
+                     f"- command: `python benchmarks/ts_bench.py --dataset {name} --stage frontier --out OUT` (after "
+                     "the training stage; its table is in <dataset>_train.md)",
+                     f"- spec-test profile `{dataset.spec}`; per batch size the windows timed: "
+                     + ", ".join(f"{b}: {w or 'all'}" for b, w in dataset.batches.items()),
+                     "- speedup: target-only KV-cached wall time / speculative wall time, same windows, one process, "
+                     "median of repeats per batch, warm-up excluded, synchronised; ΔMSE against target-only; fidelity "
+                     "= MSE between the speculative and the target-only forecast", ""]
+            frontier(dataset, device, lines, args.out, name)
 
 
 if __name__ == "__main__":
