@@ -15,13 +15,12 @@ from specctl.core.analysis import (
     Criterion,
     analyze,
     decision_criteria,
-    finished,
-    load_results,
     marginal_effects,
     pareto_front,
     recommend,
 )
 from specctl.core.errors import SpecctlError
+from specctl.core.results import TIMESERIES_SWEEP, finished, load_results
 
 # (trial_id, sigma, k, acceptance_rate, mse, speedup); target-only mse 0.475 as in the sweep guide:
 # maintain quality: mse <= 0.5002 and acceptance >= 60%; balanced: mse <= 0.5201 and acceptance >= 75%
@@ -61,26 +60,26 @@ def test_pareto_front_of_a_known_set():
 
 
 def test_recommendations_follow_the_decision_criteria():
-    picks = {r.scenario: r for r in recommend(known_frame(), decision_criteria())}
+    picks = {r.scenario: r for r in recommend(known_frame(), decision_criteria(), TIMESERIES_SWEEP)}
     assert picks["maximise speed"].best["trial_id"] == "t1"
     assert picks["maintain quality"].best["trial_id"] == "t5" and picks["maintain quality"].feasible == 3
     assert picks["balanced"].best["trial_id"] == "t3" and picks["balanced"].feasible == 2
     assert picks["maintain quality"].rule == "mse ≤ 0.5002 = 1.053×target, acceptance ≥ 60%"
-    stricter = recommend(known_frame(), [Criterion("maintain quality", 1.053, 0.75)])[0]
+    stricter = recommend(known_frame(), [Criterion("maintain quality", 1.053, 0.75)], TIMESERIES_SWEEP)[0]
     assert stricter.best["trial_id"] == "t2"
-    impossible = recommend(known_frame(), [Criterion("x", 0.5, 0.99)])[0]
+    impossible = recommend(known_frame(), [Criterion("x", 0.5, 0.99)], TIMESERIES_SWEEP)[0]
     assert impossible.best is None and impossible.feasible == 0
 
 
 def test_without_measured_speedup_the_prediction_ranks_and_without_mse_target_nothing_qualifies():
     frame = known_frame().drop(columns=["speedup", "mse_target"])
-    picks = recommend(frame, decision_criteria())
+    picks = recommend(frame, decision_criteria(), TIMESERIES_SWEEP)
     assert picks[0].ranked_by == "predicted_speedup" and picks[0].best["trial_id"] == "t1"
     assert [p.feasible for p in picks[1:]] == [0, 0]
 
 
 def test_marginal_effects_are_means_and_spreads_per_value():
-    effects = marginal_effects(known_frame())
+    effects = marginal_effects(known_frame(), TIMESERIES_SWEEP)
     k3 = effects[(effects["key"] == "spec.k") & (effects["value"] == 3)].iloc[0]
     assert k3["n"] == 2 and k3["acceptance_rate"] == pytest.approx(0.70) and k3["mse"] == pytest.approx(0.505)
     assert k3["mse sd"] == pytest.approx(pd.Series([0.45, 0.56]).std())
@@ -113,8 +112,9 @@ def test_analyze_prints_tables_json_and_markdown(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("a,b\n1,2\n", "missing column(s) trial_id, status, acceptance_rate, mse"),
-    ("trial_id,status,mse\nx,ok,1\n", "missing column(s) acceptance_rate"),
+    ("a,b\n1,2\n", "not a results CSV: missing column(s) trial_id, status"),
+    ("trial_id,status,mse\nx,ok,1\n", "a time-series spec-test sweep, is missing column(s) acceptance_rate"),
+    ("trial_id,status,acceptance_rate,mse\n", "no rows, only a header: no trial has been recorded yet"),
     ("", "empty file"),
     (None, "cannot read"),
 ])
@@ -129,12 +129,12 @@ def test_malformed_csv_fails_with_one_line_naming_the_problem(tmp_path, content,
 
 def test_all_failed_trials_is_an_error_not_an_empty_report(tmp_path):
     path = write(tmp_path, known_frame().assign(status="failed", error="boom"))
-    with pytest.raises(SpecctlError, match="no finished trial.*boom"):
+    with pytest.raises(SpecctlError, match="no trial finished.*boom"):
         analyze(load_results([path]), [str(path)])
 
 
 def test_text_and_list_columns_stay_out_of_the_metrics(tmp_path):
-    from specctl.core.analysis import load_results, metric_columns
+    from specctl.core.results import metric_columns
 
     path = tmp_path / "mixed.csv"
     path.write_text("trial_id,status,acceptance_rate,mse,head,accepted_hist\n"
