@@ -24,7 +24,7 @@ def plot(
     """Figures as PNG and PDF from results CSVs (several kinds may be mixed: each plot uses its own kind's rows);
     a plot whose columns are missing or not swept is skipped, with a note."""
     from specctl.backends import register_all_plots
-    from specctl.core.files import check_writable
+    from specctl.core.files import check_creatable
     from specctl.core.plots import PLOTS, render
     from specctl.core.results import finished_or_fail, load_results
 
@@ -34,7 +34,7 @@ def plot(
         raise SpecctlError(f"unknown plot '{unknown[0]}' (known: {', '.join(PLOTS)})")
     ok = finished_or_fail(load_results(results), [str(p) for p in results])  # each plot checks its own columns
     out_dir = out or results[0].parent / "plots"
-    check_writable(out_dir, "the figures' folder (--out)")
+    check_creatable(out_dir, "the figures' folder (--out)")
     written, skipped = render(ok, out_dir, only)
     if json_out:
         print(json.dumps({"out": str(out_dir), "files": [str(p) for p in written], "skipped": skipped}, indent=2))

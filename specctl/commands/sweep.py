@@ -108,7 +108,7 @@ def sweep(
 ) -> None:
     """Run the \\[sweep] grid (cartesian product) through spec-test (or pretrain, for a recipe search with
     sweep_command = "pretrain"); rerunning resumes where it stopped."""
-    from specctl.core.files import check_writable
+    from specctl.core.files import check_creatable
     from specctl.core.rundir import RunDir
     from specctl.core.sweep import Results, exclusive, pending_trials, plan_trials
 
@@ -125,8 +125,8 @@ def sweep(
     if workers > 1 and session.device.type == "cuda" and p.sweep_command != "pretrain":
         session.say("note: --workers ignored on cuda (parallel trials would share the GPU and distort timings)")
         workers = 1
-    check_writable(csv_path.parent, "the folder of the results CSV (--out)")
-    check_writable(Path(p.run_root), "the run root (run_root)")
+    check_creatable(csv_path.parent, "the folder of the results CSV (--out)")
+    check_creatable(Path(p.run_root), "the run root (run_root)")
     if p.sweep_command != "pretrain":  # every trial reads the same checkpoints: check them once, up front
         session.backend.ensure_checkpoints(p, session.device, train_missing, session.say)
     with exclusive(csv_path):

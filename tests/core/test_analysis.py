@@ -142,3 +142,81 @@ def test_text_and_list_columns_stay_out_of_the_metrics(tmp_path):
     frame = load_results([path])
     assert list(frame["head"]) == ["tuned", "copy"]
     assert metric_columns(frame) == ["acceptance_rate", "mse"]
+
+
+# -- every kind of results CSV, the timing spread, the baseline (issue #22: 6, 8, 12; #17: 7, 16) --------------------
+
+def llm_sweep_frame() -> pd.DataFrame:
+    """Columns as an LLM sweep writes them (llm/sweep.py csv_columns), two exit layers x two gammas."""
+    rows = [("a", 1, 2, 0.86, 1.7, 0.086, 1.45, 1.20, 1.70), ("b", 1, 4, 0.85, 3.4, 0.080, 0.52, 0.40, 0.60),
+            ("c", 2, 2, 0.92, 1.8, 0.064, 0.26, 0.20, 0.30), ("d", 2, 4, 0.91, 3.6, 0.036, 0.52, 0.45, 0.62)]
+    frame = pd.DataFrame(rows, columns=["trial_id", "llm.exit_layer", "llm.spec.gamma", "acceptance_rate",
+                                        "mean_accepted", "tv", "speedup", "speedup_ci_low", "speedup_ci_high"])
+    return frame.assign(predicted_speedup=1.0, exit_layer=frame["llm.exit_layer"], gamma=frame["llm.spec.gamma"],
+                        status="ok", error="")
+
+
+def finetune_frame() -> pd.DataFrame:
+    rows = [("layer1-copy", 1, "copy", 0.091, 0.68), ("layer1-tuned", 1, "tuned", 0.017, 0.88),
+            ("layer2-copy", 2, "copy", 0.014, 0.84), ("layer2-tuned", 2, "tuned", 0.005, 0.93)]
+    frame = pd.DataFrame(rows, columns=["trial_id", "exit_layer", "head", "val_kl", "val_agreement"])
+    return frame.assign(status="ok", val_ppl=70.0, val_top1=0.1, best_val_loss=frame["val_kl"])
+
+
+def test_every_kind_of_results_is_analysed_by_its_own_quality_metric(tmp_path):
+    llm = json.loads(cli(str(write(tmp_path, llm_sweep_frame(), "llm.csv")), "--json").output)
+    assert llm["kind"] == "LLM spec-test sweep" and list(llm["pareto"]) == ["speedup vs tv", "acceptance_rate vs tv"]
+    assert llm["recommendations"][0]["ranked_by"] == "speedup" and "mse" not in llm["recommendations"][0]["best"]
+    heads = json.loads(cli(str(write(tmp_path, finetune_frame(), "results.csv")), "--json").output)
+    assert heads["kind"] == "finetune-head results" and heads["swept"] == ["exit_layer", "head"]
+    assert heads["recommendations"][0]["best"]["trial_id"] == "layer2-tuned"  # lowest val_kl, not best_val_loss
+    recipe = known_frame().drop(columns=["acceptance_rate", "speedup", "predicted_speedup"]).assign(
+        best_val_loss=[0.5, 0.3, 0.4, 0.6, 0.7, 0.2], mse=[0.1, 0.9, 0.5, 0.5, 0.5, 0.5])
+    picked = json.loads(cli(str(write(tmp_path, recipe, "recipe.csv")), "--json").output)["recommendations"][0]
+    assert picked["ranked_by"] == "best_val_loss" and picked["best"]["trial_id"] == "t6"  # never by test mse
+    mixed = cli(str(tmp_path / "llm.csv"), str(tmp_path / "recipe.csv"))
+    assert mixed.exit_code == 2 and "analyze each kind on its own" in mixed.output
+
+
+def noisy_frame() -> pd.DataFrame:
+    """sigma changes no outcome (as under the tolerance rule) yet its identical trials time 0.4x-1.9x; k matters."""
+    rows = [("s1", 0.5, 2, 0.28, 0.0542, 1.90), ("s2", 2.0, 2, 0.28, 0.0542, 0.40),
+            ("s3", 0.5, 4, 0.16, 0.0540, 1.10), ("s4", 2.0, 4, 0.16, 0.0540, 1.60)]
+    frame = pd.DataFrame(rows, columns=["trial_id", "spec.sigma", "spec.k", "acceptance_rate", "mse", "speedup"])
+    return frame.assign(k=frame["spec.k"], mse_target=0.05, predicted_speedup=1.0, status="ok", error="",
+                        batch_ms_spec="[10.0, 10.0]", batch_ms_spec_spread="[1.0, 1.0]")
+
+
+def test_speed_differences_inside_the_timing_spread_are_not_ranked(tmp_path):
+    report = analyze(noisy_frame(), ["noisy.csv"])
+    assert report.spread.band == pytest.approx(1 - 0.40 / 1.90) and report.spread.repeats == pytest.approx(0.1)
+    assert sorted(map(sorted, report.spread.identical)) == [["s1", "s2"], ["s3", "s4"]]
+    effect = {i.key: i for i in report.influences}
+    assert effect["spec.sigma"].changes_outcome is False and effect["spec.k"].changes_outcome is True
+    fastest = report.recommendations[0]  # s1 is fastest, but s3 and s4 are inside the spread and more accurate
+    assert fastest.best["trial_id"] == "s4" and fastest.tied == 4
+    text = cli(str(write(tmp_path, noisy_frame())))
+    said = " ".join(text.output.split())
+    assert "spec.sigma: no effect: every outcome (acceptance, quality) is identical at each of its values" in said
+    assert "timing spread of speedup: ±79%" in said and "no configuration beats target-only decoding" in said
+    assert "Top 4 by speedup (max; differences under ±79% are timing noise)" in said
+
+
+def test_when_no_setting_beats_the_baseline_the_report_says_so(tmp_path):
+    slow = known_frame().assign(speedup=lambda f: f["speedup"] / 3)
+    said = " ".join(cli(str(write(tmp_path, slow))).output.split())
+    assert "verdict: no configuration beats target-only decoding: the fastest measured speedup is 0.67x" in said
+    assert "maximise speed (no constraint): t1" in said and "slower than target-only decoding, use that instead" in said
+    fast = json.loads(cli(str(write(tmp_path, known_frame())), "--json").output)
+    assert fast["verdict"].startswith("6 configuration(s) beat target-only decoding")
+
+
+def test_a_sweep_whose_every_trial_failed_names_its_first_error_even_without_metric_columns(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text("trial_id,spec.sigma,wall_s,status,error\n"
+                    "a1,0.5,0.1,failed,checkpoint not found: artifacts/quickstart/target\nb2,2.0,0.1,failed,other\n")
+    result = cli(str(path))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert ("no trial finished in " in result.output and
+            "(2 failed); the first error: checkpoint not found: artifacts/quickstart/target" in " ".join(
+                result.output.split()))
