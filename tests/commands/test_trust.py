@@ -171,7 +171,9 @@ def test_unwritable_outputs_are_refused_before_any_training():
             "the run root (run_root) afile/runs is not writable")
     refused(invoke("sweep", "--profile", "quickstart/sweep", *FAST, "--out", "afile/results.csv", "--train-missing"),
             "the folder of the results CSV (--out) afile is not writable")
-    assert not Path("artifacts").exists() and not Path("runs/pretrain").exists()
+    assert not Path("artifacts").exists() and not Path("runs").exists()  # nothing made, not even empty folders
+    Path("results.csv").write_text("trial_id,status,acceptance_rate,mse\nt1,ok,0.5,0.1\nt2,ok,0.6,0.2\n")
+    refused(invoke("plot", "results.csv", "--out", "afile/figs"), "the figures' folder (--out) afile/figs is not")
 
 
 # -- 5. a chain in one process equals the same commands run one by one (and prints its epochs when piped) ----------
