@@ -262,6 +262,9 @@ def spread_line(report: Report) -> str | None:
         parts.append(f"{len(s.identical)} group(s) of trials did identical work yet measured {low:.2f}x–{high:.2f}x")
     if s.repeats is not None:
         parts.append(f"one trial's repeated timings spread ±{s.repeats:.0%} (median)")
+    if s.disagree:
+        parts.append(f"{len(s.disagree)} trial(s) measured over 2x away from their predicted speedup "
+                     f"({', '.join(s.disagree[:3])}): the clock was disturbed")
     if not parts:
         return f"timing spread: unknown (no repeated timings in the file); {s.metric} differences are taken as measured"
     return (f"timing spread of {s.metric}: ±{s.band:.0%} ({'; '.join(parts)}); differences inside it are not "

@@ -78,6 +78,10 @@ class Spread:
     repeats: float | None = None
     identical: list[list[str]] = field(default_factory=list)
     identical_range: list[float] | None = None  # the widest such group's slowest and fastest speed
+    disagree: list[str] = field(default_factory=list)  # trials whose measured and predicted speedup differ > 2x
+
+
+DISAGREE = 2.0  # measured vs predicted speedup: a larger ratio says the clock was disturbed, not the model wrong
 
 
 def timing_columns(ok: pd.DataFrame, kind: Kind) -> list[str]:
@@ -121,6 +125,9 @@ def timing_spread(ok: pd.DataFrame, kind: Kind, speed: str | None) -> Spread:
         if width >= widest:
             widest, spread.identical_range = width, [float(times.min()), float(times.max())]
     spread.band = max(widest, spread.repeats or 0.0)
+    if speed == "speedup" and has(ok, "predicted_speedup"):
+        ratio = ok["speedup"] / ok["predicted_speedup"]
+        spread.disagree = list(ok.loc[(ratio > DISAGREE) | (ratio < 1 / DISAGREE), "trial_id"])
     return spread
 
 
@@ -269,7 +276,11 @@ def baseline_verdict(ok: pd.DataFrame, kind: Kind, spread: Spread) -> str | None
         return (f"no configuration beats {kind.baseline} beyond the timing spread: the fastest {what} speedup is "
                 f"{fastest:.2f}x, but timings of the same work spread ±{spread.band:.0%}")
     faster = int((ok[speed] * (1 - spread.band) >= 1).sum())
-    return f"{faster} configuration(s) beat {kind.baseline} beyond the timing spread; the fastest: {fastest:.2f}x"
+    said = f"{faster} configuration(s) beat {kind.baseline} beyond the timing spread; the fastest: {fastest:.2f}x"
+    if spread.disagree:
+        said += (f", but {len(spread.disagree)} trial(s) measured over {DISAGREE:g}x away from their predicted "
+                 "speedup: re-run on a quiet machine before trusting the timings")
+    return said
 
 
 # -- the report -----------------------------------------------------------------------------------------------------

@@ -222,9 +222,11 @@ def test_a_time_series_sweep_warns_analyzes_and_plots(artifacts):
 
 def test_the_quick_start_sweep_varies_what_its_rule_reads():
     plan = ok(invoke("sweep", "--profile", "quickstart/sweep", "--dry-run"))
-    assert "warning" not in plan.output and "6 trials" in plan.output
+    assert "warning" not in plan.output and "12 trials" in plan.output
     listed = json.loads(ok(invoke("sweep", "--profile", "quickstart/sweep", "--dry-run", "--json")).output)
-    assert len(listed["trials"]) == 6 and {"spec.k", "spec.tol_relative"} <= set(listed["trials"][0])
+    assert len(listed["trials"]) == 12 and {"spec.k", "spec.tol_relative", "seed"} <= set(listed["trials"][0])
+    profile = load_profile("quickstart/sweep")  # the seeds replicate: the rule draws nothing, so timing noise shows
+    assert profile.spec.rule == "tolerance" and profile.spec.emit != "sample"
 
 
 # -- 12. smaller conventions ---------------------------------------------------------------------------------------

@@ -220,3 +220,9 @@ def test_a_sweep_whose_every_trial_failed_names_its_first_error_even_without_met
     assert ("no trial finished in " in result.output and
             "(2 failed); the first error: checkpoint not found: artifacts/quickstart/target" in " ".join(
                 result.output.split()))
+
+
+def test_measured_speedups_far_from_their_prediction_are_flagged():
+    frame = known_frame().assign(predicted_speedup=[2.0, 1.6, 0.5, 1.2, 1.7, 1.1])  # t3: 1.8x measured, 0.5x predicted
+    report = analyze(frame, ["results.csv"])
+    assert report.spread.disagree == ["t3"] and "re-run on a quiet machine" in report.verdict
