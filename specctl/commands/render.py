@@ -13,7 +13,7 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from specctl.core.analysis import Influence, Recommendation, Report
+from specctl.core.analysis import DISAGREE, Influence, Recommendation, Report
 from specctl.core.results import fmt, setting
 
 
@@ -259,11 +259,12 @@ def spread_line(report: Report) -> str | None:
     parts = []
     if s.identical_range:
         low, high = s.identical_range
-        parts.append(f"{len(s.identical)} group(s) of trials did identical work yet measured {low:.2f}x–{high:.2f}x")
+        parts.append(f"{len(s.identical)} group(s) of trials did identical work, the widest measured "
+                     f"{low:.2f}x–{high:.2f}x")
     if s.repeats is not None:
         parts.append(f"one trial's repeated timings spread ±{s.repeats:.0%} (median)")
     if s.disagree:
-        parts.append(f"{len(s.disagree)} trial(s) measured over 2x away from their predicted speedup "
+        parts.append(f"{len(s.disagree)} trial(s) measured over {DISAGREE:g}x away from their predicted speedup "
                      f"({', '.join(s.disagree[:3])}): the clock was disturbed")
     if not parts:
         return f"timing spread: unknown (no repeated timings in the file); {s.metric} differences are taken as measured"
