@@ -121,4 +121,6 @@ def pareto_frontier(ok: pd.DataFrame, fig: Figure) -> None:
         ax.set_ylabel(label(up))
         ax.legend(loc="best")
         ax.set_title(f"{up} vs {down}", fontsize=9)
-        ax.text(0, -0.22, "\n".join(key), transform=ax.transAxes, va="top", fontsize=6, family="monospace")
+        # the settings key hangs below the x label whatever its height (x: the axes' left edge, y: the label's bottom)
+        ax.annotate("\n".join(key), (0, 0), xycoords=("axes fraction", ax.xaxis.label), xytext=(0, -3),
+                    textcoords="offset points", va="top", fontsize=6, family="monospace")

@@ -100,8 +100,10 @@ def test_pareto_tick_and_point_labels_do_not_overlap():
     for ax in fig.axes:
         ticks = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
         assert len(ticks) >= 2 and not overlapping(ticks)
-        numbers = [t for t in ax.texts if isinstance(t, Annotation)]
-        assert numbers and not overlapping([t.get_window_extent(renderer) for t in numbers])
+        labels = [t for t in ax.texts if isinstance(t, Annotation)]  # the points' numbers and the settings key
+        assert len(labels) >= 2 and not overlapping([t.get_window_extent(renderer) for t in labels])
+        key = next(t for t in labels if ":" in t.get_text())
+        assert not key.get_window_extent(renderer).overlaps(ax.xaxis.label.get_window_extent(renderer))
 
 
 def test_a_plot_that_fails_leaves_no_figures_behind(tmp_path, monkeypatch):
