@@ -204,7 +204,8 @@ def test_every_command_names_its_run_directory_and_writes_one_metrics_shape(trai
 # -- 8 and 6: the sweep warns about keys the rule ignores; sweep -> analyze -> plot of a real time-series sweep ----
 
 def test_a_time_series_sweep_warns_analyzes_and_plots(artifacts):
-    grid = ["--grid", "spec.k=[2,3]", "--grid", "spec.sigma=[0.5,2.0]", "--grid", "spec.tol_relative=[0.5]"]
+    grid = ["--grid", "spec.k=[2,3]", "--grid", "spec.sigma=[0.5,2.0]", "--grid", "spec.tol_relative=[0.5]",
+            "--grid", "seed=[0]"]
     swept = ok(invoke("sweep", "--profile", "quickstart/sweep", *FAST, *SPEC_FAST, *grid))
     assert "warning: sweeping spec.sigma changes nothing: rule 'tolerance'" in one_line(swept)
     assert "spec.k changes nothing" not in one_line(swept)
