@@ -1,4 +1,5 @@
-"""`specctl analyze RESULTS.csv [MORE.csv ...]`: what a sweep found, and which configuration to use."""
+"""`specctl analyze RESULTS.csv [MORE.csv ...]`: what a sweep (time series or LLM, spec-test or recipe search) or
+a finetune-head results.csv found, and which configuration to use."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from specctl.commands.common import JsonOpt, handle_errors, show
 
 @handle_errors
 def analyze(
-    results: Annotated[list[Path], typer.Argument(help="Sweep results CSV(s); several are merged by trial id.")],
+    results: Annotated[list[Path], typer.Argument(help="Results CSV(s) of one kind; several are merged by trial id.")],
     top_n: int = typer.Option(5, "--top", "-n", min=1, help="How many configurations each top list shows."),
-    maintain_mse: float = typer.Option(1.053, help="'maintain quality': mse ≤ this × mse_target."),
+    maintain_mse: float = typer.Option(1.053, help="'maintain quality' (time-series sweeps): mse ≤ this × mse_target."),
     maintain_acceptance: float = typer.Option(0.60, help="'maintain quality': acceptance_rate ≥ this (0-1)."),
     balanced_mse: float = typer.Option(1.095, help="'balanced': mse ≤ this × mse_target."),
     balanced_acceptance: float = typer.Option(0.75, help="'balanced': acceptance_rate ≥ this (0-1)."),
@@ -24,11 +25,10 @@ def analyze(
 ) -> None:
     """Summary statistics, top configurations, Pareto frontiers, parameter effects and recommendations."""
     from specctl.commands import render
-    from specctl.core.analysis import analyze as analyze_results
-    from specctl.core.analysis import decision_criteria, load_results, report_to_dict
+    from specctl.core.analysis import analyze_files, report_to_dict
 
-    criteria = decision_criteria(maintain_mse, maintain_acceptance, balanced_mse, balanced_acceptance)
-    report = analyze_results(load_results(results), [str(p) for p in results], top_n, criteria)
+    thresholds = (maintain_mse, maintain_acceptance, balanced_mse, balanced_acceptance)
+    report = analyze_files(results, top_n, thresholds)
     if json_out:
         print(json.dumps(report_to_dict(report), indent=2))
     elif markdown:

@@ -21,19 +21,20 @@ def plot(
         "--only", help="Draw only this plot (repeatable; an unknown name lists them).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Sweep figures as PNG and PDF; a plot whose columns were not swept is skipped, with a note."""
+    """Figures as PNG and PDF from results CSVs (several kinds may be mixed: each plot uses its own kind's rows);
+    a plot whose columns are missing or not swept is skipped, with a note."""
     from specctl.backends import register_all_plots
-    from specctl.core.analysis import finished, load_results
+    from specctl.core.files import check_creatable
     from specctl.core.plots import PLOTS, render
+    from specctl.core.results import finished_or_fail, load_results
 
     register_all_plots()
     unknown = [name for name in only or [] if name not in PLOTS]
     if unknown:
         raise SpecctlError(f"unknown plot '{unknown[0]}' (known: {', '.join(PLOTS)})")
-    ok = finished(load_results(results, ("trial_id", "status")))  # each plot checks its own columns
-    if ok.empty:
-        raise SpecctlError(f"no finished trial in {', '.join(map(str, results))}: nothing to plot")
+    ok = finished_or_fail(load_results(results), [str(p) for p in results])  # each plot checks its own columns
     out_dir = out or results[0].parent / "plots"
+    check_creatable(out_dir, "the figures' folder (--out)")
     written, skipped = render(ok, out_dir, only)
     if json_out:
         print(json.dumps({"out": str(out_dir), "files": [str(p) for p in written], "skipped": skipped}, indent=2))

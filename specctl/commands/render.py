@@ -13,7 +13,8 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from specctl.core.analysis import TOPS, Recommendation, Report, fmt, setting
+from specctl.core.analysis import DISAGREE, Influence, Recommendation, Report
+from specctl.core.results import fmt, setting
 
 
 def number(value: Any) -> str:
@@ -250,31 +251,93 @@ def verdict(result: Any) -> str | None:
 
 # -- analysis -------------------------------------------------------------------------------------------------------
 
-def describe(r: Recommendation, swept: list[str]) -> str:
-    """One sentence: the scenario, its rule, and the pick with its key metrics."""
+def times(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
+def describe(r: Recommendation, report: Report) -> str:
+    """One sentence: the scenario, its rule, and the pick with its key metrics (and ties inside the spread)."""
     head = f"{r.scenario} ({r.rule})"
     if r.best is None:
         return f"{head}: no configuration qualifies"
-    setting_text = " ".join(setting(k, r.best[k]) for k in swept if k in r.best)
-    metrics = ", ".join(f"{m} {fmt(r.best.get(m))}" for m in dict.fromkeys((r.ranked_by, "acceptance_rate", "mse")))
-    return f"{head}: {r.best['trial_id']} {setting_text} — {metrics} (best of {r.feasible} that qualify)"
+    kind = report.kind
+    setting_text = " ".join(setting(k, r.best[k]) for k in report.swept if k in r.best)
+    shown = dict.fromkeys((r.ranked_by, *kind.effects))
+    metrics = ", ".join(f"{m} {fmt(r.best.get(m))}" for m in shown if m in r.best)
+    said = f"{head}: {r.best['trial_id']} {setting_text} — {metrics} (best of {r.feasible} that qualify"
+    if r.tied:
+        said += (f"; {r.tied} are within the ±{report.spread.band:.0%} timing spread of the fastest, so the lowest "
+                 f"{kind.quality} of them")
+    said += ")"
+    if r.ranked_by in ("speedup", "predicted_speedup") and (r.best.get(r.ranked_by) or 1) < 1:
+        said += f": slower than {kind.baseline}, use that instead"
+    return said
+
+
+def spread_line(report: Report) -> str | None:
+    """What the timing spread is and where it comes from."""
+    s = report.spread
+    if s.metric not in ("speedup", "predicted_speedup"):
+        return None
+    parts = []
+    if s.identical_range:
+        low, high = s.identical_range
+        parts.append(f"{len(s.identical)} group(s) of trials did identical work, the widest measured "
+                     f"{low:.2f}x–{high:.2f}x")
+    if s.repeats is not None:
+        parts.append(f"one trial's repeated timings spread ±{s.repeats:.0%} (median)")
+    if s.disagree:
+        parts.append(f"{len(s.disagree)} trial(s) measured over {DISAGREE:g}x away from their predicted speedup "
+                     f"({', '.join(s.disagree[:3])}): the clock was disturbed")
+    if not parts:
+        return f"timing spread: unknown (no repeated timings in the file); {s.metric} differences are taken as measured"
+    return (f"timing spread of {s.metric}: ±{s.band:.0%} ({'; '.join(parts)}); differences inside it are not "
+            "ranked")
+
+
+def influence_line(i: Influence, report: Report) -> str:
+    """What varying one setting did, and whether its speed effect is real."""
+    speed = report.spread.metric
+    measured = (f"mean {speed} {times(i.speed_low)}–{times(i.speed_high)} across its values"
+                if i.speed_low is not None else "")
+    if i.changes_outcome is False:
+        return (f"- {i.key}: no effect: every outcome (acceptance, quality) is identical at each of its values"
+                + (f"; its {measured} is timing noise" if measured else ""))
+    said = f"- {i.key}: " + ("changes outcomes" if i.changes_outcome else "effect on outcomes not isolated")
+    if measured:
+        said += f"; {measured}" + (", inside the timing spread: not ranked" if i.within_spread else "")
+    return said
 
 
 def sections(report: Report) -> list[tuple[str, pd.DataFrame]]:
     """The report's tables, titled, in reading order (shared by the rich and Markdown renderings)."""
+    senses, spread = dict(report.kind.tops), report.spread
+    noise = f"; differences under ±{spread.band:.0%} are timing noise" if spread.band else ""
     return [
         ("Summary", report.summary),
-        *((f"Top {len(f)} by {m} ({TOPS[m]})", f) for m, f in report.top.items()),
+        *((f"Top {len(f)} by {m} ({senses[m]}{noise if m == spread.metric else ''})", f)
+          for m, f in report.top.items()),
         *((f"Pareto frontier: {name}", f) for name, f in report.pareto.items()),
-        ("Marginal effect of each swept key (mean, sd)", report.effects),
+        ("Marginal effect of each setting (mean, sd)", report.effects),
     ]
+
+
+def findings(report: Report) -> list[str]:
+    """The lines after the tables: the timing spread, each setting's influence, the baseline verdict."""
+    lines = [line for line in [spread_line(report)] if line]
+    if report.influences:
+        lines += ["What each setting changed:", *(influence_line(i, report) for i in report.influences)]
+    if report.verdict:
+        lines.append(f"verdict: {report.verdict}")
+    return lines
 
 
 def recommendation_lines(report: Report) -> tuple[str, list[str]]:
     """A title and one bullet per decision criterion."""
     ranked_by = report.recommendations[0].ranked_by if report.recommendations else ""
-    return (f"Recommendations (the fastest by {ranked_by} among the configurations that qualify)",
-            [f"- {describe(r, report.swept)}" for r in report.recommendations])
+    best = "fastest" if ranked_by in ("speedup", "predicted_speedup", "acceptance_rate") else "best"
+    return (f"Recommendations (the {best} by {ranked_by} among the configurations that qualify)",
+            [f"- {describe(r, report)}" for r in report.recommendations])
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -283,17 +346,20 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def headline(report: Report) -> str:
+    return (f"{report.trials} trials ({report.failed} failed) of a {report.kind.name} from "
+            f"{', '.join(report.sources)}; varied: {', '.join(report.swept) or 'nothing'}")
+
+
 def report_markdown(report: Report) -> str:
-    head = (f"# Sweep analysis\n\nSources: {', '.join(report.sources)}. Trials: {report.trials} "
-            f"({report.failed} failed). Swept: {', '.join(report.swept) or 'nothing'}.\n")
     tables = "".join(f"\n## {title}\n\n{markdown_table(frame)}\n" for title, frame in sections(report))
     title, bullets = recommendation_lines(report)
-    return head + tables + f"\n## {title}\n\n" + "\n".join(bullets) + "\n"
+    notes = "\n".join(findings(report))
+    return (f"# Results analysis\n\n{headline(report)}.\n" + tables + (f"\n## Findings\n\n{notes}\n" if notes else "")
+            + f"\n## {title}\n\n" + "\n".join(bullets) + "\n")
 
 
 def report_view(report: Report) -> list[RenderableType]:
-    head = (f"{report.trials} trials ({report.failed} failed) from {', '.join(report.sources)}; "
-            f"swept: {', '.join(report.swept) or 'nothing'}")
     title, bullets = recommendation_lines(report)
-    return [head, *(frame_table(frame, t) for t, frame in sections(report)), Text(title, style="bold"),
-            "\n".join(bullets)]
+    return [headline(report), *(frame_table(frame, t) for t, frame in sections(report)), *findings(report),
+            Text(title, style="bold"), "\n".join(bullets)]

@@ -33,10 +33,14 @@ def spec_test(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run target-only and speculative decoding on the same inputs and report quality, acceptance and speedup."""
+    from pathlib import Path
+
     from specctl.core.backend import SpecTestOptions
+    from specctl.core.files import check_creatable
 
     session = open_session(profile, set_, device, seed, json_out, dry_run, verbose)
     p, backend = session.profile, session.backend
+    check_creatable(Path(p.run_root), "the run root (run_root)")  # before --train-missing trains anything
     backend.ensure_checkpoints(p, session.device, train_missing, session.say)
     run = session.open_run("spec-test")
     options = SpecTestOptions(debug_csv=run.path / "debug.csv" if debug_csv else None)

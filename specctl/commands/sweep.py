@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -39,14 +40,31 @@ TrainMissingOpt = Annotated[bool, typer.Option(
 
 
 def with_grid(profile: Profile, items: list[str]) -> Profile:
-    """`--grid spec.k=[3,4]` replaces (or adds) one dimension of the [sweep] table."""
+    """`--grid spec.k=[3,4]` replaces (or adds) one dimension of the [sweep] table; each value is checked alone
+    first, so that a bad one is an error naming its --grid item."""
     grid = dict(profile.sweep)
     for item in items:
-        if "=" not in item:
-            raise SpecctlError(f"--grid '{item}': expected key.sub=[values]")
-        keys, value = parse_override(item)
-        grid[".".join(keys)] = value if isinstance(value, list) else [value]
+        where = f"--grid '{item}'"
+        try:
+            keys, value = parse_override(item)
+        except SpecctlError:
+            raise SpecctlError(f"{where}: expected key.sub=[values]") from None
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise SpecctlError(f"{where}: no values")
+        for one in values:
+            with_overrides(profile, {"sweep": {}, ".".join(keys): one}, where)
+        grid[".".join(keys)] = values
     return with_overrides(profile, {"sweep": grid})
+
+
+def warn_ignored(trials: list[Trial], keys: list[str], say: Callable[[str], None]) -> None:
+    """A swept key that every trial's settings ignore measures nothing but timing noise: say so before any trial."""
+    profiles = [t.profile for t in trials if t.profile is not None]
+    for key in keys:
+        reasons = [p.ignored_keys().get(key) for p in profiles]
+        if profiles and all(reasons):
+            say(f"warning: sweeping {key} changes nothing: {reasons[0]}; its trials differ only by timing noise")
 
 
 def default_csv(profile: Profile) -> Path:
@@ -97,6 +115,7 @@ def sweep(
     """Run the \\[sweep] grid (cartesian product) through spec-test (or pretrain, for a recipe search with
     sweep_command = "pretrain"); rerunning resumes where it stopped."""
     from specctl.core.cluster import parse_cluster, require_dask
+    from specctl.core.files import check_creatable
     from specctl.core.rundir import RunDir
     from specctl.core.sweep import Results, exclusive, pending_trials, plan_trials
 
@@ -110,16 +129,21 @@ def sweep(
     csv_path = out or default_csv(p)
     if dry_run:
         results = Results.open(csv_path, list(p.sweep))
-        rows = plan_rows(plan_trials(p), results)
+        trials = plan_trials(p)
+        warn_ignored(trials, list(p.sweep), session.say)
+        rows = plan_rows(trials, results)
         session.out({"results": str(csv_path), "trials": rows}, lambda: console.print(plan_table(rows, results)))
         return
     if workers > 1 and session.device.type == "cuda" and p.sweep_command != "pretrain":
         session.say("note: --workers ignored on cuda (parallel trials would share the GPU and distort timings)")
         workers = 1
+    check_creatable(csv_path.parent, "the folder of the results CSV (--out)")
+    check_creatable(Path(p.run_root), "the run root (run_root)")
     if p.sweep_command != "pretrain":  # every trial reads the same checkpoints: check them once, up front
         session.backend.ensure_checkpoints(p, session.device, train_missing, session.say)
     with exclusive(csv_path):
         trials = plan_trials(p)
+        warn_ignored(trials, list(p.sweep), session.say)
         results = Results.open(csv_path, list(p.sweep))
         todo = pending_trials(trials, results)
         others = len(set(results.rows) - {t.trial_id for t in trials})
@@ -182,12 +206,13 @@ def run_with_progress(todo: list[Trial], results: Results, session: Session, wor
 def report(session: Session, trial_ids: list[str], n: int, payload: dict[str, Any]) -> None:
     """The final table: this grid's best finished configurations (see analysis.rank_metric)."""
     from specctl.commands.render import frame_table
-    from specctl.core.analysis import finished, load_results, rank_metric, records, top
+    from specctl.core.analysis import rank_metric, top
+    from specctl.core.results import finished, kind_of, load_results, records
 
-    frame: pd.DataFrame = load_results([Path(payload["results"])], ("trial_id", "status"))
+    frame: pd.DataFrame = load_results([Path(payload["results"])])
     ok = finished(frame[frame["trial_id"].isin(trial_ids)])
-    metric = rank_metric(ok)
-    best = top(ok, metric, n) if metric else ok.head(0)
+    kind, metric = kind_of(ok), rank_metric(ok)
+    best = top(ok, metric, n, kind) if kind and metric else ok.head(0)
 
     def render() -> None:
         if metric:

@@ -87,6 +87,19 @@ def check_writable(folder: Path, what: str) -> None:
         raise SpecctlError(f"{what} {folder} is not writable: {io_cause(e)}") from None
 
 
+def check_creatable(folder: Path, what: str) -> None:
+    """Like check_writable, but makes nothing (a command that fails later leaves no empty folder): an existing
+    `folder` is probed; otherwise its nearest existing ancestor must be a folder this process may write in."""
+    from specctl.core.errors import SpecctlError
+
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing == path and path.is_dir():
+        check_writable(path, what)
+    elif not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecctlError(f"{what} {folder} is not writable: {existing} is not a folder this process may write in")
+
+
 def write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 

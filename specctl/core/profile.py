@@ -151,13 +151,15 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     return None
 
 
-def explain(error: ValidationError, files: list[Path], overrides: list[str], root: type[BaseModel]) -> str:
-    """One line naming the file, line and key of the first problem, and the closest valid key."""
+def explain(error: ValidationError, files: list[Path], overrides: list[str], root: type[BaseModel],
+            label: str = "--set") -> str:
+    """One line naming the file, line and key of the first problem (`label` when an override set it), and the
+    closest valid key."""
     first = error.errors()[0]
     loc = tuple(first["loc"])
     dotted = ".".join(str(p) for p in loc)
     keys = [o.split("=", 1)[0].strip() for o in overrides]
-    where = "--set" if any(k == dotted or k.startswith(dotted + ".") for k in keys) else None
+    where = label if any(k == dotted or k.startswith(dotted + ".") for k in keys) else None
     if where is None:
         for path in reversed(files):
             line = _line_of(path.read_text(encoding="utf-8"), loc)
@@ -205,8 +207,9 @@ def load_profile(ref: str, overrides: list[str] | None, schemas: Schemas, relati
     return profile.loaded_from(files[-1] if files else None, tuple(overrides))
 
 
-def with_overrides(profile: P, overrides: dict[str, Any]) -> P:
-    """A copy of `profile` with dotted-key overrides applied and re-validated (used by sweeps)."""
+def with_overrides(profile: P, overrides: dict[str, Any], where: str = "--set") -> P:
+    """A copy of `profile` with dotted-key overrides applied and re-validated (used by sweeps); errors name the
+    overrides' origin `where` ([sweep], --grid)."""
     raw = profile.model_dump()
     for key, value in overrides.items():
         set_dotted(raw, key.split("."), value)
@@ -214,5 +217,5 @@ def with_overrides(profile: P, overrides: dict[str, Any]) -> P:
     try:
         copy = schema.model_validate(raw)
     except ValidationError as e:
-        raise SpecctlError(explain(e, [], list(overrides), schema)) from None
+        raise SpecctlError(explain(e, [], list(overrides), schema, where)) from None
     return copy.loaded_from(profile.source, profile.overrides)

@@ -16,7 +16,7 @@ from typing import Any
 
 import specctl
 from specctl.core.errors import SpecctlError
-from specctl.core.files import aside_dir, check_writable, write_json, write_text
+from specctl.core.files import aside_dir, check_creatable, write_json, write_text
 from specctl.core.schema import Profile
 
 
@@ -210,7 +210,7 @@ def mark_dead_runs(root: Path, name: str) -> None:
 def check_outputs(profile: Profile, overwrite: bool) -> None:
     """Before any long work: the run root is writable, and train.save_to is writable and, unless `overwrite`, not
     already a checkpoint (no command replaces a trained model silently)."""
-    check_writable(Path(profile.run_root), "the run root (run_root)")
+    check_creatable(Path(profile.run_root), "the run root (run_root)")
     save_to = profile.train.save_to
     if not save_to:
         return
@@ -218,7 +218,7 @@ def check_outputs(profile: Profile, overwrite: bool) -> None:
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise SpecctlError(f"train.save_to {target} already holds a checkpoint: pass --overwrite to replace it, or "
                            "set train.save_to to another folder")
-    check_writable(target.parent, "the folder of train.save_to")
+    check_creatable(target.parent, "the folder of train.save_to")
 
 
 def _toml_value(value: Any) -> str:

@@ -85,6 +85,11 @@ class Profile(Strict):
     def overrides(self) -> tuple[str, ...]:
         return self._overrides
 
+    def ignored_keys(self) -> dict[str, str]:
+        """Keys this profile's other settings make irrelevant, each with why (sweeping one measures timing noise
+        only); each kind's profile knows its own."""
+        return {}
+
     def loaded_from(self, source: Path | None, overrides: tuple[str, ...]) -> Profile:
         """Record where this profile came from (the loader calls it); returns self."""
         self._source, self._overrides = source, overrides

@@ -67,7 +67,7 @@ def trial_hash(obj: Any) -> str:
 def make_trial(base: Profile, params: dict[str, Any]) -> Trial:
     """One resolved trial profile (its own [sweep] table emptied); an invalid value makes a failed trial."""
     try:
-        profile = with_overrides(base, {"sweep": {}, **params})
+        profile = with_overrides(base, {"sweep": {}, **params}, "[sweep]")
     except SpecctlError as e:
         return Trial(trial_hash({"base": base.model_dump(exclude={"sweep"}), "params": params}), params, error=str(e))
     return Trial(trial_hash(profile.model_dump()), params, profile)

@@ -89,3 +89,10 @@ class LLMProfile(Profile):
     kind: Literal["llm"]
     data: DataLocation = DataLocation()
     llm: LLMConfig = LLMConfig()
+
+    def ignored_keys(self) -> dict[str, str]:
+        """Greedy decoding (temperature 0) samples nothing: top-p and top-k cannot change its tokens."""
+        if self.llm.spec.temperature == 0:
+            why = "llm.spec.temperature = 0 decodes greedily and samples nothing"
+            return {"llm.spec.top_p": why, "llm.spec.top_k": why}
+        return {}

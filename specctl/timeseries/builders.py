@@ -18,7 +18,7 @@ import torch
 from specctl.core.backend import Say
 from specctl.core.errors import SpecctlError
 from specctl.core.profile import find_profile, load_profile, load_raw, read_toml, shipped_profiles
-from specctl.core.rundir import RunDir
+from specctl.core.rundir import RunDir, check_outputs
 from specctl.timeseries.profile import TimeseriesProfile
 
 SCHEMAS = {"timeseries": TimeseriesProfile}
@@ -125,6 +125,8 @@ def ensure_checkpoints(profile: TimeseriesProfile, device: torch.device, train_m
         steps = " && ".join(b.hint() for b in builds)
         raise SpecctlError(f"checkpoint {builds[-1].checkpoint} is missing: train it with `{steps}`, "
                            "or pass --train-missing to train it now")
+    for build in builds:  # every output writable before the first build trains
+        check_outputs(build.profile, overwrite=False)
     for build in builds:
         say(f"checkpoint {build.checkpoint} is missing: training it first with `{build.hint()}`")
         train(build, device, say)

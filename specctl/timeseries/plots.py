@@ -1,5 +1,5 @@
 """Time-series sweep figures in the shared plot registry: acceptance against quality, measured against predicted
-speedup, σ × bias heatmaps, the effect of K, and the Pareto frontiers."""
+speedup, σ × bias heatmaps, the effect of K, and the Pareto frontiers. Speed axes carry the 1x break-even line."""
 
 from __future__ import annotations
 
@@ -8,15 +8,28 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from specctl.core.analysis import FRONTS, pareto_front, setting, swept_keys
-from specctl.core.plots import LABELS, groups, label, panels, register, unit
+from specctl.core.analysis import pareto_front
+from specctl.core.plots import (
+    LABELS,
+    break_even,
+    groups,
+    label,
+    measured_vs_predicted,
+    panels,
+    point_labels,
+    register,
+    unit,
+)
+from specctl.core.results import FRONTS, TIMESERIES_SWEEP, setting, swept_keys
 
 LABELS.update({
     "spec.sigma": "σ, target std (scaled units)",
     "spec.bias": "acceptance bias b (×)",
     "spec.k": "K, draft tokens per round",
 })
+SPEEDS = ("speedup", "predicted_speedup")
 
 
 def scatter_by_k(ax, ok: pd.DataFrame, x: str, y: str) -> None:
@@ -27,7 +40,7 @@ def scatter_by_k(ax, ok: pd.DataFrame, x: str, y: str) -> None:
     ax.set_ylabel(label(y))
 
 
-@register("acceptance_vs_mse", needs=("acceptance_rate", "mse"))
+@register("acceptance_vs_mse", "Acceptance vs forecast quality", TIMESERIES_SWEEP, needs=("acceptance_rate", "mse"))
 def acceptance_vs_mse(ok: pd.DataFrame, fig: Figure) -> None:
     ax = fig.add_subplot()
     scatter_by_k(ax, ok, "acceptance_rate", "mse")
@@ -35,18 +48,10 @@ def acceptance_vs_mse(ok: pd.DataFrame, fig: Figure) -> None:
         ax.axhline(ok["mse_target"].mean(), color="k", ls="--", lw=1, label="target-only MSE")
     if ax.get_legend_handles_labels()[1]:
         ax.legend(ncol=2)
-    ax.set_title("Acceptance vs forecast quality")
 
 
-@register("speedup_vs_predicted", needs=("speedup", "predicted_speedup"))
-def speedup_vs_predicted(ok: pd.DataFrame, fig: Figure) -> None:
-    ax = fig.add_subplot()
-    scatter_by_k(ax, ok, "predicted_speedup", "speedup")
-    both = pd.concat([ok["speedup"], ok["predicted_speedup"]]).dropna()
-    line = [min(both.min(), 1.0), max(both.max(), 1.0)]
-    ax.plot(line, line, color="k", ls="--", lw=1, label="y = x")
-    ax.legend(ncol=2)
-    ax.set_title("Measured vs predicted speedup")
+register("speedup_vs_predicted", "Measured vs predicted speedup (1x: target-only)", TIMESERIES_SWEEP,
+         needs=SPEEDS)(measured_vs_predicted("spec.k"))
 
 
 def heatmap(metric: str, cmap: str) -> Callable[[pd.DataFrame, Figure], None]:
@@ -75,24 +80,28 @@ def heatmap(metric: str, cmap: str) -> Callable[[pd.DataFrame, Figure], None]:
     return draw
 
 
-register("acceptance_heatmap", needs=("acceptance_rate",), swept=("spec.sigma", "spec.bias"))(
-    heatmap("acceptance_rate", "viridis"))
-register("mse_heatmap", needs=("mse",), swept=("spec.sigma", "spec.bias"))(heatmap("mse", "magma_r"))
+register("acceptance_heatmap", "Acceptance rate over σ × bias", TIMESERIES_SWEEP, needs=("acceptance_rate",),
+         swept=("spec.sigma", "spec.bias"))(heatmap("acceptance_rate", "viridis"))
+register("mse_heatmap", "MSE over σ × bias", TIMESERIES_SWEEP, needs=("mse",),
+         swept=("spec.sigma", "spec.bias"))(heatmap("mse", "magma_r"))
 
 
-@register("k_effect", needs=("acceptance_rate", "mse"), swept=("spec.k",))
+@register("k_effect", "Effect of K (mean ± sd over the other swept keys)", TIMESERIES_SWEEP,
+          needs=("acceptance_rate", "mse"), swept=("spec.k",))
 def k_effect(ok: pd.DataFrame, fig: Figure) -> None:
-    """Mean ± sd over the other swept keys of each key metric against K."""
     metrics = [m for m in ("acceptance_rate", "mean_accepted", "speedup", "mse") if m in ok and ok[m].notna().any()]
     for ax, metric in zip(panels(fig, len(metrics), 2, (3.4, 2.4)), metrics):
         stats = (ok[metric] * unit(metric)).groupby(ok["spec.k"]).agg(["mean", "std"])
         ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3)
+        if metric in SPEEDS:
+            break_even(ax)
         ax.set_xticks(stats.index)
         ax.set_xlabel(label("spec.k"))
         ax.set_ylabel(label(metric))
 
 
-@register("pareto_frontier", needs=("acceptance_rate", "mse"))
+@register("pareto_frontier", "Pareto frontiers (numbered; settings below each panel)", TIMESERIES_SWEEP,
+          needs=("acceptance_rate", "mse"))
 def pareto_frontier(ok: pd.DataFrame, fig: Figure) -> None:
     """Every configuration in grey, the frontier in red, numbered; the numbers' settings listed below."""
     fronts = [(up, down) for up, down in FRONTS if up in ok and ok[up].notna().any()]
@@ -100,13 +109,18 @@ def pareto_frontier(ok: pd.DataFrame, fig: Figure) -> None:
     for ax, (up, down) in zip(panels(fig, len(fronts), 2, (3.5, 3.0)), fronts):
         front = pareto_front(ok, up, down)
         ax.scatter(ok[down] * unit(down), ok[up] * unit(up), s=14, color="0.7", label="all configurations")
-        ax.plot(front[down] * unit(down), front[up] * unit(up), "o-", color="tab:red", ms=4, label="Pareto frontier")
-        key = []
-        for number, (_, row) in enumerate(front.iterrows(), start=1):
-            ax.annotate(str(number), (row[down] * unit(down), row[up] * unit(up)), fontsize=7,
-                        xytext=(3, -9), textcoords="offset points", color="tab:red")
-            key.append(f"{number}: " + " ".join(setting(k, row[k]) for k in keys))
-        ax.text(0, -0.2, "\n".join(key), transform=ax.transAxes, va="top", fontsize=6, family="monospace")
+        xs, ys = front[down].to_numpy(float) * unit(down), front[up].to_numpy(float) * unit(up)
+        ax.plot(xs, ys, "o-", color="tab:red", ms=4, label="Pareto frontier")
+        numbers = [str(i) for i in range(1, len(front) + 1)]
+        point_labels(ax, xs, ys, numbers, "tab:red")
+        key = [f"{n}: " + " ".join(setting(k, row[k]) for k in keys) for n, (_, row) in zip(numbers, front.iterrows())]
+        if up in SPEEDS:
+            break_even(ax)
+        ax.xaxis.set_major_locator(MaxNLocator(4))
         ax.set_xlabel(label(down))
         ax.set_ylabel(label(up))
-        ax.legend(loc="lower right")
+        ax.legend(loc="best")
+        ax.set_title(f"{up} vs {down}", fontsize=9)
+        # the settings key hangs below the x label whatever its height (x: the axes' left edge, y: the label's bottom)
+        ax.annotate("\n".join(key), (0, 0), xycoords=("axes fraction", ax.xaxis.label), xytext=(0, -3),
+                    textcoords="offset points", va="top", fontsize=6, family="monospace")

@@ -107,7 +107,8 @@ class PretrainSession:
     def run(self, profile: TimeseriesProfile) -> dict[str, Any]:
         profile = profile.model_copy(update={"train": profile.train.model_copy(update={"save_to": None})})
         with RunDir.create(profile, "pretrain", str(self.device)) as run:
-            metrics = pretrain(profile, self.device, run, False, self.progress).metrics()
-            run.write_json("metrics.json", metrics)
+            result = pretrain(profile, self.device, run, False, self.progress)
+            metrics = result.metrics()
+            run.write_json("metrics.json", {"metrics": metrics, "definitions": result.definitions})
             run.finish()
         return {**sweep_row(metrics), "run_dir": str(run.path)}

@@ -162,3 +162,15 @@ class TimeseriesProfile(Profile):
     model: ModelConfig = ModelConfig()
     distill: DistillConfig = DistillConfig()
     spec: SpecConfig = SpecConfig()
+
+    def ignored_keys(self) -> dict[str, str]:
+        """The keys the acceptance rule does not read: tolerance compares the draft's and the target's means and
+        draws nothing (no sigma, no bias); gaussian and exact test densities (no tolerance)."""
+        if self.sweep_command == "pretrain":
+            return {}
+        if self.spec.rule == "tolerance":
+            why = ("rule 'tolerance' accepts when RMSE(draft mean, target mean) <= spec.tol and draws nothing; "
+                   'sweep spec.tol or spec.k instead, or set spec.rule = "gaussian"')
+            return {"spec.sigma": why, "spec.bias": why}
+        why = f"rule '{self.spec.rule}' tests densities and has no tolerance"
+        return {"spec.tol": why, "spec.tol_relative": why}

@@ -182,3 +182,9 @@ def test_early_exit_loss_in_pretraining_makes_the_first_layer_predict(work):
     bad = runner.invoke(app, ["pretrain", "-p", str(work / "tiny.toml"), "--set", "llm.early_exit_weight=1.0",
                               "--set", "llm.early_exit_layers=[3]", *common])
     assert bad.exit_code == 2 and "llm.early_exit_layers: exit layer 3 out of range" in " ".join(bad.output.split())
+
+
+def test_llm_pretrain_prints_one_line_per_epoch_when_not_a_terminal(work):
+    out = invoke("pretrain", "-p", str(work / "tiny.toml"), "--set", f'train.save_to="{work}/target-lines"',
+                 "--set", "train.max_steps_per_epoch=2", "--set", f'run_root="{work}/runs-lines"').output
+    assert "epoch 1: train" in out and "epoch 2: train" in out  # (#22, 10: piped output printed nothing)

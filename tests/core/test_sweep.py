@@ -284,3 +284,25 @@ def test_a_foreign_csv_at_out_is_not_overwritten(tmp_path, fake):
     result = cli("--profile", write_profile(tmp_path), "--out", "r.csv")
     assert result.exit_code == 2 and "not a sweep results CSV" in result.output
     assert (tmp_path / "r.csv").read_text() == "a,b\n1,2\n"
+
+
+@pytest.mark.parametrize("item, message", [
+    ("spec.k=[0,2]", "--grid 'spec.k=[0,2]': key 'spec.k': Input should be greater than or equal to 1"),
+    ("spec.kk=[1,2]", "--grid 'spec.kk=[1,2]': unknown key 'spec.kk'; did you mean 'spec.k'?"),
+    ("spec.k=[]", "--grid 'spec.k=[]': no values"),
+    ("spec.k", "--grid 'spec.k': expected key.sub=[values]"),
+    ("=3", "--grid '=3': expected key.sub=[values]"),
+])
+def test_grid_errors_name_the_grid_item(tmp_path, fake, item, message):
+    result = cli("--profile", write_profile(tmp_path), "--grid", item, "--dry-run")
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert "--set" not in result.output
+
+
+def test_sweeping_keys_the_rule_ignores_is_warned_before_any_trial(tmp_path, fake):
+    tolerance = cli("--profile", write_profile(tmp_path), "--set", 'spec.rule="tolerance"', "--dry-run")
+    said = " ".join(tolerance.output.split())
+    assert tolerance.exit_code == 0 and "warning: sweeping spec.sigma changes nothing: rule 'tolerance'" in said
+    assert "warning: sweeping spec.bias changes nothing" in said and "spec.k changes nothing" not in said
+    gaussian = cli("--profile", write_profile(tmp_path), "--dry-run")
+    assert gaussian.exit_code == 0 and "warning" not in gaussian.output

@@ -66,3 +66,55 @@ def test_plot_only_one_and_default_folder_beside_the_csv(tmp_path):
     assert sorted(Path(f).name for f in files) == ["pareto_frontier.pdf", "pareto_frontier.png"]
     assert Path(files[0]).parent == tmp_path / "plots"
     assert cli(str(tmp_path / "results.csv"), "--only", "nope").exit_code == 2
+
+
+def test_every_figure_has_a_title_and_speed_axes_their_break_even_line():
+    from specctl.core.plots import draw
+
+    for name in SEED_PLOTS:
+        plot = PLOTS[name]
+        fig = draw(plot, plot.rows(grid_results()))
+        assert fig.get_suptitle(), name
+        if name in ("speedup_vs_predicted", "pareto_frontier", "k_effect"):
+            lines = [line for ax in fig.axes for line in ax.get_lines()]
+            assert any(list(line.get_ydata()) == [1.0, 1.0] for line in lines), name
+
+
+def overlapping(boxes) -> bool:
+    return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_pareto_tick_and_point_labels_do_not_overlap():
+    """MSEs that differ in the 4th digit and frontier points on one spot (the quick-start sweep under tolerance)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Annotation
+
+    from specctl.core.plots import draw
+
+    k4 = grid_results()["spec.k"] == 4
+    frame = grid_results().assign(mse=0.0542 + 0.00018 * k4, acceptance_rate=0.28 - 0.12 * k4)
+    fig = draw(PLOTS["pareto_frontier"], frame)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    for ax in fig.axes:
+        ticks = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
+        assert len(ticks) >= 2 and not overlapping(ticks)
+        labels = [t for t in ax.texts if isinstance(t, Annotation)]  # the points' numbers and the settings key
+        assert len(labels) >= 2 and not overlapping([t.get_window_extent(renderer) for t in labels])
+        key = next(t for t in labels if ":" in t.get_text())
+        assert not key.get_window_extent(renderer).overlaps(ax.xaxis.label.get_window_extent(renderer))
+
+
+def test_a_plot_that_fails_leaves_no_figures_behind(tmp_path, monkeypatch):
+    from specctl.core.plots import Plot
+    from specctl.core.results import TIMESERIES_SWEEP
+
+    def broken(ok, fig):
+        raise ValueError("cannot convert float NaN to integer")
+
+    monkeypatch.setitem(PLOTS, "zz_broken", Plot("zz_broken", "Broken", TIMESERIES_SWEEP, broken))
+    grid_results().to_csv(tmp_path / "results.csv", index=False)
+    result = cli(str(tmp_path / "results.csv"), "--out", str(tmp_path / "figs"))
+    assert result.exit_code == 2 and "plot zz_broken failed (ValueError" in result.output
+    assert not list((tmp_path / "figs").glob("*.png"))
