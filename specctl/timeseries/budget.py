@@ -38,7 +38,7 @@ def score_candidate(session: SpecTestSession, profile: TimeseriesProfile, tol_re
     alphas = [(r.accepted.double() / r.evaluated.clamp(min=1).double()).cpu().numpy() for r in results]
     steps = n_tokens(session.horizon, session.target.cfg.patch_len)
     rounds = {spec.k: batch_rounds(alphas, spec.k, steps, spec.emit != "draft_mean")}
-    predicted = predict(costs, rounds, len(batches), steps).speedup
+    predicted = predict(costs, rounds, len(batches), steps, spec.k).speedup
     accepted = sum(int(r.accepted.sum()) for r in results)
     return Candidate(tol_relative, spec.k, (mse - mse_target) / mse_target, accepted / proposed if proposed else 0.0,
                      predicted)

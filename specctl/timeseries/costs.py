@@ -12,6 +12,7 @@ is kept for reference.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ class StepCosts:
     prefill_spec: float  # the speculative forecast's prefills (n0 - 1 tokens, both models)
     verify: dict[int, float]  # k -> one target call over the w + k tokens a round of k verifies
     round: dict[int, float]  # k -> one whole round of k draft tokens (draft, verify, accept, bookkeeping)
+    first_round: dict[int, float]  # k -> the same as a forecast's first round, which re-feeds one token
 
     @property
     def c_hat(self) -> float:
@@ -86,23 +88,26 @@ class Prediction:
         return self.target_seconds / self.spec_seconds
 
 
-def predict(costs: StepCosts, rounds: dict[int, float], batches: int, steps: int) -> Prediction:
+def predict(costs: StepCosts, rounds: dict[int, float], batches: int, steps: int, first_k: int) -> Prediction:
     """Wall time of every batch's target-only and speculative forecast: `batches` batches whose rounds of each draft
-    length k number rounds[k] in all."""
+    length k number rounds[k] in all, each batch's first round (of first_k) at the first-round cost."""
     target = batches * (costs.prefill_target + (steps - 1) * costs.target_step)
-    spec = batches * costs.prefill_spec + sum(n * costs.round[k] for k, n in rounds.items())
+    later = sum(n * costs.round[k] for k, n in rounds.items()) - batches * costs.round[first_k]
+    spec = batches * (costs.prefill_spec + costs.first_round[first_k]) + later
     return Prediction(target, spec)
 
 
 class AdaptiveK:
     """A round's draft length: the k in 0..K with the highest predicted rate, E[tokens per round] / the measured
-    seconds of a round of k (k = 0 is a target step: one token), at the batch's running acceptance rate. The run's
-    earlier batches are the prior (`observe`), starting from alpha = 1/2 with the weight of two tests. Reading the
-    batch's counts syncs the host once per round."""
+    seconds of a round of k (k = 0 is a target step: one token). The acceptance rate it plans with is optimistic:
+    the batch's running rate (after the run's earlier batches, `observe`, and one passing test as a prior) plus two
+    standard errors, so that thin evidence keeps drafting lengths that could pay and a run is never locked out by
+    one unlucky start. A setting that could not pay even if every token passed never drafts. Reading the batch's
+    counts syncs the host once per round."""
 
     def __init__(self, rounds: dict[int, float], bonus: bool) -> None:
         self.rounds, self.bonus = rounds, bonus
-        self.accepted, self.evaluated = 1.0, 2.0
+        self.accepted, self.evaluated = 1.0, 1.0
 
     def rate(self, alpha: float, k: int) -> float:
         return (1.0 if k == 0 else tokens_per_round(alpha, k, self.bonus)) / self.rounds[k]
@@ -110,13 +115,17 @@ class AdaptiveK:
     def best(self, alpha: float) -> int:
         return max(self.rounds, key=lambda k: self.rate(alpha, k))
 
+    def choose(self, accepted: int, evaluated: int) -> int:
+        """The k for a batch that has accepted `accepted` of `evaluated` drafted tokens so far."""
+        n = self.evaluated + evaluated
+        a = (self.accepted + accepted) / n
+        return self.best(min(1.0, a + 2 * math.sqrt(a * (1 - a) / n) + 1 / n))
+
     def opening(self) -> int:
-        return self.best(self.accepted / self.evaluated)
+        return self.choose(0, 0)
 
     def __call__(self, state) -> int:
-        accepted = self.accepted + int(state.stats.accepted.sum())
-        evaluated = self.evaluated + int(state.stats.evaluated.sum())
-        return self.best(accepted / evaluated)
+        return self.choose(int(state.stats.accepted.sum()), int(state.stats.evaluated.sum()))
 
     def observe(self, accepted: int, evaluated: int) -> None:
         self.accepted, self.evaluated = self.accepted + accepted, self.evaluated + evaluated

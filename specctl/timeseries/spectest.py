@@ -373,13 +373,15 @@ class SpecTestSession:
         B = len(batch.ids)
         tstep, dstep = self.stepper("target", B, spec.k), self.stepper("draft", B, spec.k)
         graphs = self.round_graphs if whole_rounds else None
-        verify, rounds = {}, {}
+        verify, rounds, first = {}, {}, {}
+        timed = lambda k, w: round_seconds(tstep, dstep, batch.context, self.horizon, spec,  # noqa: E731
+                                           self.seeds(profile, batch), graphs, max(5, spec.repeats), k, w)
         for k in range(spec.k + 1) if spec.adaptive_k else [spec.k]:
             w = k + 1 if spec.emit == "target_mean" else 1  # a round re-feeds w tokens (speculative.refeed_width)
             verify[k] = call_seconds(tstep, batch.context, w + k, self.device)
-            rounds[k] = round_seconds(tstep, dstep, batch.context, self.horizon, spec, self.seeds(profile, batch),
-                                      graphs, max(5, spec.repeats), k, w)
-        return StepCosts(verify=verify, round=rounds, **self.base_costs)
+            rounds[k] = timed(k, w)
+            first[k] = timed(k, 1) if w > 1 else rounds[k]  # a forecast's first round re-feeds one token
+        return StepCosts(verify=verify, round=rounds, first_round=first, **self.base_costs)
 
     def run(self, profile: TimeseriesProfile, debug_csv: Path | None = None) -> SpecTestResult:
         if not self.compatible(profile):
@@ -423,7 +425,8 @@ class SpecTestSession:
         k_rounds = {k: n for k, n in k_rounds.items() if n}
         # fixed K: rounds from each series' alpha (simulated); adaptive: the schedule the policy chose
         schedule = k_rounds if spec.adaptive_k else {K: batch_rounds(per_series, K, steps, bonus)}
-        predicted = predict(costs, schedule, len(self.batches), steps)
+        first_k = AdaptiveK(costs.round, bonus).opening() if spec.adaptive_k else K
+        predicted = predict(costs, schedule, len(self.batches), steps, first_k)
         spec_seconds = sum(t.median for t in timings)
         forecasts = [r.forecast for r in results]
         mse, mae = errors(forecasts, self.truths)

@@ -379,10 +379,19 @@ def forecast_of(state: RoundState, horizon: int) -> torch.Tensor:
     return tokens.transpose(1, 2)[:, :horizon].clone()
 
 
+def state_tensors(state: RoundState) -> list[torch.Tensor]:
+    """Every tensor a round writes (for a snapshot around graph capture)."""
+    st = state.stats
+    return [state.hist, state.p, state.n_out, state.out, state.index, st.proposed, st.accepted, st.evaluated,
+            st.rounds, st.emitted, st.cap_hits, st.accepted_hist]
+
+
 class RoundGraphs:
     """Speculative rounds captured as CUDA graphs over one persistent RoundState and the steppers' caches, one graph
-    per (k, w), captured the first time it is needed; the model calls inside run eagerly during capture (graphs do
-    not nest)."""
+    per (k, w), captured the first time it is needed, which can be mid-forecast: capture's warm-up runs the round
+    for real, so the state is saved before and put back before each run and after (the caches need no saving: the
+    warm-up rewrites re-fed slots with the same values and writes later slots, which stay masked until a real round
+    overwrites them). The model calls inside run eagerly during capture (graphs do not nest)."""
 
     def __init__(self, state: RoundState, tstep: Stepper, dstep: Stepper) -> None:
         self.state, self.tstep, self.dstep = state, tstep, dstep
@@ -390,8 +399,14 @@ class RoundGraphs:
 
     def replay(self, k: int, w: int) -> None:
         if (k, w) not in self.graphs:
+            saved = [t.clone() for t in state_tensors(self.state)]
+
+            def restore() -> None:
+                for tensor, copy in zip(state_tensors(self.state), saved):
+                    tensor.copy_(copy)
+
             self.graphs[k, w], _ = capture_graph(
-                lambda: speculative_round(self.state, self.tstep.eager, self.dstep.eager, k, w))
+                lambda: speculative_round(self.state, self.tstep.eager, self.dstep.eager, k, w), reset=restore)
         self.graphs[k, w].replay()
 
 

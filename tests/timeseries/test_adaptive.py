@@ -46,8 +46,7 @@ def test_adaptive_k_is_as_fast_as_the_best_fixed_k(alpha):
     the prior of the next, as batches are) costs little."""
     policy = AdaptiveK(ROUNDS, bonus=True)
 
-    def adaptive(accepted: int, evaluated: int) -> int:
-        return policy.best((policy.accepted + accepted) / (policy.evaluated + evaluated))
+    adaptive = policy.choose
 
     def total(choose, learn: bool = False) -> float:
         rng, seconds = np.random.default_rng(0), 0.0
