@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
 from specctl.core.analysis import pareto_front
 from specctl.core.plots import (
@@ -124,3 +124,26 @@ def pareto_frontier(ok: pd.DataFrame, fig: Figure) -> None:
         # the settings key hangs below the x label whatever its height (x: the axes' left edge, y: the label's bottom)
         ax.annotate("\n".join(key), (0, 0), xycoords=("axes fraction", ax.xaxis.label), xytext=(0, -3),
                     textcoords="offset points", va="top", fontsize=6, family="monospace")
+
+
+@register("speed_quality_frontier", "Speed vs quality: every setting, the target and the draft alone",
+          TIMESERIES_SWEEP, needs=("speedup", "delta_mse_pct", "speedup_draft", "delta_mse_pct_draft"))
+def speed_quality_frontier(ok: pd.DataFrame, fig: Figure) -> None:
+    """Speedup over the target's own KV-cached decoding against ΔMSE vs the target, one point per setting (a panel
+    per batch size when the rows carry one), with the target (1x, 0%) and the draft alone marked."""
+    by_batch = list(ok.groupby("batch", sort=True)) if "batch" in ok else [(None, ok)]
+    for ax, (batch, rows) in zip(panels(fig, len(by_batch), 3, (3.4, 2.8)), by_batch):
+        ax.scatter(rows["delta_mse_pct"], rows["speedup"], s=18, color="tab:blue", label="speculative settings")
+        ax.scatter([0.0], [1.0], marker="s", s=40, color="k", label="target only")
+        ax.scatter(rows["delta_mse_pct_draft"].median(), rows["speedup_draft"].median(), marker="^", s=50,
+                   color="tab:red", label="draft only")
+        front = pareto_front(rows, "speedup", "delta_mse_pct")
+        ax.plot(front["delta_mse_pct"], front["speedup"], "-", color="tab:blue", lw=1)
+        break_even(ax, "y")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.set_xlabel("Δ MSE vs target (%)")
+        ax.set_ylabel(label("speedup"))
+        ax.set_title(f"batch {batch}" if batch is not None else "")
+    ax.legend(fontsize=7)

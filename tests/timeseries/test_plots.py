@@ -118,3 +118,11 @@ def test_a_plot_that_fails_leaves_no_figures_behind(tmp_path, monkeypatch):
     result = cli(str(tmp_path / "results.csv"), "--out", str(tmp_path / "figs"))
     assert result.exit_code == 2 and "plot zz_broken failed (ValueError" in result.output
     assert not list((tmp_path / "figs").glob("*.png"))
+
+
+def test_the_speed_quality_frontier_marks_the_target_and_the_draft(tmp_path):
+    rows = pd.DataFrame([{"trial_id": f"b{b}-{i}", "status": "ok", "batch": b, "acceptance_rate": a, "mse": 0.42,
+                          "speedup": 1 + a, "delta_mse_pct": 0.4 * a, "speedup_draft": 5.0, "delta_mse_pct_draft": 0.9}
+                         for b in (1, 32) for i, a in enumerate((0.2, 0.6, 1.0))])
+    written, skipped = render(rows, tmp_path, ["speed_quality_frontier"])
+    assert skipped == {} and {p.suffix for p in written} == {".png", ".pdf"}
