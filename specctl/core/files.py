@@ -88,16 +88,20 @@ def check_writable(folder: Path, what: str) -> None:
 
 
 def check_creatable(folder: Path, what: str) -> None:
-    """Like check_writable, but makes nothing (a command that fails later leaves no empty folder): an existing
-    `folder` is probed; otherwise its nearest existing ancestor must be a folder this process may write in."""
+    """Like check_writable, but makes nothing (a command that fails later leaves no empty folder): a probe file is
+    written and removed in `folder`, or where it does not exist yet in its nearest existing ancestor."""
     from specctl.core.errors import SpecctlError
 
     path = Path(folder).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
-    if existing == path and path.is_dir():
-        check_writable(path, what)
-    elif not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise SpecctlError(f"{what} {folder} is not writable: {existing} is not a folder this process may write in")
+    if not existing.is_dir():
+        raise SpecctlError(f"{what} {folder} is not writable: {existing} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise SpecctlError(f"{what} {folder} is not writable: {io_cause(e)}") from None
 
 
 def write_text(path: Path, text: str) -> Path:

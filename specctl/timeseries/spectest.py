@@ -55,8 +55,10 @@ METRICS = {
                          "step time (costs.py)",
     "predicted_speedup_leviathan": "(1 - a^(K+1)) / ((1 - a)(K c + 1)) with a = alpha_hat, c = c_hat (Leviathan et "
                                    "al.; a^K fewer tokens per round without the bonus token, emit = draft_mean)",
-    "speedup": "target-only KV-cached wall time / speculative wall time (same windows, device, warm, synchronised)",
-    "speedup_draft": "target-only KV-cached wall time / the draft's own KV-cached forecast's wall time",
+    "speedup": "target-only KV-cached wall time / speculative wall time (same windows, device, warm, synchronised; "
+               "the target timed on each batch right after the speculative pass)",
+    "speedup_draft": "target-only KV-cached wall time / the draft's own KV-cached forecast's wall time (both timed "
+                     "side by side when the session starts)",
     "speedup_sliding": "sliding-window recompute wall time / speculative wall time",
     "mse": "speculative forecast vs truth (scaled space)", "mae": "speculative forecast vs truth",
     "mse_target": "target-only KV-cached forecast vs truth", "mae_target": "target-only forecast vs truth",
@@ -187,22 +189,26 @@ def session_key(profile: TimeseriesProfile) -> str:
 
 
 def time_batches(fn: Callable[[Window], Any], batches: list[Window], device, repeats: int, warmup: int,
-                 progress=None, label: str = "",
-                 after: Callable[[Any], None] | None = None) -> tuple[list, list[Timing]]:
+                 progress=None, label: str = "", after: Callable[[Any], None] | None = None,
+                 beside: Callable[[Window], Any] | None = None) -> tuple[list, list[Timing], list[Timing]]:
     """Run fn on every batch: the first call's output is kept, then the batch is timed (warm-up excluded), then
-    `after(output)` (e.g. what adaptive K learns from the batch, for the next one)."""
-    outputs, timings = [], []
+    `beside` (the baseline) is timed on the same batch right after, so a ratio of the two is measured side by side
+    whatever the machine's load does over the run, then `after(output)` (e.g. what adaptive K learns from the
+    batch, for the next one). Returns the outputs, fn's timings and beside's."""
+    outputs, timings, beside_timings = [], [], []
     task = progress.add_task(label, total=len(batches), info="") if progress is not None else None
     for batch in batches:
         outputs.append(fn(batch))
         timings.append(time_call(partial(fn, batch), device, repeats, max(0, warmup - 1)))
+        if beside is not None:
+            beside_timings.append(time_call(partial(beside, batch), device, repeats, max(0, warmup - 1)))
         if after is not None:
             after(outputs[-1])
         if progress is not None:
             progress.update(task, advance=1, info=f"{1e3 * timings[-1].median:.1f} ms/batch")
     if progress is not None:
         progress.remove_task(task)
-    return outputs, timings
+    return outputs, timings, beside_timings
 
 
 @torch.no_grad()
@@ -278,7 +284,9 @@ class SpecTestSession:
 
     def timed(self, fn: Callable[[Window], torch.Tensor], label: str) -> Measured:
         spec = self.profile.spec
-        return Measured(*time_batches(fn, self.batches, self.device, spec.repeats, spec.warmup, self.progress, label))
+        outputs, timings, _ = time_batches(fn, self.batches, self.device, spec.repeats, spec.warmup, self.progress,
+                                           label)
+        return Measured(outputs, timings)
 
     def forecast(self, which: str, batch: Window) -> torch.Tensor:
         return forecast_cached(getattr(self, which), batch.context, self.horizon,
@@ -397,9 +405,10 @@ class SpecTestSession:
         costs = self.costs(profile, whole_rounds)
         policy = AdaptiveK(costs.round, spec.emit != "draft_mean") if spec.adaptive_k else None
         learn = (lambda r: policy.observe(int(r.accepted.sum()), int(r.evaluated.sum()))) if policy else None
-        results, timings = time_batches(lambda b: self.speculate(profile, b, rounds=whole_rounds, policy=policy),
-                                        self.batches, self.device, spec.repeats, spec.warmup, self.progress,
-                                        "speculative", after=learn)
+        results, timings, target_timings = time_batches(
+            lambda b: self.speculate(profile, b, rounds=whole_rounds, policy=policy), self.batches, self.device,
+            spec.repeats, spec.warmup, self.progress, "speculative", after=learn,
+            beside=lambda b: self.forecast("target", b))
         clock = PhaseClock(self.device)
         for batch in self.batches:
             self.speculate(profile, batch, clock=clock, policy=policy)
@@ -407,12 +416,13 @@ class SpecTestSession:
             rows = [row for batch in self.batches for row in self.speculate(
                 profile, batch, debug=True, policy=policy).debug_rows([int(i) for i in batch.ids])]
             write_csv(debug_csv, rows)
-        result = self.score(profile, results, timings, clock, whole_rounds, costs)
+        target_seconds = sum(t.median for t in target_timings)
+        result = self.score(profile, results, timings, target_seconds, clock, whole_rounds, costs)
         result.budget = budget
         return result
 
-    def score(self, profile: TimeseriesProfile, results: list[SpecResult], timings: list[Timing], clock: PhaseClock,
-              whole_rounds: bool, costs: StepCosts) -> SpecTestResult:
+    def score(self, profile: TimeseriesProfile, results: list[SpecResult], timings: list[Timing],
+              target_seconds: float, clock: PhaseClock, whole_rounds: bool, costs: StepCosts) -> SpecTestResult:
         spec, K = profile.spec, profile.spec.k
         total = lambda name: int(sum(int(getattr(r, name).sum()) for r in results))  # noqa: E731
         proposed, accepted, evaluated = total("proposed"), total("accepted"), total("evaluated")
@@ -444,7 +454,7 @@ class SpecTestSession:
             k_rounds=k_rounds,
             predicted_speedup=predicted.speedup,
             predicted_speedup_leviathan=leviathan_speedup(alpha, K, costs.c_hat, bonus),
-            speedup=self.cached.seconds / spec_seconds, speedup_draft=self.cached.seconds / self.draft_alone.seconds,
+            speedup=target_seconds / spec_seconds, speedup_draft=self.cached.seconds / self.draft_alone.seconds,
             mse=mse, mae=mae, mse_target=mse_target, mae_target=mae_target, mse_draft=mse_draft, mae_draft=mae_draft,
             delta_mse_pct=100 * (mse - mse_target) / mse_target,
             delta_mse_pct_draft=100 * (mse_draft - mse_target) / mse_target,
@@ -452,7 +462,7 @@ class SpecTestSession:
             cap_hits=total("cap_hits"),
             accepted_hist=[int(sum(int(r.accepted_hist[i]) for r in results)) for i in range(K + 1)],
             windows=int(sum(len(b.ids) for b in self.batches)), batches=len(self.batches), horizon=self.horizon,
-            wall_s_spec=spec_seconds, wall_s_target=self.cached.seconds, wall_s_draft=self.draft_alone.seconds,
+            wall_s_spec=spec_seconds, wall_s_target=target_seconds, wall_s_draft=self.draft_alone.seconds,
             target_step_ms=1e3 * costs.target_step,
             batch_ms_spec=[1e3 * t.median for t in timings],
             batch_ms_spec_spread=[1e3 * (t.high - t.low) for t in timings],
@@ -462,7 +472,8 @@ class SpecTestSession:
             tol_relative=spec.tol / rmse_val if rmse_val and spec.rule == "tolerance" else None,
             target_rmse_val=rmse_val,
             mse_sliding=mse_sliding, mae_sliding=mae_sliding,
-            speedup_sliding=self.sliding.seconds / spec_seconds if sliding else None,
+            # sliding vs target (side by side at the session's start) times target vs speculative (side by side now)
+            speedup_sliding=sliding.seconds / self.cached.seconds * target_seconds / spec_seconds if sliding else None,
             wall_s_sliding=sliding.seconds if sliding else None, notes=self.notes,
         )
 

@@ -54,7 +54,7 @@ def pair(tmp_path_factory) -> Path:
 
 
 def spec(pair: Path, *more: str) -> list[str]:
-    return ["spec-test", "-p", "quickstart", *FAST, "--set", f'spec.target="{pair / "target"}"',
+    return ["spec-test", "-p", "quickstart/spec-test", *FAST, "--set", f'spec.target="{pair / "target"}"',
             "--set", f'spec.draft="{pair / "distilled"}"', "--set", "spec.max_windows=8", "--set", "spec.repeats=1",
             "--json", *more]
 

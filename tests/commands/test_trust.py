@@ -74,7 +74,7 @@ def trained(tmp_path_factory, one_thread) -> Path:
         patch.chdir(root)
         steps = [payload(invoke("pretrain", "--profile", "quickstart/target", *FAST, "--json")),
                  payload(invoke("distill", "--profile", "quickstart/distill", *FAST, "--json")),
-                 payload(invoke("spec-test", "--profile", "quickstart", *FAST, *SPEC_FAST, "--json"))]
+                 payload(invoke("spec-test", "--profile", "quickstart/spec-test", *FAST, *SPEC_FAST, "--json"))]
     (root / "steps.json").write_text(json.dumps(steps))
     return root
 
@@ -88,7 +88,7 @@ def artifacts(trained) -> None:
 
 def test_a_typo_in_spec_target_trains_nothing_and_overwrites_nothing(artifacts):
     before = digest(TARGET, DRAFT)
-    result = invoke("spec-test", "--profile", "quickstart", *FAST, *SPEC_FAST,
+    result = invoke("spec-test", "--profile", "quickstart/spec-test", *FAST, *SPEC_FAST,
                     "--set", 'spec.target="artifacts/quickstart/targt"', "--train-missing")
     refused(result, "spec.target artifacts/quickstart/targt does not exist",
             "its builder profile quickstart/target trains artifacts/quickstart/target")
@@ -179,7 +179,8 @@ def test_unwritable_outputs_are_refused_before_any_training():
 # -- 5. a chain in one process equals the same commands run one by one (and prints its epochs when piped) ----------
 
 def test_the_quick_start_gives_the_same_weights_and_numbers_in_one_command_or_step_by_step(trained):
-    chain = ok(invoke("spec-test", "--profile", "quickstart", *FAST, *SPEC_FAST, "--train-missing", "--debug-csv"))
+    chain = ok(invoke("spec-test", "--profile", "quickstart/spec-test", *FAST, *SPEC_FAST, "--train-missing",
+                      "--debug-csv"))
     assert chain.output.count("epoch 1: train") == 2  # both builders, one line per epoch though not a terminal
     for name in ("target", "distilled"):
         folder = f"artifacts/quickstart/{name}"
