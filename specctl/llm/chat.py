@@ -99,15 +99,15 @@ def prompt_turns(example: Example) -> list[dict[str, str]]:
     return messages[: first + 1]
 
 
-def shorten(make: Callable[[str], list[int]], text: str, max_tokens: int, tokenizer) -> list[int]:
-    """make(text), with `text` cut at its end until the result has at most `max_tokens` tokens."""
+def shorten(make: Callable[[str], list[int]], text: str, max_tokens: int, tokenizer, limit: str) -> list[int]:
+    """make(text), with `text` cut at its end until the result has at most `max_tokens` tokens (set by `limit`)."""
     ids = make(text)
     if len(ids) <= max_tokens:
         return ids
     frame = len(make(""))
     if frame >= max_tokens:
         raise SpecctlError(f"a prompt of at most {max_tokens} tokens cannot hold even the chat template's own "
-                           f"{frame} tokens: raise the prompt token limit")
+                           f"{frame} tokens: raise {limit}")
     words = ids_of(text, tokenizer)
     keep = min(len(words), max_tokens - frame)
     while keep > 0:  # decoding a cut can re-tokenise a little longer: cut again by the excess
@@ -118,7 +118,7 @@ def shorten(make: Callable[[str], list[int]], text: str, max_tokens: int, tokeni
     return make("")
 
 
-def prompt_ids(example: Example, tokenizer, max_tokens: int) -> list[int]:
+def prompt_ids(example: Example, tokenizer, max_tokens: int, limit: str = "llm.spec.max_prompt_tokens") -> list[int]:
     """A generation prompt of at most `max_tokens` tokens: the chat up to its first user turn and the generation
     prompt, the user text shortened where needed (chat); the last `max_tokens` of the first half of the tokens
     (plain text)."""
@@ -130,7 +130,7 @@ def prompt_ids(example: Example, tokenizer, max_tokens: int) -> list[int]:
     def make(content: str) -> list[int]:
         return ids_of(render([*turns[:-1], {**turns[-1], "content": content}], tokenizer, True), tokenizer)
 
-    return shorten(make, turns[-1]["content"], max_tokens, tokenizer)
+    return shorten(make, turns[-1]["content"], max_tokens, tokenizer, limit)
 
 
 def batches(seqs: list[Tokens], size: int, pad_id: int, device, seed: int | None = None

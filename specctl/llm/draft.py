@@ -30,16 +30,23 @@ KIND = "early_exit_draft"
 
 
 class Adapter(nn.Module):
-    """h + W h + b, zero-initialised (the identity until trained)."""
+    """h + W (s * h) + b with W and b zero-initialised (the identity until trained). s is a fixed per-dimension
+    scale, 1 / RMS of the training states (`fit_scale`): mid-depth residual streams carry a few dimensions of ~10^4,
+    which would otherwise dominate every Adam step; W (s * h) is still an affine map of h."""
 
     def __init__(self, size: int, like: torch.Tensor) -> None:
         super().__init__()
         self.proj = nn.Linear(size, size, device=like.device, dtype=like.dtype)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
+        self.register_buffer("scale", torch.ones(size, device=like.device, dtype=like.dtype))
+
+    @torch.no_grad()
+    def fit_scale(self, states: torch.Tensor) -> None:
+        self.scale.copy_(states.float().pow(2).mean(0).add(1e-6).rsqrt())
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.proj(h)
+        return h + self.proj(h * self.scale)
 
 
 class AdaptedNorm(nn.Module):
@@ -75,11 +82,18 @@ class Draft:
     def trainable(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
+    @property
+    def adapter(self) -> Adapter | None:
+        return next((m for m in self.model.modules() if isinstance(m, Adapter)), None)
+
     def weights(self) -> dict[str, torch.Tensor]:
-        """Only the trained parts (head or adapter, and block l under option B), in the dtype the target's
-        weights are stored in: what a draft checkpoint holds."""
+        """Only the trained parts (head or adapter with its scale, and block l under option B), in the dtype the
+        target's weights are stored in: what a draft checkpoint holds."""
+        own = {id(p) for p in self.trainable().values()} | (
+            {id(self.adapter.scale)} if self.adapter is not None else set())
+        named = chain(self.model.named_parameters(), self.model.named_buffers())
         dtype = self.target.stored_dtype
-        return {n: p.detach().to(dtype or p.dtype) for n, p in self.trainable().items()}
+        return {n: t.detach().to(dtype or t.dtype) for n, t in named if id(t) in own}
 
     def config(self) -> dict:
         """The JSON reference to the target that a draft checkpoint stores beside its weights."""
@@ -176,7 +190,7 @@ def load_draft(folder: Path, lm: LM) -> Draft:
                            f"(tokenizer {mine[1]})")
     draft = build_draft(lm, int(cfg["exit_layer"]), bool(cfg["tune_block"]), cfg.get("draft_head", "copy"))
     weights = load_weights(folder, lm.device)
-    expected = draft.trainable()
+    expected = draft.weights()
     if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in weights):
         raise SpecctlError(f"{folder}: draft weights do not fit target {lm.path} (stored: "
                            f"{sorted(weights)[:4]}, expected: {sorted(expected)[:4]})")

@@ -92,7 +92,7 @@ def on_policy(groups: dict[str, list[Example]], lm: LM, weights: str, profile: L
         raise SpecctlError(f"llm.max_len ({llm.max_len}) must leave a prompt at least 8 tokens beside "
                            f"llm.reply_tokens ({llm.reply_tokens})")
     chats = [e for examples in groups.values() for e in examples if e.messages is not None]
-    prompts = [prompt_ids(e, lm.tokenizer, room) for e in chats]
+    prompts = [prompt_ids(e, lm.tokenizer, room, "llm.max_len - llm.reply_tokens") for e in chats]
     settings = ReplySettings(llm.reply_tokens, llm.reply_temperature, llm.reply_batch, profile.seed)
     replies = cached_replies(lm, weights, prompts, settings, say) if chats else []
     made = {id(e): with_reply(p, r, llm.max_len) for e, p, r in zip(chats, prompts, replies)}
@@ -185,6 +185,8 @@ def tune(draft: Draft, teacher: Teacher, val: Teacher, temperature: float, profi
     """Distil the draft's trainable parts toward the cached teacher; the best checkpoint is loaded back."""
     llm = profile.llm
     student = Student(draft)
+    if draft.adapter is not None:
+        draft.adapter.fit_scale(teacher.states[draft.layer])
     config = {**draft.config(), "kl_temperature": temperature, "kl_weight": llm.kl_weight,
               "ce_weight": llm.ce_weight, "train_files": llm.train_files, "max_len": llm.max_len,
               "replies": llm.replies, "teacher_top_k": llm.teacher_top_k}

@@ -277,16 +277,18 @@ def test_speculative_sampling_matches_the_target_distribution():
 
 
 def random_decoder(kind: str, seed: int = 0) -> nn.Module:
-    """A random tiny decoder with grouped-query attention (2 kv heads for 4 query heads); the Mistral and Qwen2
-    ones with a sliding window shorter than the sequences below."""
+    """A random tiny decoder with grouped-query attention (2 kv heads for 4 query heads); "llama3" with Llama 3's
+    RoPE scaling; the Mistral and Qwen2 ones with a sliding window shorter than the sequences below."""
     import transformers
 
     torch.manual_seed(seed)
     arch = {"vocab_size": 40, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
             "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.2}
-    extra = {"llama": {}, "mistral": {"sliding_window": 5},
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8}  # Llama 3's scaling, over positions the test reaches
+    extra = {"llama": {}, "llama3": {"rope_scaling": llama3}, "mistral": {"sliding_window": 5},
              "qwen2": {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}}[kind]
-    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[kind]
+    name = {"llama": "Llama", "llama3": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[kind]
     config = getattr(transformers, f"{name}Config")(**arch, **extra)
     return getattr(transformers, f"{name}ForCausalLM")(config).eval().requires_grad_(False)
 
@@ -297,9 +299,12 @@ def feed(lm: StaticLM, ids: torch.Tensor, cuts: list[int]) -> torch.Tensor:
     return torch.cat([lm(ids[a:b], a) for a, b in itertools.pairwise(bounds)])
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "llama3", "mistral", "qwen2"])
 def test_static_path_equals_the_hugging_face_forward(kind):
     model = random_decoder(kind)
+    if kind == "llama3":  # the scaling changes the frequencies (else this would test plain RoPE again)
+        plain = random_decoder("llama").model.rotary_emb.inv_freq
+        assert not torch.allclose(model.model.rotary_emb.inv_freq, plain)
     ids = torch.randint(0, 40, (14,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(ids[None]).logits[0]
