@@ -15,8 +15,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -100,10 +102,11 @@ def convert_gguf(path: Path, folder: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     require_gguf(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                     **dequantize_option())
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:  # transformers draws its own tqdm bar here; the commands' output (e.g. --json) stays clean
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                         **dequantize_option())
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise SpecctlError(f"cannot convert {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     model.hf_quantizer = None  # dequantised: nothing left that save_pretrained must refuse

@@ -182,3 +182,25 @@ def test_early_exit_loss_in_pretraining_makes_the_first_layer_predict(work):
     bad = runner.invoke(app, ["pretrain", "-p", str(work / "tiny.toml"), "--set", "llm.early_exit_weight=1.0",
                               "--set", "llm.early_exit_layers=[3]", *common])
     assert bad.exit_code == 2 and "llm.early_exit_layers: exit layer 3 out of range" in " ".join(bad.output.split())
+
+
+def test_adapter_drafts_at_several_temperatures_and_layer_skip_spec_test(work):
+    profile = str(work / "tiny.toml")
+    out = json.loads(invoke("finetune-head", "-p", profile, "--set", 'llm.draft_head="adapter"',
+                            "--set", "llm.kl_temperatures=[1.0, 2.0]", "--set", "llm.exit_layers=[1]",
+                            "--set", f'train.save_to="{work}/adapters"', "--json").output)
+    assert [(r["head"], r["kl_temperature"]) for r in out["rows"]] == [("copy", 1.0), ("adapter", 1.0),
+                                                                       ("adapter", 2.0)]
+    assert out["rows"][1]["val_kl"] < out["rows"][0]["val_kl"] and "val_overlap" in out["rows"][0]
+    assert (work / "adapters" / "layer1_T2" / "model.safetensors").is_file()
+    tuned = json.loads(invoke("spec-test", "-p", profile, "--set", "llm.exit_layer=1", "--set",
+                              f'llm.spec.draft="{work}/adapters/layer1_T1"', "--set", "llm.spec.temperature=0",
+                              "--set", "llm.spec.share_cache=true", "--json").output)
+    assert tuned["identical_fraction"] == 1.0 and tuned["draft_kind"] == "early_exit"
+    skip = json.loads(invoke("spec-test", "-p", profile, "--set", 'llm.draft_kind="layer_skip"',
+                             "--set", 'llm.skip_layers="search"', "--set", "llm.spec.temperature=0",
+                             "--set", "llm.spec.share_cache=true", "--json").output)
+    assert skip["identical_fraction"] == 1.0 and skip["draft_kind"] == "layer_skip"
+    assert 0 not in skip["skip_layers"] and 2 not in skip["skip_layers"]
+    bad = runner.invoke(app, ["spec-test", "-p", profile, "--set", 'llm.draft_kind="layer_skip"'])
+    assert bad.exit_code == 2 and "needs llm.skip_layers" in bad.output
