@@ -1,5 +1,7 @@
-"""LLM figures in the shared plot registry: draft quality per exit layer (a finetune-head results.csv) and
-acceptance, speed and accepted lengths per exit layer (an LLM sweep CSV with column llm.exit_layer)."""
+"""LLM figures in the shared plot registry, the research plan's: draft quality per exit layer (a finetune-head
+results.csv: KL, CE, top-1; agreement and overlap), acceptance, speed and accepted lengths per exit layer (an LLM
+sweep CSV with column llm.exit_layer, or the benchmark's, one line per draft option `draft.option`), and speedup
+against draft quality labelled by layer (TV from spec-test, or held-out KL where the rows carry it)."""
 
 from __future__ import annotations
 
@@ -11,16 +13,20 @@ from specctl.core.plots import groups, label, panels, register, unit
 
 LAYER = "llm.exit_layer"
 GAMMA = "llm.spec.gamma"
+OPTION = "draft.option"  # the benchmark's draft options (untuned, tuned head, adapter, layer skip)
 LLM_LABELS = {
     LAYER: "exit layer ℓ (0-based block index)",
     "exit_layer": "exit layer ℓ (0-based block index)",
     "val_kl": "val KL(target ‖ draft) (nats/token)",
+    "val_ce": "val draft cross-entropy (nats/token)",
     "val_ppl": "val draft perplexity (×)",
     "val_top1": "val top-1 accuracy (%)",
+    "val_agreement": "val top-1 agreement with the target (%)",
+    "val_overlap": "val overlap Σ min(p, q) (%)",
     "tv": "total variation 1 − overlap (fraction)",
     GAMMA: "γ, draft tokens per round",
 }
-PERCENT = {"val_top1"}
+PERCENT = {"val_top1", "val_agreement", "val_overlap"}
 
 
 def llm_label(column: str) -> str:
@@ -49,42 +55,64 @@ def layer_lines(fig: Figure, x: str, metrics: tuple[str, ...], lines: list[tuple
             ax.legend()
 
 
-@register("layer_quality", needs=("exit_layer", "head", "val_kl", "val_ppl", "val_top1"))
+def series(ok: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
+    """One line (or panel) per draft option where the rows have several, else per swept γ."""
+    return list(groups(ok, OPTION if OPTION in ok and ok[OPTION].nunique() > 1 else GAMMA))
+
+
+@register("layer_quality", needs=("exit_layer", "head", "val_kl", "val_ce", "val_top1"))
 def layer_quality(ok: pd.DataFrame, fig: Figure) -> None:
-    """Draft quality per exit layer (finetune-head results.csv), the tuned head against the untuned copy."""
+    """Draft quality per exit layer (finetune-head results.csv), each tuned head against the untuned copy."""
     heads = [(f"{head} head", rows) for head, rows in ok.groupby("head", sort=True)]
-    layer_lines(fig, "exit_layer", ("val_kl", "val_ppl", "val_top1"), heads)
+    layer_lines(fig, "exit_layer", ("val_kl", "val_ce", "val_top1"), heads)
     fig.suptitle("Early-exit draft quality by exit layer")
+
+
+@register("layer_agreement", needs=("exit_layer", "head", "val_agreement", "val_overlap"))
+def layer_agreement(ok: pd.DataFrame, fig: Figure) -> None:
+    """Teacher-forced acceptance per exit layer: top-1 agreement (greedy) and overlap (sampling at T = 1)."""
+    heads = [(f"{head} head", rows) for head, rows in ok.groupby("head", sort=True)]
+    layer_lines(fig, "exit_layer", ("val_agreement", "val_overlap"), heads)
+    fig.suptitle("Teacher-forced acceptance by exit layer")
 
 
 @register("layer_acceptance", needs=(LAYER, "mean_accepted", "acceptance_rate", "tv"), swept=(LAYER,))
 def layer_acceptance(ok: pd.DataFrame, fig: Figure) -> None:
-    layer_lines(fig, LAYER, ("mean_accepted", "acceptance_rate", "tv"), list(groups(ok, GAMMA)))
+    layer_lines(fig, LAYER, ("mean_accepted", "acceptance_rate", "tv"), series(ok))
     fig.suptitle("Acceptance by exit layer (mean over the other swept keys)")
+
+
+def pareto(ok: pd.DataFrame, fig: Figure, quality: str) -> None:
+    """Every row (one colour per series), labelled by its exit layer; the speed/quality frontier in red."""
+    ax = fig.add_subplot()
+    for name, rows in series(ok):
+        ax.scatter(rows[quality], rows["speedup"], s=18, alpha=0.8, label=name)
+    for _, row in ok.iterrows():  # a layer-skip draft has no exit layer
+        name = f"ℓ{int(row[LAYER])}" if pd.notna(row[LAYER]) else "skip"
+        ax.annotate(name, (row[quality], row["speedup"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = pareto_front(ok, "speedup", quality)
+    ax.plot(front[quality], front["speedup"], "o-", color="tab:red", mfc="none", ms=8, lw=1, label="Pareto frontier")
+    ax.axhline(1.0, color="k", ls="--", lw=1)
+    ax.set_xlabel(llm_label(quality))
+    ax.set_ylabel(llm_label("speedup"))
+    ax.legend()
+    ax.set_title("Speedup vs draft quality, labelled by exit layer")
 
 
 @register("layer_pareto", needs=(LAYER, "speedup", "tv"))
 def layer_pareto(ok: pd.DataFrame, fig: Figure) -> None:
-    """Every trial (one colour per γ), numbered by its exit layer; the speed/quality frontier in red."""
-    ax = fig.add_subplot()
-    for name, rows in groups(ok, GAMMA):
-        ax.scatter(rows["tv"], rows["speedup"], s=18, alpha=0.8, label=name)
-    for _, row in ok.iterrows():
-        ax.annotate(f"ℓ{int(row[LAYER])}", (row["tv"], row["speedup"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
-    front = pareto_front(ok, "speedup", "tv")
-    ax.plot(front["tv"], front["speedup"], "o-", color="tab:red", mfc="none", ms=8, lw=1, label="Pareto frontier")
-    ax.axhline(1.0, color="k", ls="--", lw=1)
-    ax.set_xlabel(llm_label("tv"))
-    ax.set_ylabel(llm_label("speedup"))
-    ax.legend()
-    ax.set_title("Speedup vs draft distance, labelled by exit layer")
+    pareto(ok, fig, "tv")
+
+
+@register("layer_pareto_kl", needs=(LAYER, "speedup", "val_kl"))
+def layer_pareto_kl(ok: pd.DataFrame, fig: Figure) -> None:
+    pareto(ok, fig, "val_kl")
 
 
 @register("acceptance_lengths", needs=(LAYER, "accepted_len_0"))
 def acceptance_lengths(ok: pd.DataFrame, fig: Figure) -> None:
-    """Histogram of tokens accepted per round, bars per exit layer, one panel per γ."""
-    per_gamma = list(groups(ok, GAMMA))
+    """Histogram of tokens accepted per round, bars per exit layer, one panel per series (draft option or γ)."""
+    per_gamma = series(ok)
     for ax, (name, rows) in zip(panels(fig, len(per_gamma), 2, (3.4, 2.6)), per_gamma):
         columns = sorted((c for c in ok if c.startswith("accepted_len_") and rows[c].notna().any()),
                          key=lambda c: int(c.rpartition("_")[2]))
