@@ -22,7 +22,7 @@ from specctl.llm.draft import Draft, build_draft, build_skip_draft, load_draft, 
 from specctl.llm.lm import LM, eos_ids, load_lm
 from specctl.llm.profile import LLMProfile
 from specctl.llm.skip import skip_layers
-from specctl.llm.speculative import Decoding, Sampling, predicted_speedup
+from specctl.llm.speculative import Decoding, Generation, Sampling, predicted_speedup
 from specctl.llm.static import static_pair
 from specctl.llm.text import load_examples, resolve_text_file
 
@@ -187,7 +187,12 @@ def run_prompt(s: SpecSetup, profile: LLMProfile, index: int, device: torch.devi
     for name in order:
         torch.manual_seed(profile.seed + index)
         done[name] = timed(runs[name], device)
-    (base, t_van), (fast, t_spec) = done["vanilla"], done["spec"]
+    return prompt_row(index, prompt, *done["vanilla"], *done["spec"])
+
+
+def prompt_row(index: int, prompt: list[int], base: Generation, t_van: float, fast: Generation,
+               t_spec: float) -> dict:
+    """The per-prompt sums of a vanilla and a speculative generation of one prompt (what `ratios` reads)."""
     accepted = [a for _, a in fast.rounds]
     return {
         "prompt": index, "prompt_tokens": len(prompt),

@@ -91,9 +91,10 @@ def dequantize_option() -> dict:
     """Ask transformers for a plain dense fp32 model where it could keep GGUF blocks (newer versions)."""
     try:
         from transformers import GgufConfig
-    except ImportError:  # older transformers always dequantise
+
+        return {"quantization_config": GgufConfig(dequantize=True)}
+    except (ImportError, TypeError):  # older transformers always dequantise
         return {}
-    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def convert_gguf(path: Path, folder: Path) -> Path:
