@@ -20,6 +20,17 @@ Writes bench.md, bench.json, drafts.csv, spec.csv and plots/ (PNG + PDF) to --ou
 
     python benchmarks/llm_bench.py --target /tmp/model.gguf --data-dir .data --out $OUT --budget-min 8.3
     python benchmarks/llm_bench.py --target tiny_folder --data-dir data --out out --tiny --layers 0 1   # CPU check
+
+On an offline GPU host whose calls carry at most 64 MiB: `benchmarks/llm_bench_prepare.sh ../shared/data` once
+here (the GGUF in two halves, the wheels the host lacks, the data files; all git-ignored), then two calls back to
+back (the machine keeps /tmp while it is held):
+    carry [".gguf/a"]:  mkdir -p /tmp/gguf && cp .gguf/a/* /tmp/gguf/
+    carry [".gguf/b", ".gguf/SHA256", ".whl", ".data"]:
+        cp .gguf/b/* /tmp/gguf/ && cat /tmp/gguf/part-* > /tmp/model.gguf
+        && echo "$(cat .gguf/SHA256)  /tmp/model.gguf" | sha256sum -c
+        && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site
+           .whl/*.whl && PYTHONPATH=/tmp/site:$PWD python3 benchmarks/llm_bench.py --target /tmp/model.gguf
+           --data-dir .data --out $OUT/llm-bench --budget-min 8.3
 """
 
 from __future__ import annotations
