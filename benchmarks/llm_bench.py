@@ -629,8 +629,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, nargs="*", help="exit layers (default: 3, 7, ... below the last block)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="CPU-sized counts, to check the script")
-    sizes = {"train_prompts": 384, "eval_prompts": 48, "reply_tokens": 128, "reply_batch": 64,
-             "max_prompt_tokens": 256, "seq_batch": 32, "token_batch": 1024, "lr": 1e-3, "gamma": 4,
+    sizes = {"train_prompts": 960, "eval_prompts": 48, "reply_tokens": 128, "reply_batch": 128,
+             "max_prompt_tokens": 256, "seq_batch": 32, "token_batch": 1024, "lr": 3e-3, "gamma": 4,
              "max_new_tokens": 128, "step_repeats": 20, "bootstrap": 1000, "search_prompts": 8, "min_prompts": 4,
              "max_prompts": 24, "tune_steps": 0}  # tune_steps 0: as many as the budget allows
     for name, default in sizes.items():

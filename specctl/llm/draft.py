@@ -30,9 +30,11 @@ KIND = "early_exit_draft"
 
 
 class Adapter(nn.Module):
-    """h + W (s * h) + b with W and b zero-initialised (the identity until trained). s is a fixed per-dimension
-    scale, 1 / RMS of the training states (`fit_scale`): mid-depth residual streams carry a few dimensions of ~10^4,
-    which would otherwise dominate every Adam step; W (s * h) is still an affine map of h."""
+    """An affine map of the residual stream that works in whitened coordinates: with D = diag(s), s = 1 / the RMS
+    of each dimension over the training states (`fit_scale`, a fixed buffer), h -> h + D^-1 (W D h + b), W and b
+    zero-initialised (the identity until trained). Mid-depth streams carry a few dimensions of ~10^4 that swamp
+    the final norm; in whitened coordinates removing one is W_jj = -1, not a weight of ~10^4, and no dimension
+    dominates Adam's steps."""
 
     def __init__(self, size: int, like: torch.Tensor) -> None:
         super().__init__()
@@ -46,7 +48,7 @@ class Adapter(nn.Module):
         self.scale.copy_(states.float().pow(2).mean(0).add(1e-6).rsqrt())
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.proj(h * self.scale)
+        return h + self.proj(h * self.scale) / self.scale
 
 
 class AdaptedNorm(nn.Module):
