@@ -11,7 +11,7 @@ share of the time budget (counts and step numbers are sized from timings taken o
 3. held-out KL / top-1 agreement / overlap of every draft against the full target;
 4. a layer-skip draft (self-speculation: the target without some middle blocks), its skip set searched greedily
    on training prompts;
-5. batch-1 decoding on the static path with CUDA graphs: vanilla (timed before and after, averaged) and
+5. batch-1 decoding on the static path with CUDA graphs: vanilla (timed before and after, the faster kept) and
    speculative with every draft, greedy and T = 1, on Spec-Bench prompts and on GSM8K (out of domain): alpha_hat,
    E[accepted], c_hat, v_hat, tok/s, speedup with a bootstrap CI, predicted speedup, the alpha a 1.5x would need,
    identical-to-vanilla fraction;
@@ -163,7 +163,7 @@ def bench_profile(args, layers: list[int], device: torch.device, work: Path) -> 
         "llm.reply_tokens": args.reply_tokens, "llm.reply_batch": args.reply_batch,
         "llm.max_len": args.reply_tokens + args.max_prompt_tokens, "llm.token_batch": args.token_batch,
         "llm.eval_files": ["gsm8k_test.jsonl", "tinyshakespeare.txt"], "train.batch_size": args.seq_batch,
-        "train.save_to": None, "train.epochs": 2, "train.patience": 2, "train.lr": args.lr,
+        "train.save_to": None, "train.epochs": 3, "train.patience": 3, "train.lr": args.lr,
         "llm.spec.prompts": SETS["spec_bench"], "llm.spec.gamma": args.gamma, "llm.spec.share_cache": True,
         "llm.spec.max_new_tokens": args.max_new_tokens, "llm.spec.max_prompt_tokens": args.max_prompt_tokens,
         "llm.search_prompts": args.search_prompts,
@@ -203,8 +203,9 @@ def step_seconds(lm: LM, teacher, layer: int, profile: LLMProfile, head: str, tu
 
 def tune_one(lm: LM, teacher, val, profile: LLMProfile, layer: int, head: str, steps: int, work: Path,
              tune_block: bool = False) -> tuple[Draft, float, str, dict]:
-    """One draft tuned from the cache for `steps` optimizer steps (two epochs; checkpoints removed after)."""
-    p = with_overrides(profile, {"train.max_steps_per_epoch": max(1, steps // 2), "llm.draft_head": head,
+    """One draft tuned from the cache for `steps` optimizer steps (three epochs of a cosine schedule; checkpoints
+    removed after)."""
+    p = with_overrides(profile, {"train.max_steps_per_epoch": max(1, steps // 3), "llm.draft_head": head,
                                  "llm.tune_block": tune_block})
     draft = build_draft(lm, layer, tune_block, head)
     started, folder = time.perf_counter(), work / f"ckpt-{layer}-{head}-{int(tune_block)}"
@@ -241,9 +242,9 @@ def stage_tune(lm: LM, sets, profile: LLMProfile, layers: list[int], budget: Bud
     return tuned
 
 
-def stage_eval(lm: LM, sets, profile: LLMProfile, layers: list[int], tuned: list) -> list[dict]:
-    """Held-out metrics of the untuned exits and every tuned draft against the full target."""
-    copies = [(build_draft(lm, layer), 1.0, "untuned", {}) for layer in layers]
+def stage_eval(lm: LM, sets, profile: LLMProfile, tuned: list) -> list[dict]:
+    """Held-out metrics of the untuned exit at every layer and of every tuned draft against the full target."""
+    copies = [(build_draft(lm, layer, head="target"), 1.0, "untuned", {}) for layer in range(lm.n_layers - 1)]
     rows = evaluate_rows([*copies, *tuned], sets, profile, lm.device)
     for r in rows:
         r["head"] = r["head"] if r["head"] != "untuned" else "copy"  # finetune-head's name for the untuned exit
@@ -387,18 +388,17 @@ def stage_spec(lm: LM, drafts: list[Setting], profile: LLMProfile, args, budget:
     for prompts in sets.values():
         for mode in MODES:
             prompts.vanilla[mode] = time_vanilla(lm, prompts, mode, args, eos)
-    runs = []
-    for st in drafts:
-        runs.append(measure(lm, st, sets["spec_bench"], args, eos))
-        free()  # the run's decoders, graphs and caches
     deadline = started + seconds
     again = sum(t for p in sets.values() for m in MODES for _, t in p.vanilla[m])  # the second vanilla pass
-    for st in later_settings(runs, options, args):
-        if time.perf_counter() + run_cost(runs, sets[st.prompts]) + again > deadline:
-            report.failures.append(f"spec: no time left for {st.option} {st.mode} {st.prompts} gamma {st.gamma}")
-            continue
-        runs.append(measure(lm, st, sets[st.prompts], args, eos))
-        free()
+    runs: list[Run] = []
+    for first in (True, False):
+        for st in drafts if first else later_settings(runs, options, args):
+            if runs and time.perf_counter() + run_cost(runs, sets[st.prompts]) + again > deadline:
+                report.failures.append(f"spec: no time left for {st.option} {st.layer} {st.mode} {st.prompts} "
+                                       f"gamma {st.gamma}")
+                continue
+            runs.append(measure(lm, st, sets[st.prompts], args, eos))
+            free()  # the run's decoders, graphs and caches
     average_vanilla(lm, sets, args, eos, report)
     return runs, sets
 
@@ -411,16 +411,17 @@ def run_cost(runs: list[Run], prompts: Prompts) -> float:
 
 
 def average_vanilla(lm: LM, sets: dict[str, Prompts], args, eos: frozenset[int], report: Report) -> None:
-    """Time vanilla again after every speculative run and keep the mean per prompt (clock drift shows up in
-    the report as the two passes' tok/s)."""
+    """Time vanilla again after every speculative run and keep the faster pass per prompt, so that clock drift
+    or a slow spell never inflates a speedup (the report gives both passes' tok/s)."""
     for name, prompts in sets.items():
         for mode in MODES:
             again = time_vanilla(lm, prompts, mode, args, eos)
             first = prompts.vanilla[mode]
             speed = [sum(len(g.tokens) for g, _ in runs) / sum(t for _, t in runs) for runs in (first, again)]
-            prompts.vanilla[mode] = [(g, (t + t2) / 2) for (g, t), (_, t2) in zip(first, again)]
+            prompts.vanilla[mode] = [(g, min(t, t2)) for (g, t), (_, t2) in zip(first, again)]
+            kept = prompts.vanilla[mode]
             report.vanilla[f"{name}/{mode}"] = {"tok_s_first": speed[0], "tok_s_last": speed[1],
-                                                "tok_s": 2 / (1 / speed[0] + 1 / speed[1])}
+                                                "tok_s": sum(len(g.tokens) for g, _ in kept) / sum(t for _, t in kept)}
 
 
 def final_rows(runs: list[Run], sets: dict[str, Prompts], drafts: list[dict], args) -> list[dict]:
@@ -437,16 +438,16 @@ def final_rows(runs: list[Run], sets: dict[str, Prompts], drafts: list[dict], ar
 
 
 def hf_generate(lm: LM, prompts: list[list[int]], args, eos: frozenset[int], **extra) -> tuple[int, float]:
-    """New tokens and seconds of Hugging Face generate (greedy) over the prompts; the first prompt runs once more
-    before, untimed."""
+    """New tokens and seconds of Hugging Face generate (greedy) over the prompts, after an untimed warm-up of a few
+    tokens."""
     tokens, seconds = 0, 0.0
     for i, p in enumerate([prompts[0], *prompts]):
         ids = torch.tensor([p], device=lm.device)
         synchronize(lm.device)
         start = time.perf_counter()
-        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                                do_sample=False, pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=sorted(eos),
-                                **extra)
+        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens if i
+                                else 8, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id,
+                                eos_token_id=sorted(eos), **extra)
         synchronize(lm.device)
         if i:
             tokens, seconds = tokens + out.shape[1] - len(p), seconds + time.perf_counter() - start
@@ -470,7 +471,10 @@ def stage_hf(lm: LM, runs: list[Run], sets: dict[str, Prompts], args, budget: Bu
     n, s = hf_generate(lm, prompts.ids[:1], args, eos)
     layers = peer_layers(runs, args)
     per_prompt = s / max(n, 1) * args.max_new_tokens * (1 + 2.5 * len(layers))
-    k = int(min(len(prompts.ids), max(1, (seconds - (time.perf_counter() - started)) * 0.8 / per_prompt - 1)))
+    k = int(min(len(prompts.ids), (seconds - (time.perf_counter() - started)) * 0.8 / per_prompt))
+    if k < 1:
+        report.failures.append(f"peers: no time left (one prompt of every peer needs ~{per_prompt:.0f}s)")
+        return
     subset, van = prompts.ids[:k], prompts.vanilla["greedy"][:k]
     measured = {"specctl vanilla (static path, CUDA graphs)": (sum(len(g.tokens) for g, _ in van),
                                                               sum(t for _, t in van))}
@@ -526,7 +530,9 @@ def table(header: list[str], rows: list[list]) -> list[str]:
             *["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]]
 
 
-def drafts_section(drafts: list[dict]) -> list[str]:
+def drafts_section(drafts: list[dict], layers: list[int]) -> list[str]:
+    """The drafts at the tuned exits (drafts.csv has the untuned exit at every layer)."""
+    drafts = [d for d in drafts if d["exit_layer"] in layers]
     sets = [k[: -len("_kl")] for k in drafts[0] if k.endswith("_kl") and not k.endswith("_kl_t1")]
     header = ["exit", "draft", "steps", *[f"{s} {m}" for s in sets for m in ("KL", "agree", "overlap")]]
     rows = [[d["exit_layer"], d["draft.option"], d.get("train_steps"),
@@ -589,9 +595,10 @@ def markdown(report: Report) -> str:
              f"replies), held-out {s.get('held_out')}"]
     if report.vanilla:
         lines += ["- specctl vanilla (static path, CUDA graphs), tok/s: " + ", ".join(
-            f"{k} {v['tok_s']:.1f} (first pass {v['tok_s_first']:.1f}, last {v['tok_s_last']:.1f})"
+            f"{k} {v['tok_s']:.1f} (the faster of two passes per prompt; first pass {v['tok_s_first']:.1f}, last "
+            f"{v['tok_s_last']:.1f})"
             for k, v in report.vanilla.items())]
-    lines += drafts_section(report.drafts) if report.drafts else []
+    lines += drafts_section(report.drafts, s["exit_layers"]) if report.drafts else []
     if report.skip:
         lines += ["", f"## Layer skip: leave out blocks {report.skip['skip_layers']} (greedy search, teacher-forced "
                       f"agreement {report.skip['agreement']:.3f}, predicted {report.skip['predicted_speedup']:.2f}x "
@@ -669,12 +676,13 @@ def run_all(args, device: torch.device, report: Report, work: Path) -> None:
     budget = Budget(args.budget_min * 60)
     lm = stage_load(args, device, report)
     layers = exit_layers(lm.n_layers, args.layers)
+    report.setup["exit_layers"] = layers
     profile = bench_profile(args, layers, device, work)
     eos = eos_ids(lm)
     sets = stage_data(lm, profile, budget, report)
     report.save(args.out)
     tuned = attempt(report, "tune", lambda: stage_tune(lm, sets, profile, layers, budget, work, args), [])
-    report.drafts = attempt(report, "held-out evaluation", lambda: stage_eval(lm, sets, profile, layers, tuned), [])
+    report.drafts = attempt(report, "held-out evaluation", lambda: stage_eval(lm, sets, profile, tuned), [])
     report.save(args.out)
     skip = attempt(report, "layer skip search", lambda: stage_skip(lm, sets, profile, budget))
     if skip is not None:
@@ -682,13 +690,19 @@ def run_all(args, device: torch.device, report: Report, work: Path) -> None:
         if not skip[0].skip:
             report.failures.append("layer skip: the search found no block worth leaving out (not decoded)")
             skip = None
-    drafts = [Setting("untuned", build_draft(lm, layer)) for layer in layers]
+    drafts = [Setting("untuned", build_draft(lm, layer, head="target")) for layer in layers]
     drafts += [Setting(name, d) for d, _, name, _ in tuned]
     drafts += [Setting("layer skip", skip[0])] if skip is not None else []
     runs, prompt_sets = stage_spec(lm, drafts, profile, args, budget, report, eos)
     report.spec = final_rows(runs, prompt_sets, report.drafts, args)
     report.save(args.out)
     attempt(report, "peers", lambda: stage_hf(lm, runs, prompt_sets, args, budget, report, eos))
+
+
+def scratch() -> str | None:
+    """Memory-backed /dev/shm for the tuning checkpoints where it has room (a head copy saves ~0.3 GB an epoch)."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 8 * 2**30 else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -698,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(args.seed)
     report = Report(setup_info(args, device))
     log(f"device {report.setup['device']}; budget {args.budget_min} min; out {args.out}")
-    with tempfile.TemporaryDirectory(prefix="llm-bench-") as work:
+    with tempfile.TemporaryDirectory(prefix="llm-bench-", dir=scratch()) as work:
         attempt(report, "benchmark", lambda: run_all(args, device, report, Path(work)))
     attempt(report, "plots", lambda: report.save(args.out, plots=True))
     print((args.out / "bench.md").read_text(encoding="utf-8"), flush=True)

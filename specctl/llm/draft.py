@@ -141,12 +141,16 @@ def head_copy(source: nn.Linear) -> nn.Linear:
 
 
 def build_draft(lm: LM, layer: int, tune_block: bool = False, head: str = "copy") -> Draft:
-    """The early-exit draft at `layer`, starting as the target's own head on block l's output (the 'logit lens')."""
+    """The early-exit draft at `layer`, starting as the target's own head on block l's output (the 'logit lens'):
+    a trainable copy of the head ("copy"), an adapter before the frozen head ("adapter"), or the target's head
+    itself ("target": the untuned exit, nothing to train, nothing copied)."""
     check_exit_layer(layer, lm.n_layers)
     parts = lm.parts
     last = copy.deepcopy(parts.layers[layer]).requires_grad_(True) if tune_block else parts.layers[layer]
     if head == "adapter":
         norm, out = AdaptedNorm(Adapter(parts.head.in_features, parts.head.weight), parts.norm), parts.head
+    elif head == "target":
+        norm, out = parts.norm, parts.head
     else:
         norm, out = parts.norm, head_copy(parts.head)
     model = assemble(lm, [*parts.layers[:layer], last], norm, out)

@@ -287,7 +287,7 @@ def finetune_heads(profile: LLMProfile, device: torch.device, run: RunDir, resum
                    {"checkpoint": str(folder)}) for d, folder in loaded]
     else:
         tuned = tune_all(lm, sets, profile, device, run, resume, progress, say)
-        copies = {d.layer: (build_draft(lm, d.layer), llm.kl_temperature, "copy", {"checkpoint": ""})
+        copies = {d.layer: (build_draft(lm, d.layer, head="target"), llm.kl_temperature, "copy", {"checkpoint": ""})
                   for d, *_ in tuned} if llm.eval_baseline else {}
         drafts = [x for layer in llm.layers() for x in ([copies[layer]] if layer in copies else []) + [
             d for d in tuned if d[0].layer == layer]]

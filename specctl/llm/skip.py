@@ -4,8 +4,9 @@ A greedy search in the spirit of Draft & Verify (Zhang et al. 2023) and SWIFT (X
 skip set by Bayesian optimisation or on the fly: on the target's own greedy replies to a few prompts (teacher
 forcing), the draft's top-1 agreement a with the target stands in for its greedy acceptance rate, and the share of
 blocks it keeps for its step cost c; the predicted speedup is (1 - a^(g+1)) / ((1 - a)(g c + 1)). From nothing
-skipped, each step leaves out the one more block that predicts the best speedup, until no block improves it. The
-first and the last block are always kept.
+skipped, each step leaves out the one more block that predicts the best speedup, up to half the blocks, and the
+best set along that path wins (one block saves little, so a step may lose a little acceptance before later ones
+pay). The first and the last block are always kept.
 """
 
 from __future__ import annotations
@@ -65,27 +66,22 @@ def agreement(lm: LM, skip: list[int], p: Probe) -> float:
 
 def search_skip(lm: LM, seqs: list[Tokens], gamma: int, batch_size: int = 8, say=None) -> SkipSearch:
     """The greedy skip set of the module docstring, over `seqs` (prompts with the target's replies counted)."""
-    p = probe(lm, seqs, batch_size)
-    n = lm.n_layers
+    p, n = probe(lm, seqs, batch_size), lm.n_layers
 
-    def score(skip: list[int]) -> tuple[float, float]:
-        a = agreement(lm, skip, p)
-        return predicted_speedup(a, gamma, (n - len(skip)) / n), a
+    def step(skip: list[int]) -> dict:
+        a, c = agreement(lm, skip, p), 1 - len(skip) / n
+        return {"skip": sorted(skip), "agreement": a, "predicted_speedup": predicted_speedup(a, gamma, c)}
 
-    speedup, a = score([])
-    best = SkipSearch([], a, speedup)
-    best.path.append({"skip": [], "agreement": best.agreement, "predicted_speedup": best.predicted_speedup})
-    while True:
-        tried = [(score(s), s) for s in ([*best.skip, i] for i in range(1, n - 1) if i not in best.skip)]
-        if not tried:
-            return best
-        (speedup, a), skip = max(tried, key=lambda x: x[0][0])
-        if speedup <= best.predicted_speedup:
-            return best
-        best = SkipSearch(sorted(skip), a, speedup, best.path)
-        best.path.append({"skip": best.skip, "agreement": a, "predicted_speedup": speedup})
+    path = [step([])]
+    while len(path[-1]["skip"]) < (n - 2) // 2:
+        skip = path[-1]["skip"]
+        path.append(max((step([*skip, i]) for i in range(1, n - 1) if i not in skip),
+                        key=lambda s: s["predicted_speedup"]))
         if say is not None:
-            say(f"layer skip search: leave out {best.skip}: agreement {a:.3f}, predicted speedup {speedup:.2f}x")
+            say(f"layer skip search: leave out {path[-1]['skip']}: agreement {path[-1]['agreement']:.3f}, predicted "
+                f"speedup {path[-1]['predicted_speedup']:.2f}x")
+    best = max(path, key=lambda s: s["predicted_speedup"])
+    return SkipSearch(best["skip"], best["agreement"], best["predicted_speedup"], path)
 
 
 def probe_sequences(profile: LLMProfile, lm: LM) -> list[Tokens]:

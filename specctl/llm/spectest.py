@@ -146,7 +146,7 @@ def pick_draft(profile: LLMProfile, lm: LM, say=None) -> Draft:
     if llm.draft_kind == "layer_skip":
         return build_skip_draft(lm, skip_layers(profile, lm, say))
     return load_draft(resolve_draft(llm.spec.draft, llm.exit_layer), lm) if llm.spec.draft else build_draft(
-        lm, llm.exit_layer)
+        lm, llm.exit_layer, head="target")
 
 
 def draft_label(profile: LLMProfile, draft: Draft) -> str:

@@ -73,5 +73,5 @@ def test_search_leaves_out_the_blocks_that_do_nothing():
     found = search_skip(lm, seqs, gamma=3)
     assert {2, 3} <= set(found.skip) and 0 not in found.skip and 5 not in found.skip
     assert found.predicted_speedup >= 4 / (3 * 4 / 6 + 1) - 1e-9  # both gone at full agreement
-    speedups = [step["predicted_speedup"] for step in found.path]
-    assert speedups[0] == pytest.approx(1.0) and speedups == sorted(speedups)
+    assert found.path[0]["predicted_speedup"] == pytest.approx(1.0) and len(found.path) == 3  # up to half the blocks
+    assert found.predicted_speedup == max(step["predicted_speedup"] for step in found.path)
