@@ -6,6 +6,8 @@ Spec-Bench `turns` (user messages), and plain `text`. Plain-text files (.txt) gi
 Chat examples are rendered with the tokenizer's chat template, else with SIMPLE_TEMPLATE:
 
     <|user|>\\n{content}\\n<|assistant|>\\n{content}<eos>\\n ...   (+ "<|assistant|>\\n" as the generation prompt)
+
+Prompts, reply-only loss masks and batches: chat.py; the target's own replies: replies.py.
 """
 
 from __future__ import annotations
