@@ -73,7 +73,7 @@ def search_skip(lm: LM, seqs: list[Tokens], gamma: int, batch_size: int = 8, say
         return {"skip": sorted(skip), "agreement": a, "predicted_speedup": predicted_speedup(a, gamma, c)}
 
     path = [step([])]
-    while len(path[-1]["skip"]) < (n - 2) // 2:
+    while len(path[-1]["skip"]) < max(1, (n - 2) // 2):
         skip = path[-1]["skip"]
         path.append(max((step([*skip, i]) for i in range(1, n - 1) if i not in skip),
                         key=lambda s: s["predicted_speedup"]))
@@ -101,8 +101,11 @@ def skip_layers(profile: LLMProfile, lm: LM, say=None) -> list[int]:
     """llm.skip_layers, searched where it says "search"."""
     skip = profile.llm.skip_layers
     if skip == "search":
-        return search_skip(lm, probe_sequences(profile, lm), profile.llm.spec.gamma, profile.train.batch_size,
-                           say).skip
+        found = search_skip(lm, probe_sequences(profile, lm), profile.llm.spec.gamma, profile.train.batch_size, say)
+        if not found.skip:
+            raise SpecctlError(f"llm.skip_layers = \"search\": leaving out any of the target's {lm.n_layers} blocks "
+                               "predicts no speedup on the search prompts (its acceptance falls too far)")
+        return found.skip
     if not skip:
         raise SpecctlError('llm.draft_kind = "layer_skip" needs llm.skip_layers: the blocks to leave out, or "search"')
     return list(skip)

@@ -198,9 +198,8 @@ def test_adapter_drafts_at_several_temperatures_and_layer_skip_spec_test(work):
                               "--set", "llm.spec.share_cache=true", "--json").output)
     assert tuned["identical_fraction"] == 1.0 and tuned["draft_kind"] == "early_exit"
     skip = json.loads(invoke("spec-test", "-p", profile, "--set", 'llm.draft_kind="layer_skip"',
-                             "--set", 'llm.skip_layers="search"', "--set", "llm.spec.temperature=0",
+                             "--set", "llm.skip_layers=[1]", "--set", "llm.spec.temperature=0",
                              "--set", "llm.spec.share_cache=true", "--json").output)
-    assert skip["identical_fraction"] == 1.0 and skip["draft_kind"] == "layer_skip"
-    assert 0 not in skip["skip_layers"] and 2 not in skip["skip_layers"]
+    assert skip["identical_fraction"] == 1.0 and skip["draft_kind"] == "layer_skip" and skip["skip_layers"] == [1]
     bad = runner.invoke(app, ["spec-test", "-p", profile, "--set", 'llm.draft_kind="layer_skip"'])
     assert bad.exit_code == 2 and "needs llm.skip_layers" in bad.output

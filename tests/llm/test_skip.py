@@ -10,11 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
+from specctl.backends import load_profile
 from specctl.core.errors import SpecctlError
 from specctl.llm.chat import text_tokens
 from specctl.llm.draft import build_skip_draft
 from specctl.llm.lm import LM, find_parts
-from specctl.llm.skip import search_skip
+from specctl.llm.skip import search_skip, skip_layers
 from specctl.llm.speculative import Decoding, Sampling
 from specctl.llm.static import StaticLM, static_pair
 from tests.llm.tiny import TEXTS, chat_tokenizer, tiny_llama
@@ -75,3 +76,13 @@ def test_search_leaves_out_the_blocks_that_do_nothing():
     assert found.predicted_speedup >= 4 / (3 * 4 / 6 + 1) - 1e-9  # both gone at full agreement
     assert found.path[0]["predicted_speedup"] == pytest.approx(1.0) and len(found.path) == 3  # up to half the blocks
     assert found.predicted_speedup == max(step["predicted_speedup"] for step in found.path)
+
+
+def test_spec_test_searches_on_the_targets_replies_to_training_prompts(tmp_path):
+    (tmp_path / "chat.jsonl").write_text("\n".join(f'{{"question": "{t}", "answer": "four"}}' for t in TEXTS[:8]))
+    profile = load_profile("", ["kind=\"llm\"", f"data.dir=\"{tmp_path}\"", "llm.train_files=[\"chat.jsonl\"]",
+                                "llm.draft_kind=\"layer_skip\"", "llm.skip_layers=\"search\"", "llm.search_prompts=3",
+                                "llm.spec.max_new_tokens=12", "llm.spec.gamma=3"])
+    assert {2, 3} <= set(skip_layers(profile, target(identity=(2, 3))))
+    with pytest.raises(SpecctlError, match="predicts no speedup on the search prompts"):
+        skip_layers(profile, target(layers=3))
