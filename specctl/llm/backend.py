@@ -41,7 +41,7 @@ class LLMBackend:
         from specctl.llm.spectest import run_llm_spec_test
 
         seed_everything(profile.seed)
-        return run_llm_spec_test(profile, device, run, progress)
+        return run_llm_spec_test(profile, device, run, progress, say)
 
     def sweep_session(self, profile: LLMProfile, device: torch.device, progress: Any) -> TrialSession:
         from specctl.core.errors import SpecctlError

@@ -1,7 +1,7 @@
 """Distillation loss and held-out metrics for an early-exit draft, token-weighted over the same mask.
 
-Position t predicts token t+1. A position counts when token t+1 is real (not padding) and t > 0 (the first
-token is masked: its context is a single token). KL is KL(p_target || p_draft) in nats/token.
+Position t predicts token t+1, and counts when token t+1 is a counted label (chat.Tokens: a reply token of a chat,
+any token of a plain text but the first two). KL is KL(p_target || p_draft) in nats/token.
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ import torch
 import torch.nn.functional as F
 
 
-def token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, L-1] bool: predictions that count (label real, not the first position)."""
-    mask = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
-    mask[:, 0] = False
-    return mask
+def token_mask(counted: torch.Tensor) -> torch.Tensor:
+    """[B, L-1] bool: the predictions that count (their label, the next token, is counted)."""
+    return counted[:, 1:].bool()
 
 
 def kl_per_token(teacher: torch.Tensor, draft: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -26,21 +24,20 @@ def kl_per_token(teacher: torch.Tensor, draft: torch.Tensor, temperature: float)
     return (log_p.exp() * (log_p - log_q)).sum(-1)  # sum_v p (log p - log q)
 
 
-def select(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def select(logits: torch.Tensor, ids: torch.Tensor, counted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The counted prediction rows [N, V] and their labels [N]."""
-    keep = token_mask(mask)
+    keep = token_mask(counted)
     return logits[:, :-1][keep], ids[:, 1:][keep]
 
 
-def distill_loss(teacher: torch.Tensor, draft: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                 temperature: float, kl_weight: float, ce_weight: float) -> torch.Tensor:
-    """kl_weight * T^2 * mean KL_T + ce_weight * mean CE(draft, labels)."""
-    t, labels = select(teacher, ids, mask)
-    d, _ = select(draft, ids, mask)
-    loss = kl_weight * temperature**2 * kl_per_token(t, d, temperature).mean()
+def objective(kl: torch.Tensor, draft: torch.Tensor, labels: torch.Tensor, temperature: float, kl_weight: float,
+              ce_weight: float) -> torch.Tensor:
+    """kl_weight * T^2 * mean KL_T + ce_weight * mean CE(draft, labels), from per-row KL and draft logits."""
+    loss = kl_weight * temperature**2 * kl.mean()
     if ce_weight:
-        loss = loss + ce_weight * F.cross_entropy(d.float(), labels)
+        loss = loss + ce_weight * F.cross_entropy(draft.float(), labels)
     return loss
+
 
 
 @dataclass
@@ -52,9 +49,9 @@ class HeldOut:
     tokens: int = 0
     sums: dict[str, float] = field(default_factory=dict)
 
-    def add(self, teacher: torch.Tensor, draft: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> None:
-        t, labels = select(teacher, ids, mask)
-        d, _ = select(draft, ids, mask)
+    def add(self, teacher: torch.Tensor, draft: torch.Tensor, ids: torch.Tensor, counted: torch.Tensor) -> None:
+        t, labels = select(teacher, ids, counted)
+        d, _ = select(draft, ids, counted)
         d, t = d.float(), t.float()
         topk = d.topk(min(self.k, d.shape[-1]), dim=-1).indices
         values = {
@@ -63,6 +60,7 @@ class HeldOut:
             "ce": F.cross_entropy(d, labels, reduction="none"),
             "top1": (d.argmax(-1) == labels).float(),
             "agreement": (d.argmax(-1) == t.argmax(-1)).float(),  # the greedy acceptance rate, teacher-forced
+            "overlap": torch.minimum(t.softmax(-1), d.softmax(-1)).sum(-1),  # sum_v min(p, q) at T = 1
             f"top{self.k}": (topk == labels[:, None]).any(-1).float(),
             "target_ce": F.cross_entropy(t, labels, reduction="none"),
             "target_top1": (t.argmax(-1) == labels).float(),

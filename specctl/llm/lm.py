@@ -1,4 +1,5 @@
-"""The target: a Hugging Face causal LM from a local folder, its tokenizer, and its decoder parts.
+"""The target: a Hugging Face causal LM (a folder, a hub id, a .gguf file or a packaged file: target.py), its
+tokenizer, and its decoder parts.
 
 Llama-family layout first (`model.model.layers`, `model.model.norm`, `model.lm_head`); other decoders are
 recognised when their base model holds the blocks under one of LAYER_NAMES and the final norm under NORM_NAMES.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 
 from specctl.core.errors import SpecctlError
+from specctl.llm.target import Target, resolve_target
 
 LAYER_NAMES = ("layers", "h", "blocks", "block")
 NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f")
@@ -37,8 +41,9 @@ class Parts:
 class LM:
     model: nn.Module  # a transformers PreTrainedModel with a causal-LM head
     tokenizer: object  # a transformers tokenizer
-    path: str
+    path: str  # llm.target as written
     parts: Parts
+    stored_dtype: torch.dtype | None = None  # the dtype its weights are saved in (drafts are stored in it)
 
     @property
     def n_layers(self) -> int:
@@ -80,6 +85,13 @@ def find_parts(model: nn.Module) -> Parts:
     return Parts(base, layers_name, getattr(base, layers_name), norm, head)
 
 
+def eos_ids(lm: LM) -> frozenset[int]:
+    """The tokens that end a reply: the generation config's and the tokenizer's end-of-sequence tokens."""
+    ids = lm.model.generation_config.eos_token_id
+    ids = ids if isinstance(ids, list) else [ids]
+    return frozenset(i for i in [*ids, lm.tokenizer.eos_token_id] if i is not None)
+
+
 def check_exit_layer(layer: int, n_layers: int) -> None:
     if not 0 <= layer < n_layers:
         raise SpecctlError(f"exit layer {layer} out of range: the target has {n_layers} decoder layers "
@@ -106,11 +118,13 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def load_tokenizer(ref: str):
+def load_tokenizer(ref: str, local_files_only: bool | None = None):
+    """A tokenizer folder or hub id (local files only for a folder, by default)."""
     from transformers import AutoTokenizer
 
+    local = Path(ref).exists() if local_files_only is None else local_files_only
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref, local_files_only=Path(ref).exists())
+        tokenizer = AutoTokenizer.from_pretrained(ref, local_files_only=local)
     except (OSError, ValueError) as e:
         raise SpecctlError(f"cannot load a tokenizer from '{ref}': {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
@@ -118,22 +132,46 @@ def load_tokenizer(ref: str):
     return tokenizer
 
 
-def load_lm(ref: str | None, device: torch.device, tokenizer: str | None = None, dtype: str = "fp32") -> LM:
+def stored_dtype(target: Target) -> torch.dtype | None:
+    """The dtype config.json records for the weights (None where it records none)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(target.location, local_files_only=target.local_files_only)
+    name = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    return getattr(torch, name) if isinstance(name, str) else name
+
+
+def load_lm(ref: str | None, device: torch.device, tokenizer: str | None = None, dtype: str = "fp32",
+            offline: bool = False) -> LM:
     """A frozen target in eval mode: every parameter has requires_grad False (tuning never changes it)."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
-    if not ref:
-        raise SpecctlError("no target model: set llm.target to a Hugging Face model folder (e.g. the one "
-                           "`specctl pretrain` writes for an llm profile)")
-    if not Path(ref).exists() and ref.count("/") != 1:  # neither a folder nor a hub id (owner/name)
-        raise SpecctlError(f"target model not found: {ref}")
+    target = resolve_target(ref, offline)
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=DTYPES[dtype], local_files_only=Path(ref).exists())
+        native = stored_dtype(target)
+        model = AutoModelForCausalLM.from_pretrained(target.location, dtype=DTYPES[dtype],
+                                                     local_files_only=target.local_files_only)
     except (OSError, ValueError) as e:
-        raise SpecctlError(f"cannot load a causal LM from '{ref}': {str(e).splitlines()[0]}") from None
+        hint = " (llm.offline / HF_HUB_OFFLINE: only the local Hugging Face cache is read)" if (
+            target.local_files_only and target.location == ref) else ""
+        raise SpecctlError(f"cannot load a causal LM from '{ref}': {str(e).splitlines()[0]}{hint}") from None
     model.to(device).eval().requires_grad_(False)
     parts = find_parts(model)
-    tok = load_tokenizer(ref if tokenizer in (None, *BUILT_TOKENIZERS) else tokenizer)
+    own = tokenizer in (None, *BUILT_TOKENIZERS)
+    tok = load_tokenizer(target.location, target.local_files_only) if own else load_tokenizer(tokenizer)
     check_vocab(tok, parts.head.weight.shape[0], f"target {ref}")
-    return LM(model, tok, str(ref), parts)
+    return LM(model, tok, str(ref), parts, native)
+
+
+@contextmanager
+def block_outputs(blocks: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """The hidden states [B, T, H] that `blocks` output during the forwards inside the `with`, in call order."""
+    states: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, a, out: states.append(out[0] if isinstance(out, tuple) else out))
+             for b in blocks]
+    try:
+        yield states
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -26,7 +26,15 @@ from specctl.core.data_dir import data_dir
 from specctl.core.errors import SpecctlError
 from specctl.core.rundir import RunDir
 from specctl.core.train import Task, fit
-from specctl.llm.lm import autocast, check_exit_layer, find_parts, load_lm, load_tokenizer, quiet_transformers
+from specctl.llm.lm import (
+    autocast,
+    block_outputs,
+    check_exit_layer,
+    find_parts,
+    load_lm,
+    load_tokenizer,
+    quiet_transformers,
+)
 from specctl.llm.profile import ArchConfig, LLMProfile
 from specctl.llm.text import (
     ROLE_TAGS,
@@ -166,19 +174,6 @@ def exit_blocks(model: nn.Module, layers: list[int], weight: float) -> list[nn.M
         except SpecctlError as e:
             raise SpecctlError(f"llm.early_exit_layers: {e}") from None
     return [blocks[i] for i in sorted(set(layers or range(len(blocks) - 1)))]
-
-
-@contextmanager
-def block_outputs(blocks: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
-    """The hidden states [B, T, H] that `blocks` output during the forwards inside the `with`, in call order."""
-    states: list[torch.Tensor] = []
-    hooks = [b.register_forward_hook(lambda m, a, out: states.append(out[0] if isinstance(out, tuple) else out))
-             for b in blocks]
-    try:
-        yield states
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 def dropout_rates(n_layers: int, top: float) -> list[float]:

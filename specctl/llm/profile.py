@@ -1,10 +1,12 @@
 """The [llm] table of a profile and the profile of kind "llm": target LM, early-exit draft, KL tuning and
 speculative sampling.
 
-Research-plan names: exit layer `ℓ` -> llm.exit_layer / llm.exit_layers, `--ft_last_transformer` -> llm.tune_block,
-KL temperature `T` -> llm.kl_temperature, `CE + KL` -> llm.ce_weight, `γ` -> llm.spec.gamma,
-`--checkpoint_glob` -> llm.eval_only; LayerSkip's early-exit loss in the target's training -> llm.early_exit_weight,
-its layer dropout -> llm.layer_dropout.
+Research-plan names: exit layer `ℓ` -> llm.exit_layer / llm.exit_layers, `--ft_head` -> llm.draft_head = "copy",
+`--ft_last_transformer` -> llm.tune_block, KL temperature `T` -> llm.kl_temperature (llm.kl_temperatures tunes one
+draft per T), `CE + KL` -> llm.ce_weight, `γ` -> llm.spec.gamma, `--checkpoint_glob` -> llm.eval_only; LayerSkip's
+early-exit loss in the target's training -> llm.early_exit_weight, its layer dropout -> llm.layer_dropout.
+Beyond the plan: an adapter before the frozen final norm and head (llm.draft_head = "adapter"), self-speculation by
+layer skipping (llm.draft_kind = "layer_skip", llm.skip_layers), on-policy replies (llm.replies = "target").
 Optimisation (lr, epochs, patience, ...) lives in the shared [train] table.
 """
 
@@ -44,7 +46,7 @@ class LLMSpecConfig(Strict):
     max_new_tokens: int = Field(64, ge=1)
     prompts: str = "spec_bench_question.jsonl"
     n_prompts: int = Field(16, ge=1)
-    max_prompt_tokens: int = Field(256, ge=1)  # longer prompts keep their last tokens
+    max_prompt_tokens: int = Field(256, ge=1)  # a longer chat prompt loses the end of its user text (chat.py)
     stop_at_eos: bool = True
     share_cache: bool = False  # self-speculation: the draft reads/writes the target's KV cache for layers <= l
     cuda_graphs: bool = True  # replay decode steps and verifies as CUDA graphs (ignored on CPU)
@@ -55,13 +57,33 @@ class LLMSpecConfig(Strict):
 
 
 class LLMConfig(Strict):
-    target: str | None = None  # a local Hugging Face causal-LM folder (or hub id, if online)
+    # a Hugging Face folder, a hub id owner/name, a .gguf file (converted once, cached by its sha256) or
+    # package:<module>/<file> inside an installed Python package (specctl/llm/target.py)
+    target: str | None = None
+    offline: bool = False  # a hub id is read from the local Hugging Face cache only (also: HF_HUB_OFFLINE=1)
     tokenizer: str | None = None  # a tokenizer folder; pretrain also builds "bpe" (default) or "gpt2" (data dir)
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # compute dtype (autocast while training)
     exit_layer: int = 0  # 0-based; the draft keeps blocks 0..exit_layer
     exit_layers: list[int] = []  # finetune-head trains one draft per layer; empty = [exit_layer]
+    draft_kind: Literal["early_exit", "layer_skip"] = "early_exit"  # spec-test: what drafts for the target
+    # layer_skip: the target's blocks the draft leaves out (its own norm and head, nothing trained), or "search":
+    # chosen greedily for the best predicted speedup on llm.search_prompts prompts of llm.train_files
+    skip_layers: list[int] | Literal["search"] = []
+    search_prompts: int = Field(4, ge=1)
+    draft_head: Literal["copy", "adapter"] = "copy"  # tune a copy of the LM head, or a zero-initialised affine
+    # map h + W h + b before the frozen final norm and head
     tune_block: bool = False  # option B: also tune (an untied copy of) block exit_layer
     kl_temperature: float = Field(1.0, gt=0.0)
+    kl_temperatures: list[float] = []  # finetune-head tunes one draft per temperature; empty = [kl_temperature]
+    teacher_top_k: int = Field(64, ge=0)  # target logits kept per token in the teacher cache; 0 = all of them
+    token_batch: int = Field(512, ge=1)  # tokens per step when tuning a head or adapter (option B: sequences,
+    # train.batch_size)
+    # where the replies of chat examples come from: the files ("data"), or the target itself ("target": its
+    # greedy / sampled answer to each first user turn, generated once and cached with `datasets`)
+    replies: Literal["data", "target"] = "data"
+    reply_tokens: int = Field(128, ge=1)  # the longest generated reply (prompts get max_len - reply_tokens)
+    reply_temperature: float = Field(0.0, ge=0.0)  # 0 = greedy
+    reply_batch: int = Field(16, ge=1)  # prompts generated together (left-padded)
     kl_weight: float = Field(1.0, ge=0.0)
     ce_weight: float = Field(0.0, ge=0.0)  # loss = ce_weight * CE + kl_weight * T^2 KL
     train_files: list[str] = ["sharegpt_v3_filtered_1000_prompts.json"]
@@ -83,6 +105,9 @@ class LLMConfig(Strict):
 
     def layers(self) -> list[int]:
         return self.exit_layers or [self.exit_layer]
+
+    def temperatures(self) -> list[float]:
+        return self.kl_temperatures or [self.kl_temperature]
 
 
 class LLMProfile(Profile):

@@ -17,12 +17,14 @@ from specctl.core.data_dir import data_dir
 from specctl.core.files import write_csv
 from specctl.core.rundir import RunDir
 from specctl.core.runtime import synchronize
-from specctl.llm.draft import Draft, build_draft, load_draft, resolve_draft
-from specctl.llm.lm import LM, load_lm
+from specctl.llm.chat import prompt_ids
+from specctl.llm.draft import Draft, build_draft, build_skip_draft, load_draft, resolve_draft
+from specctl.llm.lm import LM, eos_ids, load_lm
 from specctl.llm.profile import LLMProfile
-from specctl.llm.speculative import Decoding, Sampling
+from specctl.llm.skip import skip_layers
+from specctl.llm.speculative import Decoding, Generation, Sampling, predicted_speedup
 from specctl.llm.static import static_pair
-from specctl.llm.text import load_examples, prompt_ids, resolve_text_file
+from specctl.llm.text import load_examples, resolve_text_file
 
 # metric: (numerator, denominator) summed over prompts; bootstrap resamples prompts and recomputes the ratio
 RATIOS = {
@@ -54,6 +56,8 @@ DEFINITIONS = {
     "predicted_speedup_v": "(1 - a^(g+1)) / ((1 - a)(g c + v)) with v = v_hat: predicted_speedup with the measured "
                            "cost of a verification instead of one step; the rest of a gap to speedup is per-round "
                            "overhead (acceptance, bookkeeping, prefill, the last round's overshoot)",
+    "draft / draft_kind / skip_layers": "the draft: a finetune-head checkpoint, the untuned exit, or the target "
+                                        "without blocks skip_layers (layer skip)",
     "identical_fraction": "greedy only: fraction of prompts where speculative output == vanilla output",
     "peak_mem_gb": "torch.cuda.max_memory_allocated over the run (None on CPU)",
     "cuda_graphs": "whether vanilla steps and speculative rounds replayed CUDA graphs (never on CPU)",
@@ -99,6 +103,8 @@ class LLMSpecTestResult:
     share_cache: bool
     cuda_graphs: bool
     draft: str
+    draft_kind: str
+    skip_layers: list[int]
     target: str
     samples: list[dict[str, str]] = field(default_factory=list)  # a few decoded prompts and outputs
 
@@ -119,12 +125,6 @@ class SpecSetup:
     eos: frozenset[int]
 
 
-def eos_ids(lm: LM) -> frozenset[int]:
-    ids = lm.model.generation_config.eos_token_id
-    ids = ids if isinstance(ids, list) else [ids]
-    return frozenset(i for i in [*ids, lm.tokenizer.eos_token_id] if i is not None)
-
-
 def load_prompts(profile: LLMProfile, tokenizer) -> list[list[int]]:
     """A fixed prompt set: n_prompts examples of the prompts file, sampled with the profile seed."""
     spec = profile.llm.spec
@@ -136,14 +136,23 @@ def load_prompts(profile: LLMProfile, tokenizer) -> list[list[int]]:
 
 def load_target(profile: LLMProfile, device: torch.device) -> LM:
     llm = profile.llm
-    return load_lm(llm.target, device, llm.tokenizer, llm.dtype)
+    return load_lm(llm.target, device, llm.tokenizer, llm.dtype, llm.offline)
 
 
-def pick_draft(profile: LLMProfile, lm: LM) -> Draft:
-    """The draft at llm.exit_layer: the llm.spec.draft checkpoint for that layer, else the untuned head copy."""
+def pick_draft(profile: LLMProfile, lm: LM, say=None) -> Draft:
+    """A layer-skip draft (llm.draft_kind = "layer_skip"), or the early exit at llm.exit_layer: the llm.spec.draft
+    checkpoint for that layer, else the untuned exit (the target's own head)."""
     llm = profile.llm
+    if llm.draft_kind == "layer_skip":
+        return build_skip_draft(lm, skip_layers(profile, lm, say))
     return load_draft(resolve_draft(llm.spec.draft, llm.exit_layer), lm) if llm.spec.draft else build_draft(
-        lm, llm.exit_layer)
+        lm, llm.exit_layer, head="target")
+
+
+def draft_label(profile: LLMProfile, draft: Draft) -> str:
+    if draft.skip:
+        return f"layer skip {list(draft.skip)}"
+    return profile.llm.spec.draft or "untuned head copy"
 
 
 def setup(profile: LLMProfile, lm: LM, draft: Draft) -> SpecSetup:
@@ -178,7 +187,12 @@ def run_prompt(s: SpecSetup, profile: LLMProfile, index: int, device: torch.devi
     for name in order:
         torch.manual_seed(profile.seed + index)
         done[name] = timed(runs[name], device)
-    (base, t_van), (fast, t_spec) = done["vanilla"], done["spec"]
+    return prompt_row(index, prompt, *done["vanilla"], *done["spec"])
+
+
+def prompt_row(index: int, prompt: list[int], base: Generation, t_van: float, fast: Generation,
+               t_spec: float) -> dict:
+    """The per-prompt sums of a vanilla and a speculative generation of one prompt (what `ratios` reads)."""
     accepted = [a for _, a in fast.rounds]
     return {
         "prompt": index, "prompt_tokens": len(prompt),
@@ -223,13 +237,6 @@ def position_acceptance(rows: list[dict], gamma: int) -> list[float]:
     return out
 
 
-def predicted_speedup(alpha: float, gamma: int, c: float, v: float = 1.0) -> float:
-    """Leviathan et al.'s walltime speedup: tokens per round / round cost in target steps (a verification
-    costing v steps; their formula has v = 1)."""
-    tokens = gamma + 1 if alpha >= 1.0 else (1 - alpha ** (gamma + 1)) / (1 - alpha)  # E[tokens per round]
-    return tokens / (gamma * c + v)
-
-
 def accepted_lengths(rows: list[dict], gamma: int) -> list[float]:
     """The fraction of rounds that accepted k draft tokens, k = 0..gamma."""
     counts = np.bincount([a for r in rows for a in r["accepted_per_round"]], minlength=gamma + 1)
@@ -267,17 +274,19 @@ def measure_prompts(s: SpecSetup, profile: LLMProfile, device: torch.device,
         n_prompts=len(rows), gamma=spec.gamma, exit_layer=s.draft.layer, target_layers=s.lm.n_layers,
         temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, max_new_tokens=spec.max_new_tokens,
         share_cache=spec.share_cache, cuda_graphs=s.decoding.graphed,
-        draft=spec.draft or "untuned head copy", target=s.lm.path,
+        draft=draft_label(profile, s.draft), draft_kind=s.draft.kind, skip_layers=list(s.draft.skip),
+        target=s.lm.path,
     )
     if progress is not None:
         progress.remove_task(task)
     return result, rows
 
 
-def run_llm_spec_test(profile: LLMProfile, device: torch.device, run: RunDir, progress=None) -> LLMSpecTestResult:
+def run_llm_spec_test(profile: LLMProfile, device: torch.device, run: RunDir, progress=None,
+                      say=None) -> LLMSpecTestResult:
     """Run vanilla and speculative decoding on the profile's prompts; write per_prompt.csv and samples.json."""
     lm = load_target(profile, device)
-    s = setup(profile, lm, pick_draft(profile, lm))
+    s = setup(profile, lm, pick_draft(profile, lm, say))
     result, rows = measure_prompts(s, profile, device, progress)
     scalar = [k for k in rows[0] if not isinstance(rows[0][k], list)]
     write_csv(run.path / "per_prompt.csv", rows, scalar)

@@ -94,6 +94,13 @@ def verify_greedy(best: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tenso
     return n, best.index_select(0, n), match.float()
 
 
+def predicted_speedup(alpha: float, gamma: int, c: float, v: float = 1.0) -> float:
+    """Leviathan et al.'s walltime speedup: tokens per round / round cost in target steps (a verification
+    costing v steps; their formula has v = 1)."""
+    tokens = gamma + 1 if alpha >= 1.0 else (1 - alpha ** (gamma + 1)) / (1 - alpha)  # E[tokens per round]
+    return tokens / (gamma * c + v)
+
+
 @dataclass
 class Tape:
     """What a decode step or a round reads and writes: the token sequence and the position counter, both on the

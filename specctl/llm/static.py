@@ -31,14 +31,19 @@ DYNAMIC_ROPE = ("dynamic", "longrope")  # frequencies that change with the seque
 class StaticCache:
     k: torch.Tensor  # [layers, 1, kv_heads, max_len, head_dim]
     v: torch.Tensor
+    layers: tuple[int, ...] | None = None  # the layers of k and v a model's blocks use, in order (None: all)
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def first(self, n: int) -> StaticCache:
-        """Layers 0..n-1 of this cache (views: writes go here)."""
-        return StaticCache(self.k[:n], self.v[:n])
+    def select(self, layers: list[int]) -> StaticCache:
+        """Some layers of this cache, for another model's blocks (views: writes go here)."""
+        return StaticCache(self.k, self.v, tuple(layers))
+
+    def views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(k, v) of each block in order."""
+        return [(self.k[i], self.v[i]) for i in (self.layers or range(self.k.shape[0]))]
 
     def shares(self, other: StaticCache) -> bool:
         return self.k.data_ptr() == other.k.data_ptr()
@@ -100,6 +105,7 @@ class StaticLM:
         self.windows = windows(model.config, len(self.layers))
         self.device = parts.head.weight.device
         self.cache = cache or new_cache(model, max_len)
+        self.kv = self.cache.views()
         self.slots = torch.arange(self.cache.max_len, device=self.device)
         with torch.inference_mode():  # RoPE's cos and sin at every slot, once: a call looks its positions up
             like = torch.empty(1, dtype=parts.head.weight.dtype, device=self.device)
@@ -112,9 +118,8 @@ class StaticLM:
         x = self.embed(ids)[None]
         cos, sin = (t.index_select(0, pos)[None, None] for t in (self.cos, self.sin))  # [1, 1, T, head_dim]
         masks = {w: visible(self.slots, pos, w) for w in set(self.windows)}
-        for i, layer in enumerate(self.layers):
-            x = x + attend(layer.self_attn, layer.input_layernorm(x), cos, sin, pos, masks[self.windows[i]],
-                           self.cache.k[i], self.cache.v[i])
+        for i, (layer, (k, v)) in enumerate(zip(self.layers, self.kv)):
+            x = x + attend(layer.self_attn, layer.input_layernorm(x), cos, sin, pos, masks[self.windows[i]], k, v)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.head(self.norm(x))[0]
 
@@ -181,13 +186,15 @@ def decoder(model: nn.Module, max_len: int) -> Decoder:
 
 def static_pair(target: nn.Module, draft: nn.Module, max_len: int,
                 share_cache: bool = False) -> tuple[Decoder, Decoder]:
-    """The target's and the draft's decoders; with `share_cache` the draft's cache is the target's layers 0..l, which
-    the target's passes keep up to date. Models outside the static path get DynamicLM."""
-    layers = find_parts(draft).layers
-    if share_cache and any(a is not b for a, b in zip(layers, find_parts(target).layers)):
-        raise SpecctlError("llm.spec.share_cache needs a draft that shares blocks 0..l with the target "
-                           "(this draft was trained with tune_block = true)")
+    """The target's and the draft's decoders; with `share_cache` each draft block reads and writes the target's cache
+    layer of the same block (an early exit: layers 0..l; a layer-skip draft: the layers it keeps), which the
+    target's passes keep up to date. Models outside the static path get DynamicLM."""
     if share_cache:
+        index = {id(b): i for i, b in enumerate(find_parts(target).layers)}
+        layers = [index.get(id(b)) for b in find_parts(draft).layers]
+        if None in layers:
+            raise SpecctlError("llm.spec.share_cache needs a draft made of the target's own blocks (this draft "
+                               "was trained with tune_block = true)")
         tgt = StaticLM(target, max_len)  # the shared cache is a static one
-        return tgt, StaticLM(draft, max_len, tgt.cache.first(len(layers)))
+        return tgt, StaticLM(draft, max_len, tgt.cache.select(layers))
     return decoder(target, max_len), decoder(draft, max_len)

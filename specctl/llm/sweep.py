@@ -12,7 +12,7 @@ from specctl.llm.profile import LLMProfile
 from specctl.llm.spectest import load_target, measure_prompts, pick_draft, setup
 
 # keys a trial may change without reloading the target (pydantic `exclude` form)
-PER_TRIAL = {"seed": True, "llm": {"exit_layer", "spec"}}
+PER_TRIAL = {"seed": True, "llm": {"exit_layer", "spec", "draft_kind", "skip_layers"}}
 
 
 def shared(profile: LLMProfile) -> dict[str, Any]:
@@ -25,6 +25,7 @@ def csv_columns(metrics: dict[str, Any]) -> dict[str, Any]:
     confidence intervals as <metric>_ci_low / _ci_high, without the definitions text."""
     nested = ("position_acceptance", "accepted_lengths", "ci")
     out = {k: v for k, v in metrics.items() if k not in nested}
+    out["skip_layers"] = " ".join(map(str, metrics["skip_layers"]))
     out.update({f"position_acceptance_{i}": p for i, p in enumerate(metrics["position_acceptance"], start=1)})
     out.update({f"accepted_len_{k}": f for k, f in enumerate(metrics["accepted_lengths"])})
     for name, (low, high) in metrics["ci"].items():
@@ -38,13 +39,15 @@ class LLMSpecSession:
     def __init__(self, profile: LLMProfile, device: torch.device, progress: Any = None) -> None:
         self.profile, self.device, self.progress = profile, device, progress
         self.lm = load_target(profile, device)
-        self.drafts: dict[tuple[str | None, int], Draft] = {}
+        self.drafts: dict[tuple, Draft] = {}
 
     def compatible(self, profile: LLMProfile) -> bool:
         return shared(profile) == shared(self.profile)
 
     def draft(self, profile: LLMProfile) -> Draft:
-        key = (profile.llm.spec.draft, profile.llm.exit_layer)
+        llm = profile.llm
+        key = (llm.draft_kind, str(llm.skip_layers)) if llm.draft_kind == "layer_skip" else (
+            llm.spec.draft, llm.exit_layer)
         if key not in self.drafts:
             self.drafts[key] = pick_draft(profile, self.lm)
         return self.drafts[key]

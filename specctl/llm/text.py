@@ -6,6 +6,8 @@ Spec-Bench `turns` (user messages), and plain `text`. Plain-text files (.txt) gi
 Chat examples are rendered with the tokenizer's chat template, else with SIMPLE_TEMPLATE:
 
     <|user|>\\n{content}\\n<|assistant|>\\n{content}<eos>\\n ...   (+ "<|assistant|>\\n" as the generation prompt)
+
+Prompts, reply-only loss masks and batches: chat.py; the target's own replies: replies.py.
 """
 
 from __future__ import annotations
@@ -130,43 +132,6 @@ def encode(example: Example, tokenizer, max_len: int) -> list[int]:
     return ids[:max_len]
 
 
-def prompt_ids(example: Example, tokenizer, max_tokens: int) -> list[int]:
-    """A generation prompt: the turns up to the first user turn + the generation prompt (chat), or the first
-    half of the tokens (plain text); longer prompts keep their last `max_tokens` tokens."""
-    if example.messages is None:
-        ids = tokenizer(example.text or "")["input_ids"]
-        ids = ids[: max(1, len(ids) // 2)]
-    else:
-        first = next((i for i, m in enumerate(example.messages) if m["role"] == "user"), 0)
-        turns = example.messages[: first + 1]
-        text = tokenizer.apply_chat_template(turns, chat_template=template(tokenizer), tokenize=False,
-                                             add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids[-max_tokens:]
-
-
 def contents(examples: list[Example]) -> list[str]:
     """Raw strings (message contents and texts), e.g. to train a tokenizer before any template exists."""
     return [m["content"] for e in examples for m in (e.messages or [])] + [e.text for e in examples if e.text]
-
-
-def batches(seqs: list[list[int]], size: int, pad_id: int, device, seed: int | None = None, shard: bool = False):
-    """(ids, attention_mask) batches, right-padded to the longest sequence; shuffled when a seed is given. With
-    `shard` under torchrun: this process's part of each batch (core/distributed.py)."""
-    import torch
-
-    from specctl.core import distributed
-
-    order = list(range(len(seqs)))
-    if seed is not None:
-        random.Random(seed).shuffle(order)
-    parts = (order[start:start + size] for start in range(0, len(order), size))
-    for part in distributed.shard_batches(parts) if shard else parts:
-        chunk = [seqs[i] for i in part]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, s in enumerate(chunk):
-            ids[row, : len(s)] = torch.tensor(s)
-            mask[row, : len(s)] = 1
-        yield ids.to(device), mask.to(device)

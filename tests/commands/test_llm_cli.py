@@ -188,3 +188,23 @@ def test_llm_pretrain_prints_one_line_per_epoch_when_not_a_terminal(work):
     out = invoke("pretrain", "-p", str(work / "tiny.toml"), "--set", f'train.save_to="{work}/target-lines"',
                  "--set", "train.max_steps_per_epoch=2", "--set", f'run_root="{work}/runs-lines"').output
     assert "epoch 1: train" in out and "epoch 2: train" in out  # (#22, 10: piped output printed nothing)
+
+def test_adapter_drafts_at_several_temperatures_and_layer_skip_spec_test(work):
+    profile = str(work / "tiny.toml")
+    out = json.loads(invoke("finetune-head", "-p", profile, "--set", 'llm.draft_head="adapter"',
+                            "--set", "llm.kl_temperatures=[1.0, 2.0]", "--set", "llm.exit_layers=[1]",
+                            "--set", f'train.save_to="{work}/adapters"', "--json").output)
+    assert [(r["head"], r["kl_temperature"]) for r in out["rows"]] == [("copy", 1.0), ("adapter", 1.0),
+                                                                       ("adapter", 2.0)]
+    assert out["rows"][1]["val_kl"] < out["rows"][0]["val_kl"] and "val_overlap" in out["rows"][0]
+    assert (work / "adapters" / "layer1_T2" / "model.safetensors").is_file()
+    tuned = json.loads(invoke("spec-test", "-p", profile, "--set", "llm.exit_layer=1", "--set",
+                              f'llm.spec.draft="{work}/adapters/layer1_T1"', "--set", "llm.spec.temperature=0",
+                              "--set", "llm.spec.share_cache=true", "--json").output)
+    assert tuned["identical_fraction"] == 1.0 and tuned["draft_kind"] == "early_exit"
+    skip = json.loads(invoke("spec-test", "-p", profile, "--set", 'llm.draft_kind="layer_skip"',
+                             "--set", "llm.skip_layers=[1]", "--set", "llm.spec.temperature=0",
+                             "--set", "llm.spec.share_cache=true", "--json").output)
+    assert skip["identical_fraction"] == 1.0 and skip["draft_kind"] == "layer_skip" and skip["skip_layers"] == [1]
+    bad = runner.invoke(app, ["spec-test", "-p", profile, "--set", 'llm.draft_kind="layer_skip"'])
+    assert bad.exit_code == 2 and "needs llm.skip_layers" in bad.output

@@ -92,6 +92,6 @@ def test_llm_sweep_reuses_one_session_and_plots(work, finetuned, tmp_path, monke
     assert_title_clear_of_labels(PLOTS["layer_acceptance"], pd.read_csv(csv).assign(status="ok"))
 
     quality = json.loads(cli(plot, str(finetuned), "--out", str(tmp_path / "quality"), "--only", "layer_quality",
-                             "--json").output)
+                             "--only", "layer_agreement", "--json").output)
     assert quality["skipped"] == {}
-    assert_figures(quality["files"], ["layer_quality"])
+    assert_figures(quality["files"], ["layer_quality", "layer_agreement"])

@@ -16,8 +16,9 @@ from torch import nn
 
 from specctl.backends import load_profile
 from specctl.core.errors import SpecctlError
+from specctl.llm.chat import text_tokens
 from specctl.llm.draft import build_draft, load_draft
-from specctl.llm.finetune import TextSets, checksum, evaluate, train_draft
+from specctl.llm.finetune import TextSets, checksum, evaluate_drafts, tune
 from specctl.llm.lm import LM, find_parts, load_lm
 from specctl.llm.pretrain import (
     block_outputs,
@@ -32,6 +33,7 @@ from specctl.llm.pretrain import (
 from specctl.llm.profile import ArchConfig
 from specctl.llm.speculative import Decoding, Sampling, distribution, verify, verify_greedy
 from specctl.llm.static import DynamicLM, StaticLM, static_pair
+from specctl.llm.teacher import record
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "the", "dog", "ran", "to", "the", "park", "where",
          "birds", "sing", "all", "day", "long"]
@@ -71,8 +73,16 @@ def tiny_model(vocab: int, layers: int = 3, seed: int = 0) -> LM:
 
 
 def sets_for(lm: LM, n: int = 24) -> TextSets:
-    seqs = [lm.tokenizer(t)["input_ids"] for t in TEXTS[:n]]
+    seqs = [text_tokens(t, lm.tokenizer, 64) for t in TEXTS[:n]]
     return TextSets(train=seqs[: n // 2], held_out={"val": seqs[n // 2:]})
+
+
+def train_draft(draft, sets: TextSets, profile, ckpt):
+    """Tune one draft from a teacher cache of `sets`, as finetune-head does."""
+    llm, t = profile.llm, profile.llm.kl_temperature
+    caches = [record(draft.target, seqs, [draft.layer], [t], llm.teacher_top_k, profile.train.batch_size,
+                     draft.tune_block) for seqs in (sets.train, sets.held_out["val"])]
+    return tune(draft, *caches, t, profile, torch.device("cpu"), ckpt)
 
 
 def test_exit_layer_out_of_range(lm):
@@ -143,7 +153,7 @@ def test_layer_dropout_skips_later_blocks_per_sequence_in_training_only(lm):
 def test_last_layer_with_target_head_has_zero_kl_and_full_acceptance(lm, share):
     draft = build_draft(lm, lm.n_layers - 1)
     profile = load_profile("", ["kind=\"llm\"", "llm.kl_temperature=2.0"])
-    metrics = evaluate(draft, sets_for(lm).held_out["val"], profile, torch.device("cpu"))
+    metrics = evaluate_drafts([draft], [2.0], sets_for(lm).held_out["val"], profile, torch.device("cpu"))[0]
     assert metrics["kl"] == pytest.approx(0, abs=1e-6) and metrics["kl_t1"] == pytest.approx(0, abs=1e-6)
     assert metrics["top1"] == metrics["target_top1"] and metrics["ce"] == pytest.approx(metrics["target_ce"])
     assert metrics["agreement"] == 1.0
@@ -161,7 +171,7 @@ def test_finetuning_never_changes_the_target_and_reloads(lm, tmp_path):
     before = checksum(lm.model)
     draft = build_draft(lm, 1, tune_block=True)
     head_before = draft.model.lm_head.weight.clone()
-    result = train_draft(draft, sets_for(lm), profile, torch.device("cpu"), tmp_path / "ckpt")
+    result = train_draft(draft, sets_for(lm), profile, tmp_path / "ckpt")
     assert checksum(lm.model) == before
     assert not torch.equal(draft.model.lm_head.weight, head_before)
     assert result.epochs_done == 2 and (tmp_path / "ckpt" / "best" / "model.safetensors").is_file()
@@ -173,8 +183,7 @@ def test_finetuning_never_changes_the_target_and_reloads(lm, tmp_path):
 def test_draft_for_another_vocabulary_is_refused(lm, tmp_path):
     draft = build_draft(lm, 0)
     train_draft(draft, sets_for(lm), load_profile("", ["kind=\"llm\"", "train.epochs=1",
-                                                       "train.max_steps_per_epoch=1"]),
-                torch.device("cpu"), tmp_path / "ckpt")
+                                                       "train.max_steps_per_epoch=1"]), tmp_path / "ckpt")
     other = make_target(tmp_path / "other", 280)
     with pytest.raises(SpecctlError, match="tokenizer/vocab mismatch between target and draft"):
         load_draft(tmp_path / "ckpt" / "best", other)
@@ -268,16 +277,18 @@ def test_speculative_sampling_matches_the_target_distribution():
 
 
 def random_decoder(kind: str, seed: int = 0) -> nn.Module:
-    """A random tiny decoder with grouped-query attention (2 kv heads for 4 query heads); the Mistral and Qwen2
-    ones with a sliding window shorter than the sequences below."""
+    """A random tiny decoder with grouped-query attention (2 kv heads for 4 query heads); "llama3" with Llama 3's
+    RoPE scaling; the Mistral and Qwen2 ones with a sliding window shorter than the sequences below."""
     import transformers
 
     torch.manual_seed(seed)
     arch = {"vocab_size": 40, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
             "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.2}
-    extra = {"llama": {}, "mistral": {"sliding_window": 5},
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8}  # Llama 3's scaling, over positions the test reaches
+    extra = {"llama": {}, "llama3": {"rope_scaling": llama3}, "mistral": {"sliding_window": 5},
              "qwen2": {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}}[kind]
-    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[kind]
+    name = {"llama": "Llama", "llama3": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[kind]
     config = getattr(transformers, f"{name}Config")(**arch, **extra)
     return getattr(transformers, f"{name}ForCausalLM")(config).eval().requires_grad_(False)
 
@@ -288,9 +299,12 @@ def feed(lm: StaticLM, ids: torch.Tensor, cuts: list[int]) -> torch.Tensor:
     return torch.cat([lm(ids[a:b], a) for a, b in itertools.pairwise(bounds)])
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "llama3", "mistral", "qwen2"])
 def test_static_path_equals_the_hugging_face_forward(kind):
     model = random_decoder(kind)
+    if kind == "llama3":  # the scaling changes the frequencies (else this would test plain RoPE again)
+        plain = random_decoder("llama").model.rotary_emb.inv_freq
+        assert not torch.allclose(model.model.rotary_emb.inv_freq, plain)
     ids = torch.randint(0, 40, (14,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(ids[None]).logits[0]
@@ -324,7 +338,7 @@ def test_draft_static_path_equals_its_forward(lm, tune_block):
 
 
 def test_shared_cache_needs_the_targets_blocks_and_other_models_are_refused(lm):
-    with pytest.raises(SpecctlError, match="share_cache needs a draft that shares blocks"):
+    with pytest.raises(SpecctlError, match="share_cache needs a draft made of the target's own blocks"):
         static_pair(lm.model, build_draft(lm, 1, tune_block=True).model, 16, share_cache=True)
     from transformers import GPT2Config, GPT2LMHeadModel
 

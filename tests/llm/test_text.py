@@ -10,13 +10,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 from specctl.core.errors import SpecctlError
+from specctl.llm.chat import prompt_ids
 from specctl.llm.pretrain import train_bpe
 from specctl.llm.text import (
     SIMPLE_TEMPLATE,
     Example,
     encode,
     load_examples,
-    prompt_ids,
     render_chat,
     resolve_text_file,
     split,
