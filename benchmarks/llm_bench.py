@@ -511,6 +511,8 @@ def draw(report: Report, folder: Path) -> None:
     spec = pd.DataFrame(report.spec)
     if spec.empty:
         return
+    if "exit_layer" not in spec:  # the plots read the exit layer as every LLM sweep row carries it
+        spec = spec.assign(exit_layer=spec["llm.exit_layer"])
     main = spec[(spec["mode"] == "greedy") & (spec["prompts"] == "spec_bench")
                 & (spec["llm.spec.gamma"] == report.setup["gamma"])]
     exits = main[main["llm.exit_layer"].notna()]

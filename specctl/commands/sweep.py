@@ -116,8 +116,6 @@ def sweep(
     sweep_command = "pretrain"); rerunning resumes where it stopped."""
     from specctl.core.cluster import parse_cluster, require_dask
     from specctl.core.files import check_creatable
-    from specctl.core.rundir import RunDir
-    from specctl.core.sweep import Results, exclusive, pending_trials, plan_trials
 
     where = parse_cluster(cluster) if cluster else None
     if where is not None:
@@ -128,11 +126,7 @@ def sweep(
     p = with_grid(session.profile, grid or [])
     csv_path = out or default_csv(p)
     if dry_run:
-        results = Results.open(csv_path, list(p.sweep))
-        trials = plan_trials(p)
-        warn_ignored(trials, list(p.sweep), session.say)
-        rows = plan_rows(trials, results)
-        session.out({"results": str(csv_path), "trials": rows}, lambda: console.print(plan_table(rows, results)))
+        list_trials(session, p, csv_path)
         return
     if workers > 1 and session.device.type == "cuda" and p.sweep_command != "pretrain":
         session.say("note: --workers ignored on cuda (parallel trials would share the GPU and distort timings)")
@@ -141,6 +135,27 @@ def sweep(
     check_creatable(Path(p.run_root), "the run root (run_root)")
     if p.sweep_command != "pretrain":  # every trial reads the same checkpoints: check them once, up front
         session.backend.ensure_checkpoints(p, session.device, train_missing, session.say)
+    run_grid(session, p, csv_path, workers, where, cluster, top_n)
+
+
+def list_trials(session: Session, p: Profile, csv_path: Path) -> None:
+    """--dry-run: every trial of the grid, done, pending or invalid."""
+    from specctl.core.sweep import Results, plan_trials
+
+    results = Results.open(csv_path, list(p.sweep))
+    trials = plan_trials(p)
+    warn_ignored(trials, list(p.sweep), session.say)
+    rows = plan_rows(trials, results)
+    session.out({"results": str(csv_path), "trials": rows}, lambda: console.print(plan_table(rows, results)))
+
+
+def run_grid(session: Session, p: Profile, csv_path: Path, workers: int, where: Cluster | None,
+             cluster: str | None, top_n: int) -> None:
+    """The pending trials into the one CSV (locked against a second sweep), the run directory, the final table;
+    a sweep whose every trial failed is an error."""
+    from specctl.core.rundir import RunDir
+    from specctl.core.sweep import Results, exclusive, pending_trials, plan_trials
+
     with exclusive(csv_path):
         trials = plan_trials(p)
         warn_ignored(trials, list(p.sweep), session.say)

@@ -75,33 +75,25 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def check_writable(folder: Path, what: str) -> None:
-    """`folder` exists or can be made, and a file can be written in it; else one SpecctlError line."""
-    folder = Path(folder)
+def probe_write(folder: Path, what: str, shown: Path) -> None:
+    """Write and remove a probe file in `folder`; an OSError is one SpecctlError line naming `shown`."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise SpecctlError(f"{what} {folder} is not writable: {io_cause(e)}") from None
+        raise SpecctlError(f"{what} {shown} is not writable: {io_cause(e)}") from None
 
 
 def check_creatable(folder: Path, what: str) -> None:
-    """Like check_writable, but makes nothing (a command that fails later leaves no empty folder): a probe file is
-    written and removed in `folder`, or where it does not exist yet in its nearest existing ancestor."""
-    from specctl.core.errors import SpecctlError
-
+    """`folder` is, or can be made, a folder this process writes in, and nothing is made (a command that fails
+    later leaves no empty folder): a probe file is written and removed in `folder`, or where it does not exist
+    yet in its nearest existing ancestor."""
     path = Path(folder).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise SpecctlError(f"{what} {folder} is not writable: {existing} is not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise SpecctlError(f"{what} {folder} is not writable: {io_cause(e)}") from None
+    probe_write(existing, what, Path(folder))
 
 
 def write_text(path: Path, text: str) -> Path:

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import torch
 
 from specctl.core.errors import SpecctlError
-from specctl.core.files import check_writable, write_csv, writing
+from specctl.core.files import check_creatable, write_csv, writing
 from specctl.core.profile import with_overrides
 from specctl.core.schema import Profile
 
@@ -134,8 +134,9 @@ class Results:
 def exclusive(path: Path) -> Iterator[None]:
     """Refuse a second sweep writing the same CSV at the same time (the lock dies with its process); a folder the
     CSV cannot be written in is refused here, before any trial runs."""
-    check_writable(path.parent, "the folder of the results CSV")
+    check_creatable(path.parent, "the folder of the results CSV")
     with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
         lock = open(path.with_name(f".{path.name}.lock"), "w")  # noqa: SIM115 (closed by the `with lock` below)
     with lock:
         try:

@@ -11,17 +11,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from specctl.commands.finetune_head import finetune_head
-from specctl.commands.spec_test import spec_test
-from specctl.commands.sweep import sweep
+from specctl.cli import app
 
-app = typer.Typer()
-app.command("finetune-head")(finetune_head)
-app.command("spec-test")(spec_test)
-app.command("sweep")(sweep)
 runner = CliRunner()
 
 

@@ -24,7 +24,8 @@ from tests.conftest import REPO
 SWEEP = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=4", "--set", "train.max_val_batches=1",
          "--set", "data.max_eval_windows=8", "--set", "data.synthetic.length=1200", "--set", "spec.max_windows=8",
          "--set", "spec.repeats=1", "--set", "spec.warmup=0", "--set", 'spec.rule="gaussian"',
-         "--set", "spec.sliding_baseline=false"]
+         "--set", "spec.sliding_baseline=false", "--grid", "spec.sigma=[0.5, 2.0]", "--grid", "spec.k=[2, 4]",
+         "--grid", "seed=[0]", "--grid", "spec.tol_relative=[0.5]"]  # 4 trials the gaussian rule tells apart
 QUALITY = ("proposed", "accepted", "acceptance_rate", "mean_accepted", "mse", "mae", "mse_target", "mse_draft")
 # constant lr: a 1-epoch run resumed to 2 epochs is then the same run as 2 epochs at once
 TRAIN = ["--set", "train.max_steps_per_epoch=3", "--set", "train.max_val_batches=1", "--set", "data.max_eval_windows=8",
@@ -47,7 +48,7 @@ def by_trial(path: str) -> dict[str, dict[str, str]]:
 def test_quickstart_sweep_on_a_local_cluster_gives_the_rows_of_one_process(one_thread):
     one = invoke("sweep", "--profile", "quickstart/sweep", *SWEEP, "--train-missing", "--out", "one.csv")
     two = invoke("sweep", "--profile", "quickstart/sweep", *SWEEP, "--cluster", "local:2", "--out", "two.csv")
-    assert one["ran"] == two["ran"] == 8 and one["failed"] == two["failed"] == []
+    assert one["ran"] == two["ran"] == 4 and one["failed"] == two["failed"] == []
     single, cluster = by_trial("one.csv"), by_trial("two.csv")
     assert single.keys() == cluster.keys()
     assert len({r["acceptance_rate"] for r in single.values()}) > 2  # the comparison is not of constants
@@ -93,7 +94,8 @@ def test_the_sweep_benchmark_runs_at_tiny_scale(tmp_path):
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     tiny = ["--train-set", "train.epochs=1", "--train-set", "train.max_steps_per_epoch=4", "--train-set",
             "data.synthetic.length=1200", "--set", "spec.max_windows=8", "--set", "spec.repeats=1",
-            "--set", 'spec.rule="gaussian"', "--grid", "spec.k=[2]"]
+            "--set", 'spec.rule="gaussian"', "--grid", "spec.k=[2]", "--grid", "spec.sigma=[0.5, 2.0]",
+            "--grid", "seed=[0, 1]", "--grid", "spec.tol_relative=[0.5]"]
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sweep_bench.py"), "--out", "bench", "--profile",
                            "quickstart/sweep", "--workers", "2", *tiny], capture_output=True, text=True, env=env,
                           timeout=600)

@@ -9,7 +9,6 @@ import torch
 
 from specctl.core import distributed
 from specctl.core.errors import SpecctlError
-from specctl.llm.text import batches
 from specctl.timeseries.training import loader
 
 
@@ -38,18 +37,13 @@ def test_timeseries_batches_split_into_contiguous_parts_of_the_single_process_ba
     assert torch.equal(torch.cat([p[0] for p in parts]), single[0][:6])
 
 
-def test_llm_batches_split_by_sequence_and_each_part_is_padded_on_its_own(monkeypatch):
-    seqs = [[i] * (1 + i % 5) for i in range(10)]
-    single = list(batches(seqs, 4, 0, "cpu", seed=1))
-    parts = per_rank(monkeypatch, 2, lambda: batches(seqs, 4, 0, "cpu", seed=1, shard=True))
-
-    def rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
-        return [r[m.bool()].tolist() for r, m in zip(ids, mask)]
-
+def test_batches_of_teacher_rows_split_into_contiguous_parts(monkeypatch):
+    """finetune-head trains on batches of cached teacher rows: each process takes its contiguous share."""
+    single = list(torch.randperm(30, generator=torch.Generator().manual_seed(1)).split(8))  # 8, 8, 8, 6 rows
+    parts = per_rank(monkeypatch, 2, lambda: distributed.shard_batches(single))
     for whole, first, second in zip(single, *parts):
-        assert rows(*first) + rows(*second) == rows(*whole)
-    as_rank(monkeypatch, 0, 2)
-    assert len(list(batches(seqs, 4, 0, "cpu", seed=1))) == 3  # validation batches are not split
+        assert torch.equal(torch.cat([first, second]), whole)
+    assert all(len(p) == 4 for p in parts)
 
 
 def test_the_global_batch_must_split_evenly(monkeypatch):
