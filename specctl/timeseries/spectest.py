@@ -26,7 +26,7 @@ import torch
 from specctl.core.errors import SpecctlError
 from specctl.core.files import append_line, write_csv
 from specctl.core.runtime import PhaseClock, Timing, time_call
-from specctl.timeseries.costs import AdaptiveK, StepCosts, batch_rounds, leviathan_speedup, predict
+from specctl.timeseries.costs import AdaptiveK, Prediction, StepCosts, batch_rounds, leviathan_speedup, predict
 from specctl.timeseries.data import describe_split, load_series
 from specctl.timeseries.evaluate import window_starts
 from specctl.timeseries.forecast import Norm, forecast_cached, forecast_sliding, n_tokens, times_for
@@ -437,6 +437,8 @@ class SpecTestSession:
         schedule = k_rounds if spec.adaptive_k else {K: batch_rounds(per_series, K, steps, bonus)}
         first_k = AdaptiveK(costs.round, bonus).opening() if spec.adaptive_k else K
         predicted = predict(costs, schedule, len(self.batches), steps, first_k)
+        if first_k == 0 and spec.emit != "sample":  # adaptive K runs the target's own loop (speculative.target_only)
+            predicted = Prediction(predicted.target_seconds, predicted.target_seconds)
         spec_seconds = sum(t.median for t in timings)
         forecasts = [r.forecast for r in results]
         mse, mae = errors(forecasts, self.truths)
