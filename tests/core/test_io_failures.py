@@ -287,20 +287,15 @@ def test_a_sweep_csv_that_cannot_be_rewritten_keeps_its_rows(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("how", HOW)
-def test_a_read_only_run_root(tmp_path, monkeypatch, how):
+@pytest.mark.parametrize("setting, said", [
+    ('run_root="ro/runs"', "the run root (run_root) ro/runs is not writable"),
+    ('train.save_to="ro/target"', "the folder of train.save_to ro is not writable"),
+], ids=["run_root", "save_to"])
+def test_a_read_only_output_is_refused_before_training(tmp_path, monkeypatch, how, setting, said):
     (tmp_path / "ro").mkdir()
     with read_only(how, tmp_path / "ro", monkeypatch):
-        result = invoke("pretrain", "--profile", "quickstart/target", *FAST, "--set", 'run_root="ro/runs"')
-    assert_one_line_error(result, "the run root (run_root) ro/runs is not writable", cause(how))
-    assert snapshot(tmp_path / "ro") == {}
-
-
-@pytest.mark.parametrize("how", HOW)
-def test_a_read_only_train_save_to_is_refused_before_training(tmp_path, monkeypatch, how):
-    (tmp_path / "ro").mkdir()
-    with read_only(how, tmp_path / "ro", monkeypatch):
-        result = invoke("pretrain", "--profile", "quickstart/target", *FAST, "--set", 'train.save_to="ro/target"')
-    assert_one_line_error(result, "the folder of train.save_to ro is not writable", cause(how))
+        result = invoke("pretrain", "--profile", "quickstart/target", *FAST, "--set", setting)
+    assert_one_line_error(result, said, cause(how))
     assert not Path("runs/pretrain").exists() and snapshot(tmp_path / "ro") == {}
 
 
