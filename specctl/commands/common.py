@@ -155,7 +155,7 @@ def run_training(session: Session, command: str, resume: bool, overwrite: bool,
         run = distributed.shared_run(lambda: session.open_run(command, resume))
         with session.resumable(run, command), session.progress() as progress:
             result = entry(p, session.device, run, resume, progress, session.say)
-            run.write_json("metrics.json", {"metrics": result.metrics(), "definitions": result.definitions})
+            run.write_result(result)
             run.finish()
         if distributed.is_main():
             finish(session, run, result)

@@ -46,6 +46,6 @@ def spec_test(
     options = SpecTestOptions(debug_csv=run.path / "debug.csv" if debug_csv else None)
     with run, session.progress() as progress:
         result = backend.spec_test(p, session.device, run, progress, session.say, options)
-        run.write_json("metrics.json", {"metrics": result.metrics(), "definitions": result.definitions})
+        run.write_result(result)
         run.finish()
     finish(session, run, result)

@@ -118,6 +118,10 @@ class RunDir:
     def write_json(self, name: str, obj: Any) -> Path:
         return write_json(self.path / name, obj)
 
+    def write_result(self, result: Any) -> Path:
+        """metrics.json: a command's typed result (core/backend.Result) as its metrics and their definitions."""
+        return self.write_json("metrics.json", {"metrics": result.metrics(), "definitions": result.definitions})
+
     def finish(self, status: str = "finished", error: str | None = None) -> None:
         self.manifest.update(status=status, finished=_now())
         if error:

@@ -13,7 +13,8 @@ from specctl.timeseries import builders
 from specctl.timeseries.distill import DistillResult, distill
 from specctl.timeseries.pretrain import PretrainResult, PretrainSession, pretrain
 from specctl.timeseries.profile import TimeseriesProfile
-from specctl.timeseries.spectest import SpecTestResult, SpecTestSession, append_results_log, summary_line
+from specctl.timeseries.spec_result import SpecTestResult, append_results_log, summary_line
+from specctl.timeseries.spectest import SpecTestSession
 
 
 class TimeseriesBackend:

@@ -7,10 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from specctl.core.errors import SpecctlError
-from specctl.timeseries.costs import batch_rounds, predict
+from specctl.timeseries.costs import StepCosts
 from specctl.timeseries.forecast import n_tokens
 from specctl.timeseries.profile import TimeseriesProfile
-from specctl.timeseries.spectest import BudgetChoice, SpecTestSession, errors
+from specctl.timeseries.spec_result import BudgetChoice
+from specctl.timeseries.spectest import SpecTestSession, errors, fixed_k_prediction
 
 
 @dataclass
@@ -27,21 +28,18 @@ def with_setting(profile: TimeseriesProfile, tol: float, k: int) -> TimeseriesPr
     return profile.model_copy(update={"spec": spec})
 
 
-def score_candidate(session: SpecTestSession, profile: TimeseriesProfile, tol_relative: float, rmse: float,
-                    mse_target: float, costs) -> Candidate:
+def score_candidate(session: SpecTestSession, profile: TimeseriesProfile, tol_relative: float, mse_target: float,
+                    costs: StepCosts) -> Candidate:
     """One (tolerance, k) on the validation windows: its MSE against the target's and its predicted speedup."""
-    spec = profile.spec
     batches = session.validation_batches()
     results = [session.speculate(profile, b) for b in batches]
     mse, _ = errors([r.forecast for r in results], [b.truth for b in batches])
     proposed = sum(int(r.proposed.sum()) for r in results)
-    alphas = [(r.accepted.double() / r.evaluated.clamp(min=1).double()).cpu().numpy() for r in results]
-    steps = n_tokens(session.horizon, session.target.cfg.patch_len)
-    rounds = {spec.k: batch_rounds(alphas, spec.k, steps, spec.emit != "draft_mean")}
-    predicted = predict(costs, rounds, len(batches), steps, spec.k).speedup
     accepted = sum(int(r.accepted.sum()) for r in results)
-    return Candidate(tol_relative, spec.k, (mse - mse_target) / mse_target, accepted / proposed if proposed else 0.0,
-                     predicted)
+    steps = n_tokens(session.horizon, session.target.cfg.patch_len)
+    predicted = fixed_k_prediction(costs, results, profile.spec, steps).speedup
+    return Candidate(tol_relative, profile.spec.k, (mse - mse_target) / mse_target,
+                     accepted / proposed if proposed else 0.0, predicted)
 
 
 def choose_within_budget(session: SpecTestSession, profile: TimeseriesProfile) -> tuple[TimeseriesProfile,
@@ -52,13 +50,12 @@ def choose_within_budget(session: SpecTestSession, profile: TimeseriesProfile) -
     if not batches:
         raise SpecctlError(f"spec.fidelity_budget chooses on validation windows, but the val split has "
                            f"{len(session.data.val)} rows, fewer than data.lookback + horizon")
-    mse_target, _ = errors([session.forecast("target", b) for b in batches], [b.truth for b in batches])
-    rmse = session.validation_rmse()
+    mse_target, rmse = session.validation_mse(), session.validation_rmse()
+    fixed = profile.model_copy(update={"spec": spec.model_copy(update={"adaptive_k": False})})  # a candidate's k
     candidates = []
     for k in spec.budget_ks or [spec.k]:
-        trial = with_setting(profile, 0.0, k)
-        costs = session.costs(trial, whole_rounds=False, batch=batches[0])
-        candidates += [score_candidate(session, with_setting(profile, rel * rmse, k), rel, rmse, mse_target, costs)
+        costs = session.costs(with_setting(fixed, 0.0, k), whole_rounds=False, batch=batches[0])
+        candidates += [score_candidate(session, with_setting(fixed, rel * rmse, k), rel, mse_target, costs)
                        for rel in sorted(spec.budget_tolerances)]
     fits = [c for c in candidates if c.delta_mse <= spec.fidelity_budget]
     best = max(fits, key=lambda c: (c.predicted_speedup, c.tol_relative)) if fits else Candidate(

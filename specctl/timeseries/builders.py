@@ -140,5 +140,5 @@ def train(build: Build, device: torch.device, say: Say) -> None:
     fn = distill if build.command == "distill" else pretrain
     with RunDir.create(build.profile, build.command, str(device)) as run:
         result = fn(build.profile, device, run, False, None, say)
-        run.write_json("metrics.json", {"metrics": result.metrics(), "definitions": result.definitions})
+        run.write_result(result)
         run.finish()

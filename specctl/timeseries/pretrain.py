@@ -108,7 +108,6 @@ class PretrainSession:
         profile = profile.model_copy(update={"train": profile.train.model_copy(update={"save_to": None})})
         with RunDir.create(profile, "pretrain", str(self.device)) as run:
             result = pretrain(profile, self.device, run, False, self.progress)
-            metrics = result.metrics()
-            run.write_json("metrics.json", {"metrics": metrics, "definitions": result.definitions})
+            run.write_result(result)
             run.finish()
-        return {**sweep_row(metrics), "run_dir": str(run.path)}
+        return {**sweep_row(result.metrics()), "run_dir": str(run.path)}

@@ -14,70 +14,28 @@ import json
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from specctl.core.errors import SpecctlError
-from specctl.core.files import append_line, write_csv
+from specctl.core.files import write_csv
 from specctl.core.runtime import PhaseClock, Timing, time_call
 from specctl.timeseries.costs import AdaptiveK, Prediction, StepCosts, batch_rounds, leviathan_speedup, predict
 from specctl.timeseries.data import describe_split, load_series
 from specctl.timeseries.evaluate import window_starts
 from specctl.timeseries.forecast import Norm, forecast_cached, forecast_sliding, n_tokens, times_for
 from specctl.timeseries.model import Stepper, load_timer
-from specctl.timeseries.profile import TimeseriesProfile
+from specctl.timeseries.profile import SpecConfig, TimeseriesProfile
 from specctl.timeseries.rng import series_seeds
-from specctl.timeseries.speculative import SpecResult, cache_length, check_pair, round_seconds, speculative_forecast
+from specctl.timeseries.spec_result import SpecTestResult
+from specctl.timeseries.speculative import SpecResult, cache_length, check_pair, refeed_width
+from specctl.timeseries.speculative_forecast import round_seconds, speculative_forecast
 from specctl.timeseries.training import check_lookback
-
-METRICS = {
-    "proposed": "draft tokens proposed (K per round per active series), summed",
-    "accepted": "draft tokens accepted, summed",
-    "acceptance_rate": "accepted / proposed",
-    "alpha_hat": "accepted / evaluated; evaluated = positions tested up to and including the first rejection",
-    "mean_accepted": "E[accepted] per round (0..K)",
-    "tokens_per_target_call": "tokens emitted inside the horizon / target verification calls (tau; the prefill is "
-                              "not counted)",
-    "c_hat": "measured draft one-step time / target one-step time, same batch size",
-    "v_hat": "measured verification-call time (W + K tokens) / target one-step time, same batch size",
-    "o_hat": "measured round time / target one-step time - K c_hat - v_hat: acceptance and bookkeeping per round",
-    "adaptive_k": "each round drafted the k in 0..K with the best predicted rate (0: a plain target step)",
-    "k_rounds": "rounds per draft length k, all batches (adaptive K's schedule; one entry, K, otherwise)",
-    "predicted_speedup": "predicted target-only / speculative wall time of the whole run: prefills, each batch's "
-                         "rounds (the slowest series', simulated from each series' alpha; with adaptive K the rounds "
-                         "of each k it chose) at the measured round time, and target-only's steps at the measured "
-                         "step time (costs.py)",
-    "predicted_speedup_leviathan": "(1 - a^(K+1)) / ((1 - a)(K c + 1)) with a = alpha_hat, c = c_hat (Leviathan et "
-                                   "al.; a^K fewer tokens per round without the bonus token, emit = draft_mean)",
-    "speedup": "target-only KV-cached wall time / speculative wall time (same windows, device, warm, synchronised; "
-               "the target timed on each batch right after the speculative pass)",
-    "speedup_draft": "target-only KV-cached wall time / the draft's own KV-cached forecast's wall time (both timed "
-                     "side by side when the session starts)",
-    "speedup_sliding": "sliding-window recompute wall time / speculative wall time",
-    "mse": "speculative forecast vs truth (scaled space)", "mae": "speculative forecast vs truth",
-    "mse_target": "target-only KV-cached forecast vs truth", "mae_target": "target-only forecast vs truth",
-    "mse_draft": "the draft's own KV-cached forecast vs truth", "mae_draft": "the draft's forecast vs truth",
-    "mse_sliding": "sliding-window target forecast vs truth", "mae_sliding": "sliding-window forecast vs truth",
-    "delta_mse_pct": "100 (mse - mse_target) / mse_target",
-    "delta_mse_pct_draft": "100 (mse_draft - mse_target) / mse_target",
-    "fidelity_mse": "MSE between the speculative and the target-only forecast of the same inputs",
-    "cap_hits": "exact rule: residual draws that hit the try cap (output then not exactly distributed as p)",
-    "target_step_ms": "one cached one-token target call at the first batch's size (median)",
-    "tol": "the tolerance rule's threshold on a token's RMSE, scaled units",
-    "tol_relative": "tol / the target's own per-token RMSE to the truth on validation windows",
-    "target_rmse_val": "the target's per-token RMSE to the truth on validation windows (sqrt of its MSE there)",
-    "split": "the split protocol the windows come from",
-    "budget": "spec.fidelity_budget: the tolerance (relative) and k chosen on validation windows as the fastest "
-              "predicted setting whose validation MSE is within the budget of the target's, and its validation scores",
-    "breakdown_s": "seconds per phase (prefill of both decoders, draft, verify, accept, overhead) over all batches, "
-                   "from a separate pass synchronised at every phase (slower than the timed pass)",
-}
 
 SESSION_KEYS = ("seed", "device", "data", "spec.target", "spec.draft", "spec.horizon", "spec.batch_size",
                 "spec.max_windows", "spec.repeats", "spec.warmup", "spec.dtype", "spec.sliding_baseline")
@@ -98,83 +56,6 @@ class Measured:
     @property
     def seconds(self) -> float:
         return sum(t.median for t in self.timings)
-
-
-@dataclass
-class SpecTestResult:
-    """One spec-test setting: acceptance, quality against the truth and the baselines, speed and its prediction."""
-
-    definitions: ClassVar[dict[str, str]] = METRICS
-
-    rule: str
-    emit: str
-    k: int
-    proposed: int
-    accepted: int
-    acceptance_rate: float
-    alpha_hat: float
-    mean_accepted: float
-    tokens_per_target_call: float
-    c_hat: float
-    v_hat: float
-    o_hat: float
-    predicted_speedup: float
-    predicted_speedup_leviathan: float
-    speedup: float
-    speedup_draft: float
-    mse: float
-    mae: float
-    mse_target: float
-    mae_target: float
-    mse_draft: float
-    mae_draft: float
-    delta_mse_pct: float
-    delta_mse_pct_draft: float
-    fidelity_mse: float
-    cap_hits: int
-    accepted_hist: list[int]
-    windows: int
-    batches: int
-    horizon: int
-    wall_s_spec: float
-    wall_s_target: float
-    wall_s_draft: float
-    target_step_ms: float
-    batch_ms_spec: list[float]
-    batch_ms_spec_spread: list[float]
-    breakdown_s: dict[str, float]
-    cuda_graphs: bool
-    graph_rounds: bool
-    split: str
-    device: str = "cpu"
-    adaptive_k: bool = False
-    k_rounds: dict[int, int] = field(default_factory=dict)
-    budget: BudgetChoice | None = None
-    tol: float | None = None
-    tol_relative: float | None = None
-    target_rmse_val: float | None = None
-    mse_sliding: float | None = None
-    mae_sliding: float | None = None
-    speedup_sliding: float | None = None
-    wall_s_sliding: float | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def metrics(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-
-@dataclass
-class BudgetChoice:
-    """What spec.fidelity_budget chose on validation windows, and how it scored there."""
-
-    budget: float
-    tol_relative: float
-    k: int
-    val_delta_mse_pct: float
-    val_acceptance_rate: float
-    val_predicted_speedup: float
-    candidates: int
-    within_budget: int
 
 
 def session_key(profile: TimeseriesProfile) -> str:
@@ -280,7 +161,7 @@ class SpecTestSession:
                                    "target (sliding)") if spec.sliding_baseline else None)
         self.base_costs = self.step_costs()
         self.val_batches: list[Window] | None = None
-        self.target_rmse_val: float | None = None
+        self.target_mse_val: float | None = None
 
     def timed(self, fn: Callable[[Window], torch.Tensor], label: str) -> Measured:
         spec = self.profile.spec
@@ -326,14 +207,17 @@ class SpecTestSession:
                                             spec.max_windows or 256) if enough else []
         return self.val_batches
 
-    def validation_rmse(self) -> float | None:
-        """The target's per-token RMSE to the truth on validation windows (None when the val split holds none):
-        what spec.tol_relative is relative to."""
+    def validation_mse(self) -> float | None:
+        """The target's MSE to the truth on the validation windows (None when the val split holds none)."""
         batches = self.validation_batches()
-        if self.target_rmse_val is None and batches:
-            mse, _ = errors([self.forecast("target", b) for b in batches], [b.truth for b in batches])
-            self.target_rmse_val = math.sqrt(mse)
-        return self.target_rmse_val
+        if self.target_mse_val is None and batches:
+            self.target_mse_val, _ = errors([self.forecast("target", b) for b in batches], [b.truth for b in batches])
+        return self.target_mse_val
+
+    def validation_rmse(self) -> float | None:
+        """The target's per-token RMSE to the truth on validation windows: what spec.tol_relative is relative to."""
+        mse = self.validation_mse()
+        return None if mse is None else math.sqrt(mse)
 
     def resolve_tolerance(self, profile: TimeseriesProfile) -> TimeseriesProfile:
         """With spec.tol_relative, the profile whose spec.tol is that share of the target's validation RMSE."""
@@ -385,7 +269,7 @@ class SpecTestSession:
         timed = lambda k, w: round_seconds(tstep, dstep, batch.context, self.horizon, spec,  # noqa: E731
                                            self.seeds(profile, batch), graphs, max(5, spec.repeats), k, w)
         for k in range(spec.k + 1) if spec.adaptive_k else [spec.k]:
-            w = k + 1 if spec.emit == "target_mean" else 1  # a round re-feeds w tokens (speculative.refeed_width)
+            w = refeed_width(spec, k)  # in steady state a round of k follows one of k
             verify[k] = call_seconds(tstep, batch.context, w + k, self.device)
             rounds[k] = timed(k, w)
             first[k] = timed(k, 1) if w > 1 else rounds[k]  # a forecast's first round re-feeds one token
@@ -430,15 +314,9 @@ class SpecTestSession:
         alpha = accepted / evaluated if evaluated else 0.0
         bonus = spec.emit != "draft_mean"
         steps = n_tokens(self.horizon, self.target.cfg.patch_len)
-        per_series = [(r.accepted.double() / r.evaluated.clamp(min=1).double()).cpu().numpy() for r in results]
-        k_rounds = {k: sum(r.k_rounds.get(k, 0) for r in results) for k in range(K + 1)}
-        k_rounds = {k: n for k, n in k_rounds.items() if n}
-        # fixed K: rounds from each series' alpha (simulated); adaptive: the schedule the policy chose
-        schedule = k_rounds if spec.adaptive_k else {K: batch_rounds(per_series, K, steps, bonus)}
-        first_k = AdaptiveK(costs.round, bonus).opening() if spec.adaptive_k else K
-        predicted = predict(costs, schedule, len(self.batches), steps, first_k)
-        if first_k == 0 and spec.emit != "sample":  # adaptive K runs the target's own loop (speculative.target_only)
-            predicted = Prediction(predicted.target_seconds, predicted.target_seconds)
+        k_rounds = {k: n for k in range(K + 1) if (n := sum(r.k_rounds.get(k, 0) for r in results))}
+        predicted = (adaptive_prediction(costs, k_rounds, spec, steps, len(results)) if spec.adaptive_k
+                     else fixed_k_prediction(costs, results, spec, steps))
         spec_seconds = sum(t.median for t in timings)
         forecasts = [r.forecast for r in results]
         mse, mae = errors(forecasts, self.truths)
@@ -480,15 +358,19 @@ class SpecTestSession:
         )
 
 
-def summary_line(profile: TimeseriesProfile, result: SpecTestResult) -> str:
-    s = profile.spec
-    return (f"{datetime.now().isoformat(timespec='seconds')} {profile.name} data={profile.data.name} "
-            f"H={result.horizon} rule={s.rule} emit={s.emit} k={s.k} sigma={s.sigma} bias={s.bias} tol={s.tol} "
-            f"batch={s.batch_size} dtype={s.dtype} acceptance={result.acceptance_rate:.3f} "
-            f"mse={result.mse:.4f} mse_target={result.mse_target:.4f} mse_draft={result.mse_draft:.4f} "
-            f"delta_mse_pct={result.delta_mse_pct:+.2f} speedup={result.speedup:.2f}x "
-            f"speedup_draft={result.speedup_draft:.2f}x predicted={result.predicted_speedup:.2f}x\n")
+def fixed_k_prediction(costs: StepCosts, results: list[SpecResult], spec: SpecConfig, steps: int) -> Prediction:
+    """The predicted run of a fixed K: each batch's rounds simulated from each of its series' own alpha."""
+    alphas = [(r.accepted.double() / r.evaluated.clamp(min=1).double()).cpu().numpy() for r in results]
+    rounds = {spec.k: batch_rounds(alphas, spec.k, steps, spec.emit != "draft_mean")}
+    return predict(costs, rounds, len(results), steps, spec.k)
 
 
-def append_results_log(path: Path, line: str) -> None:
-    append_line(path, line)
+def adaptive_prediction(costs: StepCosts, k_rounds: dict[int, int], spec: SpecConfig, steps: int,
+                        batches: int) -> Prediction:
+    """The predicted run of adaptive K: the rounds of each k it chose at their measured costs; 1x where its policy
+    ran the target's own loop (speculative_forecast.target_only)."""
+    first_k = AdaptiveK(costs.round, spec.emit != "draft_mean").opening()
+    predicted = predict(costs, k_rounds, batches, steps, first_k)
+    if first_k == 0 and spec.emit != "sample":
+        return Prediction(predicted.target_seconds, predicted.target_seconds)
+    return predicted

@@ -11,7 +11,7 @@ from specctl.timeseries.costs import AdaptiveK, tokens_per_round
 from specctl.timeseries.forecast import Norm, forecast_cached, times_for
 from specctl.timeseries.profile import SpecConfig
 from specctl.timeseries.rng import series_seeds
-from specctl.timeseries.speculative import speculative_forecast
+from specctl.timeseries.speculative_forecast import speculative_forecast
 from tests.helpers import smooth_series, tiny_timer
 
 ROUNDS = {0: 1.0, 1: 1.3, 2: 1.6, 3: 1.9, 4: 2.2}  # seconds of a round of k draft tokens (k = 0: a target step)

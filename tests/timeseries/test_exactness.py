@@ -16,7 +16,7 @@ from specctl.timeseries.forecast import Norm, times_for
 from specctl.timeseries.model import TimerConfig
 from specctl.timeseries.profile import SpecConfig
 from specctl.timeseries.rng import series_seeds
-from specctl.timeseries.speculative import speculative_forecast
+from specctl.timeseries.speculative_forecast import speculative_forecast
 from tests.helpers import smooth_series, tiny_timer
 
 

@@ -10,7 +10,8 @@ from specctl.timeseries.forecast import Norm, forecast_cached, times_for
 from specctl.timeseries.model import init_logvar_head
 from specctl.timeseries.profile import SpecConfig
 from specctl.timeseries.rng import series_seeds
-from specctl.timeseries.speculative import flat_tokens, speculative_forecast
+from specctl.timeseries.speculative import flat_tokens
+from specctl.timeseries.speculative_forecast import speculative_forecast
 from tests.helpers import smooth_series, tiny_timer
 
 H = 40  # 5 patches of 8

@@ -1,0 +1,202 @@
+"""A whole speculative forecast: both models' prefill, then rounds (speculative.py) until every series of the batch
+has its horizon, each round eager or replayed as a CUDA graph per (k, w), each round's k fixed (K) or chosen by a
+policy (adaptive K), with the target's own loop where no drafting is expected to pay; and the timing of one round
+for the cost model. The "is every series done" check is the only host sync, and runs only once a series could be
+done (a policy reads the state once per round).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from specctl.core.errors import SpecctlError
+from specctl.core.runtime import PhaseClock, capture_graph, synchronize
+from specctl.timeseries.forecast import Norm, forecast_cached, n_tokens, times_for
+from specctl.timeseries.model import Stepper, TimerXL
+from specctl.timeseries.profile import SpecConfig
+from specctl.timeseries.speculative import (
+    RoundLog,
+    RoundState,
+    SpecResult,
+    cache_length,
+    check_pair,
+    forecast_of,
+    new_state,
+    refeed_width,
+    reset,
+    speculative_round,
+)
+
+
+def state_tensors(state: RoundState) -> list[torch.Tensor]:
+    """Every tensor a round writes (for a snapshot around graph capture)."""
+    st = state.stats
+    return [state.hist, state.p, state.n_out, state.out, state.index, st.proposed, st.accepted, st.evaluated,
+            st.rounds, st.emitted, st.cap_hits, st.accepted_hist]
+
+
+class RoundGraphs:
+    """Speculative rounds captured as CUDA graphs over one persistent RoundState and the steppers' caches, one graph
+    per (k, w), captured the first time it is needed, which can be mid-forecast: capture's warm-up runs the round
+    for real, so the state is saved before and put back before each run and after (the caches need no saving: the
+    warm-up rewrites re-fed slots with the same values and writes later slots, which stay masked until a real round
+    overwrites them). The model calls inside run eagerly during capture (graphs do not nest)."""
+
+    def __init__(self, state: RoundState, tstep: Stepper, dstep: Stepper) -> None:
+        self.state, self.tstep, self.dstep = state, tstep, dstep
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+
+    def replay(self, k: int, w: int) -> None:
+        if (k, w) not in self.graphs:
+            saved = [t.clone() for t in state_tensors(self.state)]
+
+            def restore() -> None:
+                for tensor, copy in zip(state_tensors(self.state), saved):
+                    tensor.copy_(copy)
+
+            self.graphs[k, w], _ = capture_graph(
+                lambda: speculative_round(self.state, self.tstep.eager, self.dstep.eager, k, w), reset=restore)
+        self.graphs[k, w].replay()
+
+
+@dataclass
+class Forecaster:
+    """Both models' steppers with their prefill done, and the round state of one batch, ready to run rounds."""
+
+    tstep: Stepper
+    dstep: Stepper
+    state: RoundState
+    norm: Norm
+    tokens: torch.Tensor
+    graphs: RoundGraphs | None
+
+    def round(self, k: int, w: int, mark: Callable[[str], None] | None = None, logs: list | None = None) -> None:
+        if self.graphs is not None:
+            self.graphs.replay(k, w)
+        else:
+            speculative_round(self.state, self.tstep, self.dstep, k, w, mark, logs)
+
+
+def steppers(target: TimerXL | Stepper, draft: TimerXL | Stepper, batch: int, lookback: int, horizon: int,
+             k: int) -> tuple[Stepper, Stepper]:
+    """Steppers for both models (the given ones, checked, or new ones) sized for this batch and forecast."""
+    need = cache_length(lookback, horizon, (target.model if isinstance(target, Stepper) else target).cfg.patch_len, k)
+    tstep = target if isinstance(target, Stepper) else Stepper(target, batch, need)
+    dstep = draft if isinstance(draft, Stepper) else Stepper(draft, batch, need)
+    if min(tstep.max_len, dstep.max_len) < need or tstep.batch != batch or dstep.batch != batch:
+        raise SpecctlError(f"internal: steppers sized for batch {tstep.batch}/{dstep.batch} and {tstep.max_len} slots, "
+                           f"need batch {batch} and {need}")
+    check_pair(tstep.model, dstep.model, lookback)
+    return tstep, dstep
+
+
+def prefill(tstep: Stepper, dstep: Stepper | None, context: torch.Tensor) -> tuple[Norm, torch.Tensor]:
+    """Frozen statistics, the context's tokens, and both caches (the draft's unless it will not run) filled with all
+    but the newest token (the first round re-feeds it)."""
+    norm = Norm.fit(context, tstep.model.cfg)
+    tokens = norm.tokens(context, tstep.model.cfg.patch_len)
+    n0 = tokens.shape[2]
+    if n0 > 1:
+        warm = times_for(context.shape[0], 0, n0 - 1, context.device)
+        for step in (tstep, dstep) if dstep is not None else (tstep,):
+            step(tokens[:, :, : n0 - 1], warm)
+    return norm, tokens
+
+
+def start_forecast(tstep: Stepper, dstep: Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig,
+                   seeds: torch.Tensor, round_graphs: dict | None, drafting: bool = True) -> Forecaster:
+    """Prefill the models (the draft only if `drafting`) and set up the round state; with `round_graphs` (a dict the
+    caller keeps) on a CUDA device, the round is one captured CUDA graph over a persistent state, captured once per
+    shape and setting."""
+    B, L, device = context.shape[0], context.shape[1], context.device
+    norm, tokens = prefill(tstep, dstep if drafting else None, context)
+    graphed = round_graphs is not None and device.type == "cuda"
+    key = (B, L, horizon, id(tstep), id(dstep), spec.model_dump_json())
+    if graphed and key not in round_graphs:
+        round_graphs[key] = RoundGraphs(new_state(tstep.model, dstep.model, B, L, horizon, spec, device), tstep, dstep)
+    graphs = round_graphs[key] if graphed else None
+    state = graphs.state if graphs else new_state(tstep.model, dstep.model, B, L, horizon, spec, device)
+    reset(state, norm, tokens, seeds)
+    return Forecaster(tstep, dstep, state, norm, tokens, graphs)
+
+
+class KPolicy(Protocol):
+    """The draft length of each round (adaptive K)."""
+
+    def opening(self) -> int:
+        """The first round's k, before the batch has shown anything."""
+
+    def __call__(self, state: RoundState) -> int:
+        """The next round's k, from the state so far (a host sync)."""
+
+
+def target_only(tstep: Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig) -> SpecResult:
+    """A forecast that drafts nothing: the target's own KV-cached decoding (mean emission), counted as target steps."""
+    forecast = forecast_cached(tstep.model, context, horizon, tstep)
+    B, steps, device = context.shape[0], n_tokens(horizon, tstep.model.cfg.patch_len), context.device
+    zeros = torch.zeros(B, dtype=torch.long, device=device)
+    full = torch.full((B,), steps, dtype=torch.long, device=device)
+    hist = torch.zeros(spec.k + 1, dtype=torch.long, device=device)
+    hist[0] = B * steps
+    return SpecResult(forecast, zeros, zeros.clone(), zeros.clone(), full, full.clone(), zeros.clone(), hist, [],
+                      {0: steps})
+
+
+@torch.no_grad()
+def speculative_forecast(
+    target: TimerXL | Stepper, draft: TimerXL | Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig,
+    seeds: torch.Tensor, debug: bool = False, clock: PhaseClock | None = None,
+    round_graphs: dict | None = None, policy: KPolicy | None = None,
+) -> SpecResult:
+    """Forecast `horizon` points for each series of `context` [B, L, C] with draft proposals verified by the target.
+
+    `target` and `draft` are models, or Steppers (model + reusable cache, optionally CUDA graphs) sized for
+    this batch and at least `cache_length` slots. With `round_graphs` on a CUDA device each whole round is replayed
+    as one captured CUDA graph; debug logs and the clock need eager rounds. `policy` picks each round's k (0..K,
+    reading the state: a host sync per round; after a k = 0 round every round is one); without it every round
+    drafts K tokens."""
+    tstep, dstep = steppers(target, draft, context.shape[0], context.shape[1], horizon, spec.k)
+    drafting = policy is None or policy.opening() > 0
+    if not drafting and spec.emit != "sample" and not debug:
+        return target_only(tstep, context, horizon, spec)  # nothing is expected to pay: the target's own loop
+    if clock is not None:
+        clock.start()
+    graphs = round_graphs if not debug and clock is None else None
+    f = start_forecast(tstep, dstep, context, horizon, spec, seeds, graphs, drafting)
+    if clock is not None:
+        clock.mark("prefill")  # paid once per forecast, by both decoders
+    logs: list[RoundLog] | None = [] if debug else None
+    state, k_rounds, previous = f.state, {}, (None if drafting else 0)
+    sure_rounds = -(-state.steps // (spec.k + 1))  # a round emits at most K+1 tokens: no series is done before
+    while sum(k_rounds.values()) < sure_rounds or bool((state.n_out < state.steps).any()):  # the only host sync
+        k = 0 if previous == 0 else policy(state) if policy is not None else spec.k
+        f.round(k, refeed_width(spec, previous), clock.mark if clock is not None else None, logs)
+        k_rounds[k], previous = k_rounds.get(k, 0) + 1, k
+    stats = state.stats
+    clone = lambda t: t.clone()  # noqa: E731  (graph state is reused by the next forecast)
+    return SpecResult(forecast_of(state, horizon), clone(stats.proposed), clone(stats.accepted), clone(stats.evaluated),
+                      clone(stats.rounds), clone(stats.emitted), clone(stats.cap_hits), clone(stats.accepted_hist),
+                      logs or [], k_rounds)
+
+
+@torch.no_grad()
+def round_seconds(tstep: Stepper, dstep: Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig,
+                  seeds: torch.Tensor, round_graphs: dict | None, repeats: int, k: int, w: int) -> float:
+    """Median wall time of one round of k draft tokens re-feeding w (the first of a forecast, as the timed pass runs
+    it: graph or eager), synchronised, after one untimed round."""
+    f = start_forecast(tstep, dstep, context, horizon, spec, seeds, round_graphs)
+    times = []
+    for _ in range(repeats + 1):
+        reset(f.state, f.norm, f.tokens, seeds)
+        synchronize(context.device)
+        start = time.perf_counter()
+        f.round(k, w)
+        synchronize(context.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
