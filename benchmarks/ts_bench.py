@@ -39,29 +39,33 @@ class Dataset:
     train: list[list[tuple[str, str]]]  # groups of (command, profile); a group's commands run side by side
     spec: str  # the spec-test profile
     batches: dict[int, int | None]  # batch size -> windows timed (None: every test window)
+    pretrained_draft: str | None = None  # the draft before distillation (a weaker draft): its own frontier rows
 
 
 DATASETS = {
     "etth1": Dataset([[("pretrain", "etth1/target-large-channel-independent"),
                        ("pretrain", "etth1/draft-025-channel-independent")],
                       [("distill", "etth1/distill-025-channel-independent")]],
-                     "etth1/spec-test", {1: 64, 32: 256, 256: None}),
+                     "etth1/spec-test", {1: 64, 32: 256, 256: 1024}, "draft-025-channel-independent"),
     "ettm1": Dataset([[("pretrain", "ettm1/target-large-channel-independent"),
                        ("pretrain", "ettm1/draft-025-channel-independent")],
                       [("distill", "ettm1/distill-025-channel-independent")]],
-                     "ettm1/spec-test", {1: 64, 32: 256, 256: 2048}),
-    "quick": Dataset([[("pretrain", "quickstart/target")], [("distill", "quickstart/distill")]],
-                     "quickstart/spec-test", {1: 8, 16: 32}),
+                     "ettm1/spec-test", {1: 64, 32: 256, 256: 1024}, "draft-025-channel-independent"),
+    "quick": Dataset([[("pretrain", "quickstart/target"), ("pretrain", "quickstart/draft")],
+                      [("distill", "quickstart/distill")]],
+                     "quickstart/spec-test", {1: 8, 16: 32}, "draft"),
 }
 # (label, overrides): fixed tolerances (relative to the target's validation RMSE) and K, adaptive K, and the shipped
 # choice, the fastest setting within a 1% MSE budget chosen on validation windows
+FIXED = {"spec.adaptive_k": False, "spec.fidelity_budget": None}
 SETTINGS = [
-    *((f"tol {t:g}, K {k}", {"spec.tol_relative": t, "spec.k": k, "spec.adaptive_k": False,
-                               "spec.fidelity_budget": None}) for t in (0.1, 0.25, 0.5, 1.0) for k in (3, 7)),
-    *((f"tol {t:g}, adaptive K <= 7", {"spec.tol_relative": t, "spec.k": 7, "spec.adaptive_k": True,
-                                        "spec.fidelity_budget": None}) for t in (0.25, 0.5)),
+    *((f"tol {t:g}, K {k}", {"spec.tol_relative": t, "spec.k": k, **FIXED}) for t in (0.05, 0.25) for k in (3, 7)),
+    ("tol 0.25, adaptive K <= 7", {"spec.tol_relative": 0.25, "spec.k": 7, "spec.adaptive_k": True,
+                                   "spec.fidelity_budget": None}),
     ("1% budget, adaptive K", {"spec.fidelity_budget": 0.01, "spec.adaptive_k": True}),
 ]
+# the undistilled draft's rows: the shipped choice and one fixed setting
+PRETRAINED_SETTINGS = [SETTINGS[3], SETTINGS[-1]]
 COLUMNS = ["batch", "setting", "acceptance", "alpha_hat", "tau", "k_rounds", "c_hat", "v_hat", "speedup",
            "predicted (Leviathan)", "pred/meas", "vs sliding", "MSE", "ΔMSE %", "fidelity", "ms/batch"]
 
@@ -122,38 +126,57 @@ def row(batch: int, label: str, m: dict) -> dict:
             "ms/batch": f"{per_batch:.2f}"}
 
 
-def baseline_rows(batch: int, m: dict) -> list[dict]:
-    """The target itself and the draft alone, on the same windows."""
+def baseline_rows(batch: int, prefix: str, m: dict) -> list[dict]:
+    """The target itself (once per batch) and the draft alone, on the same windows."""
     blank = dict.fromkeys(COLUMNS, "")
-    return [{**blank, "batch": batch, "setting": "target-only (KV cache)", "speedup": "1x",
-             "MSE": f"{m['mse_target']:.4f}", "ΔMSE %": "0",
-             "ms/batch": f"{1e3 * m['wall_s_target'] / m['batches']:.2f}"},
-            {**blank, "batch": batch, "setting": "draft only", "speedup": f"{m['speedup_draft']:.2f}x",
+    target = [] if prefix else [{**blank, "batch": batch, "setting": "target-only (KV cache)", "speedup": "1x",
+                                 "MSE": f"{m['mse_target']:.4f}", "ΔMSE %": "0",
+                                 "ms/batch": f"{1e3 * m['wall_s_target'] / m['batches']:.2f}"}]
+    return [*target,
+            {**blank, "batch": batch, "setting": f"{prefix}draft only", "speedup": f"{m['speedup_draft']:.2f}x",
              "MSE": f"{m['mse_draft']:.4f}", "ΔMSE %": f"{m['delta_mse_pct_draft']:+.2f}",
              "ms/batch": f"{1e3 * m['wall_s_draft'] / m['batches']:.2f}"}]
 
 
-def frontier(dataset: Dataset, device: torch.device, lines: list[str], out: Path, name: str) -> None:
+def drafts(dataset: Dataset) -> list[tuple[str, list[str], list]]:
+    """(label, spec-test overrides, settings) per draft: the shipped (distilled) one, then the pretrained one."""
+    out = [("", [], SETTINGS)]
+    if dataset.pretrained_draft:
+        folder = dataset.spec.split("/")[0]
+        checkpoint = load_profile(f"{folder}/{dataset.pretrained_draft}").train.save_to
+        out.append(("pretrained draft: ", [f"spec.draft={checkpoint}",
+                                           f"spec.draft_profile={dataset.pretrained_draft}"], PRETRAINED_SETTINGS))
+    return out
+
+
+def frontier(dataset: Dataset, device: torch.device, lines: list[str], out: Path, name: str,
+             batches: list[int] | None) -> None:
     log = lambda record: append_jsonl(out / f"{name}.jsonl", record)  # noqa: E731
     rows, csv_rows = [], []
     for batch, windows in dataset.batches.items():
+        if batches and batch not in batches:
+            continue
         overrides = [f"spec.batch_size={batch}", "spec.repeats=5" if batch < 256 else "spec.repeats=3",
                      "spec.warmup=2", *([f"spec.max_windows={windows}"] if windows else [])]
-        base = load_profile(dataset.spec, overrides)
-        session = SpecTestSession(base, device)
-        for i, (label, settings) in enumerate(SETTINGS):
-            profile = base.model_copy(update={"spec": base.spec.model_copy(update={
-                k.split(".")[1]: v for k, v in settings.items()})})
-            m = session.run(profile).metrics()
-            log({"stage": "frontier", "batch": batch, "setting": label, "metrics": m})
-            if i == 0:
-                rows += baseline_rows(batch, m)
-            rows.append(row(batch, label, m))
-            csv_rows.append({"trial_id": f"b{batch}-{i}", "status": "ok", "batch": batch, "setting": label, **{
-                k: v for k, v in m.items() if not isinstance(v, (list, dict))}})
-            write_report(out, name, lines, rows)
+        for prefix, draft_overrides, settings in drafts(dataset):
+            base = load_profile(dataset.spec, [*overrides, *draft_overrides])
+            session = SpecTestSession(base, device)
+            for i, (label, setting) in enumerate(settings):
+                label = prefix + label
+                profile = base.model_copy(update={"spec": base.spec.model_copy(update={
+                    k.split(".")[1]: v for k, v in setting.items()})})
+                m = session.run(profile).metrics()
+                if "budget" in m:  # what the budget chose on validation windows
+                    label += f" (chose tol {m['budget']['tol_relative']:g}, K {m['budget']['k']})"
+                log({"stage": "frontier", "batch": batch, "setting": label, "metrics": m})
+                if i == 0:
+                    rows += baseline_rows(batch, prefix, m)
+                rows.append(row(batch, label, m))
+                csv_rows.append({"trial_id": f"b{batch}-{len(csv_rows)}", "status": "ok", "batch": batch,
+                                 "setting": label, **{k: v for k, v in m.items() if not isinstance(v, (list, dict))}})
+                write_report(out, name, lines, rows)
+                write_csv(out / f"{name}_frontier.csv", csv_rows)
         print(f"batch {batch} done", file=sys.stderr, flush=True)
-    write_csv(out / f"{name}_frontier.csv", csv_rows)
 
 
 def write_report(out: Path, name: str, lines: list[str], rows: list[dict]) -> None:
@@ -169,6 +192,8 @@ def main() -> None:
     parser.add_argument("--stage", choices=["all", "train", "frontier"], default="all")
     parser.add_argument("--out", type=Path, required=True, help="where the reports, JSONL and CSV go")
     parser.add_argument("--work", type=Path, default=None, help="working folder for artifacts/ and runs/")
+    parser.add_argument("--batch", type=int, action="append", default=None,
+                        help="frontier batch sizes to run (default: the dataset's own)")
     args = parser.parse_args()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -190,7 +215,7 @@ def main() -> None:
                      "- speedup: target-only KV-cached wall time / speculative wall time, same windows, one process, "
                      "median of repeats per batch, warm-up excluded, synchronised; ΔMSE against target-only; fidelity "
                      "= MSE between the speculative and the target-only forecast", ""]
-            frontier(dataset, device, lines, args.out, name)
+            frontier(dataset, device, lines, args.out, name, args.batch)
 
 
 if __name__ == "__main__":
