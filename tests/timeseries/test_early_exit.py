@@ -18,10 +18,12 @@ from safetensors.torch import load_file
 from scipy import stats
 from typer.testing import CliRunner
 
+from specctl.backends import load_profile
 from specctl.cli import app
 from specctl.core.checkpoint import save_checkpoint
 from specctl.core.errors import SpecctlError
 from specctl.core.rundir import RunDir
+from specctl.timeseries.builders import missing_builds, spec_test_inputs
 from specctl.timeseries.distill import distill, prepare, validation_metrics
 from specctl.timeseries.early_exit import EarlyExit, draft_stepper, exit_config, load_draft
 from specctl.timeseries.forecast import Norm, forecast_cached, times_for
@@ -241,3 +243,19 @@ def test_cuda_graphs_with_the_shared_cache_match_eager_rounds():
     for other in (graphed, rounds):
         assert torch.equal(other.accepted, eager.accepted)
         np.testing.assert_allclose(other.forecast.cpu().numpy(), eager.forecast.cpu().numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("name, separate, layers, exit_layer", [
+    ("etth1/spec-test-early-exit", "etth1/spec-test", 8, 2),
+    ("quickstart/spec-test-early-exit", "quickstart/spec-test", 2, 1),
+])
+def test_early_exit_profiles_train_their_chain_and_decode_as_the_separate_drafts(name, separate, layers, exit_layer):
+    profile, other = load_profile(name), load_profile(separate)
+    builds = missing_builds(spec_test_inputs(profile), profile)  # nothing is trained in this folder
+    target, draft = (b.profile for b in builds)
+    assert [b.checkpoint for b in builds] == [profile.spec.target, profile.spec.draft]
+    assert target.model.e_layers == layers and draft.distill.exit_layer == exit_layer
+    assert draft.distill.target == profile.spec.target == other.spec.target
+    assert draft.model.model_dump() == target.model.model_dump()  # the draft's blocks are the target's
+    same = {k: v for k, v in other.spec.model_dump().items() if k not in ("draft", "draft_profile")}
+    assert {k: profile.spec.model_dump()[k] for k in same} == same
