@@ -1,13 +1,13 @@
 """What a speculative forecast costs, from measured per-call times, and the speedup that predicts.
 
-Target-only decoding of `steps` tokens is one prefill of the n0 context tokens, then steps - 1 one-token steps.
-A speculative forecast is one prefill of n0 - 1 tokens in each model, then rounds; a round is K draft steps, one
-verification call over W + K tokens, and the acceptance and bookkeeping around them, all measured together as
-one round. A batch runs until its slowest series has emitted `steps` tokens, so its rounds are the maximum over
-its series of each series' rounds; each series' rounds follow from its own acceptance rate a_s (accepted /
-evaluated) under the model "each drafted position passes with probability a_s, the scan stops at the first
-rejection", simulated with a fixed seed. Leviathan et al.'s formula, which knows only a single step cost ratio,
-is kept for reference.
+Target-only decoding of `steps` tokens is one prefill of the n0 context tokens, then steps - 1 one-token steps. A
+speculative forecast is one prefill of n0 - 1 tokens in each model (in the target alone for an early-exit draft,
+which runs on the target's cache), then rounds; a round is K draft steps, one verification call over W + K tokens,
+and the acceptance and bookkeeping around them, all measured together as one round. A batch runs until its slowest
+series has emitted `steps` tokens, so its rounds are the maximum over its series of each series' rounds; each
+series' rounds follow from its own acceptance rate a_s (accepted / evaluated) under the model "each drafted position
+passes with probability a_s, the scan stops at the first rejection", simulated with a fixed seed. Leviathan et al.'s
+formula, which knows only a single step cost ratio, is kept for reference.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class StepCosts:
     target_step: float  # one cached one-token target call
     draft_step: float  # one cached one-token draft call
     prefill_target: float  # the target-only forecast's prefill (n0 tokens)
-    prefill_spec: float  # the speculative forecast's prefills (n0 - 1 tokens, both models)
+    prefill_spec: float  # the speculative forecast's prefills (n0 - 1 tokens, both models or a shared cache)
     verify: dict[int, float]  # k -> one target call over the w + k tokens a round of k verifies
     round: dict[int, float]  # k -> one whole round of k draft tokens (draft, verify, accept, bookkeeping)
     first_round: dict[int, float]  # k -> the same as a forecast's first round, which re-feeds one token

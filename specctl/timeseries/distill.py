@@ -42,8 +42,18 @@ from specctl.core.train import FitResult
 from specctl.timeseries.acceptance import acceptance_closed_form, acceptance_probability
 from specctl.timeseries.builders import training_command
 from specctl.timeseries.data import SeriesData, eval_windows, load_series
+from specctl.timeseries.early_exit import EarlyExit, exit_config
 from specctl.timeseries.forecast import Norm, rollout, times_for
-from specctl.timeseries.model import Attention, TimerXL, check_compatible, count_parameters, load_timer
+from specctl.timeseries.model import (
+    Attention,
+    TimerConfig,
+    TimerXL,
+    check_compatible,
+    count_parameters,
+    init_logvar_head,
+    load_timer,
+    scaled_config,
+)
 from specctl.timeseries.profile import DistillConfig, TimeseriesProfile
 from specctl.timeseries.training import build_model, check_lookback, epoch_logger, train_timer, window_length
 
@@ -70,7 +80,7 @@ class DistillSetup:
     """The data, the fresh draft and the frozen target (teacher) of a distillation, and warnings about them."""
 
     data: SeriesData
-    draft: TimerXL
+    draft: TimerXL | EarlyExit
     target: TimerXL
     warnings: list[str]
 
@@ -113,7 +123,8 @@ class DistillResult:
     def metrics(self) -> dict[str, Any]:
         e, p = self.estimate, self.profile
         return {
-            "parameters": self.parameters, "target": p.distill.target, "loss": p.distill.loss,
+            "parameters": self.parameters, "target": p.distill.target, "exit_layer": p.distill.exit_layer,
+            "loss": p.distill.loss,
             "epochs": self.fit.epochs_done, "best_val_loss": self.fit.best_val,
             "stopped_early": self.fit.stopped_early, "checkpoint": str(self.checkpoint), "history": self.fit.history,
             "quality": {"windows": e.windows, "tokens": e.tokens, "draft_mse": e.draft_mse,
@@ -136,14 +147,14 @@ def set_dropout(model: TimerXL, p: float) -> None:
             module.dropout = p
 
 
-def load_teacher(cfg: DistillConfig, draft: TimerXL, device: torch.device) -> TimerXL:
+def load_teacher(cfg: DistillConfig, draft: TimerConfig, device: torch.device) -> TimerXL:
     try:
         target, _ = load_timer(cfg.target, device)
     except SpecctlError as e:
         command = None if Path(cfg.target).exists() else training_command(cfg.target)
         hint = f" (train it first: `{command}`)" if command else ""
         raise SpecctlError(f"distill.target: {e}{hint}") from None
-    check_compatible(draft.cfg, target.cfg, f"distill.target {cfg.target} (target vs data/draft)")
+    check_compatible(draft, target.cfg, f"distill.target {cfg.target} (target vs data/draft)")
     set_dropout(target, cfg.teacher_dropout)
     return target.requires_grad_(False)
 
@@ -171,9 +182,25 @@ def prepare(profile: TimeseriesProfile, device: torch.device) -> DistillSetup:
         raise SpecctlError("distill.target is not set: give the target checkpoint to distill from")
     data = load_series(profile.data, window_length(profile), extra_train=True,
                        horizon=max(profile.data.horizons))
-    draft = build_model(profile, data, device)
-    target = load_teacher(profile.distill, draft, device)
+    if profile.distill.exit_layer is None:
+        draft = build_model(profile, data, device)
+        target = load_teacher(profile.distill, draft.cfg, device)
+    else:
+        target = load_teacher(profile.distill, scaled_config(profile.model, data.n_vars), device)
+        draft = build_exit(profile, target)
     return DistillSetup(data, draft, target, setup_warnings(profile, draft, target))
+
+
+def build_exit(profile: TimeseriesProfile, target: TimerXL) -> EarlyExit:
+    """A fresh exit head after the target's first distill.exit_layer blocks (early_exit.py)."""
+    for key, value in (("train.init_from", profile.train.init_from),
+                       ("train.tune_last_layers", profile.train.tune_last_layers)):
+        if value is not None:
+            raise SpecctlError(f"{key} does not apply to an early-exit draft (distill.exit_layer): its blocks are the "
+                               "target's, and only its exit head trains")
+    draft = EarlyExit(target, profile.distill.exit_layer, profile.model.stochastic, profile.distill.exit_adapter)
+    init_logvar_head(draft)
+    return draft
 
 
 def forward_pass(draft: TimerXL, target: TimerXL, window: Tensor, lookback: int, target_dropout: bool = False,
@@ -347,8 +374,11 @@ def distill(profile: TimeseriesProfile, device: torch.device, run: RunDir, resum
         views = forward_pass(draft, target, window, lookback, cfg.teacher_dropout > 0, cfg.on_policy)
         return distill_loss(cfg, views, low, cfg.teacher_noise)
 
+    config = (exit_config(draft, cfg.target, lookback, setup.data.columns, profile.model_dump())
+              if isinstance(draft, EarlyExit) else None)
     result = train_timer(profile, draft, setup.data, device, run, train_loss, resume, progress, on_epoch_end,
-                         validate_batches=lambda batches: validation_metrics(cfg, draft, target, batches, lookback))
+                         validate_batches=lambda batches: validation_metrics(cfg, draft, target, batches, lookback),
+                         config=config)
     draft.load_state_dict(load_weights(result.best_dir, device))
     estimate = estimate_acceptance(profile, draft, target, setup.data.test, device)
     for message in acceptance_warnings(estimate):

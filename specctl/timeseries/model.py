@@ -217,20 +217,31 @@ class TimerXL(nn.Module):
     def forward(
         self, tokens: torch.Tensor, times: torch.Tensor, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return split_head(self.head(self.norm(self.hidden(tokens, times, cache))), self.cfg)
+
+    def hidden(self, tokens: torch.Tensor, times: torch.Tensor, cache: KVCache | None = None,
+               layers: int | None = None) -> torch.Tensor:
+        """The residual stream after the first `layers` blocks (default: all) [B, C, N, d_model]; the cache is
+        written for those layers only."""
         x = self.embed(tokens.to(self.embed.weight.dtype))  # inputs and outputs stay fp32 whatever the weights
-        for layer, block in enumerate(self.blocks):
+        for layer, block in enumerate(self.blocks[:layers]):
             x = block(x, times, cache, layer)
-        out = self.head(self.norm(x)).float()
-        if not self.cfg.stochastic:
-            return out, None
-        mean, raw = out.split(self.cfg.patch_len, dim=-1)
-        # a smooth bound keeps log-variance finite and its gradient alive near the limits
-        low, high = self.cfg.logvar_min, self.cfg.logvar_max
-        return mean, low + (high - low) * torch.sigmoid(raw)
+        return x
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         param = next(self.parameters())
         return KVCache(self.cfg, batch, max_len, param.device, dtype or param.dtype)
+
+
+def split_head(out: torch.Tensor, cfg: TimerConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A head's output [..., P or 2P] as (mean, logvar) in fp32; logvar is None unless `cfg.stochastic`."""
+    out = out.float()
+    if not cfg.stochastic:
+        return out, None
+    mean, raw = out.split(cfg.patch_len, dim=-1)
+    # a smooth bound keeps log-variance finite and its gradient alive near the limits
+    low, high = cfg.logvar_min, cfg.logvar_max
+    return mean, low + (high - low) * torch.sigmoid(raw)
 
 
 def freeze_early_layers(model: TimerXL, tune_last_layers: int | None) -> None:
@@ -289,16 +300,19 @@ def check_compatible(cfg: TimerConfig, other: TimerConfig, what: str) -> None:
 
 
 class Stepper:
-    """A model with its own KV cache for a fixed batch size: `step(tokens, times) -> (mean, logvar)`.
+    """A model with a KV cache (its own, or for an early-exit draft the target's) for a fixed batch size:
+    `step(tokens, times) -> (mean, logvar)`.
 
     With `graphs` on a CUDA device, each input shape is captured once as a CUDA graph and replayed, which
     removes the per-kernel launch cost that dominates small-batch decoding. The cache is allocated once and
     reused across forecasts: stale slots are never visible because the mask only admits times <= the query's.
     """
 
-    def __init__(self, model: TimerXL, batch: int, max_len: int, graphs: bool = False) -> None:
+    def __init__(self, model: TimerXL, batch: int, max_len: int, graphs: bool = False,
+                 cache: KVCache | None = None) -> None:
         self.model, self.batch, self.max_len = model, batch, max_len
-        self.cache = model.new_cache(batch, max_len)
+        # an early-exit draft is given the target's cache: its layers are the target's first ones (early_exit.py)
+        self.cache = cache if cache is not None else model.new_cache(batch, max_len)
         self.graphs = graphs and self.cache.k.is_cuda
         self.captured: dict[tuple, tuple] = {}
 

@@ -108,6 +108,13 @@ class DistillConfig(Strict):
     on_policy: float = Field(0.0, ge=0.0, le=1.0)
     mse_warn: float = Field(0.6, gt=0.0)
     sigmas: list[float] = [0.1, 0.25, 0.5]
+    # early-exit self-speculation: the draft is the target's own first exit_layer blocks (frozen, never copied, and
+    # sharing the target's KV cache when decoding) and an exit head (final norm + linear to the patch, started from
+    # the target's own) that distill trains alone; model.stochastic gives the head a variance, the other model.*
+    # sizes are not read, and the checkpoint is the head only, usable with this target alone. None: a separate draft
+    exit_layer: int | None = Field(None, ge=1)
+    # hidden width of a zero-initialised residual MLP before the exit head's norm (0: none)
+    exit_adapter: int = Field(0, ge=0)
 
 
 class SpecConfig(Strict):

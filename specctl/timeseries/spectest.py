@@ -27,6 +27,7 @@ from specctl.core.files import write_csv
 from specctl.core.runtime import PhaseClock, Timing, time_call
 from specctl.timeseries.costs import AdaptiveK, Prediction, StepCosts, batch_rounds, leviathan_speedup, predict
 from specctl.timeseries.data import describe_split, load_series
+from specctl.timeseries.early_exit import draft_stepper, load_draft
 from specctl.timeseries.evaluate import window_starts
 from specctl.timeseries.forecast import Norm, forecast_cached, forecast_sliding, n_tokens, times_for
 from specctl.timeseries.model import Stepper, load_timer
@@ -34,7 +35,7 @@ from specctl.timeseries.profile import SpecConfig, TimeseriesProfile
 from specctl.timeseries.rng import series_seeds
 from specctl.timeseries.spec_result import SpecTestResult
 from specctl.timeseries.speculative import SpecResult, cache_length, check_pair, refeed_width
-from specctl.timeseries.speculative_forecast import round_seconds, speculative_forecast
+from specctl.timeseries.speculative_forecast import prefilled, round_seconds, speculative_forecast
 from specctl.timeseries.training import check_lookback
 
 SESSION_KEYS = ("seed", "device", "data", "spec.target", "spec.draft", "spec.horizon", "spec.batch_size",
@@ -137,7 +138,7 @@ class SpecTestSession:
             raise SpecctlError("spec.target and spec.draft must name checkpoints (folders with model.safetensors)")
         self.profile, self.device, self.key, self.progress = profile, device, session_key(profile), progress
         self.target, _ = load_timer(spec.target, device)
-        self.draft, _ = load_timer(spec.draft, device)
+        self.draft = load_draft(spec.draft, self.target, spec.target, device)
         lookback = profile.data.lookback
         check_lookback(lookback, self.target.cfg.patch_len, "the target's patch length")
         check_pair(self.target, self.draft, lookback)
@@ -174,12 +175,16 @@ class SpecTestSession:
                                self.stepper(which, len(batch.ids), self.profile.spec.k))
 
     def stepper(self, which: str, batch: int, k: int) -> Stepper:
-        """The model's cache (and CUDA graphs) for this batch size, long enough for speculation length k."""
+        """The model's cache (and CUDA graphs) for this batch size, long enough for speculation length k; the draft's
+        sits beside the target's (on it, for an early exit: early_exit.draft_stepper)."""
         model = getattr(self, which)
         patch, lookback = model.cfg.patch_len, self.profile.data.lookback
         step = self.steppers.get((which, batch))
-        if step is None or step.max_len < cache_length(lookback, self.horizon, patch, k):
-            step = Stepper(model, batch, cache_length(lookback, self.horizon, patch, max(k, 8)), self.graphs)
+        tstep = self.stepper("target", batch, k) if which == "draft" else None
+        if (step is None or step.max_len < cache_length(lookback, self.horizon, patch, k)
+                or (tstep is not None and step.max_len != tstep.max_len)):
+            step = (draft_stepper(model, tstep, self.graphs) if tstep is not None
+                    else Stepper(model, batch, cache_length(lookback, self.horizon, patch, max(k, 8)), self.graphs))
             self.steppers[which, batch] = step
         return step
 
@@ -191,7 +196,7 @@ class SpecTestSession:
         return {"target_step": call_seconds(tstep, first.context, 1, self.device),
                 "draft_step": call_seconds(dstep, first.context, 1, self.device),
                 "prefill_target": prefill_seconds([tstep], first.context, n0, self.device),
-                "prefill_spec": prefill_seconds([tstep, dstep], first.context, n0 - 1, self.device)}
+                "prefill_spec": prefill_seconds(prefilled(tstep, dstep), first.context, n0 - 1, self.device)}
 
     def compatible(self, profile: TimeseriesProfile) -> bool:
         return session_key(profile) == self.key

@@ -17,6 +17,7 @@ import torch
 
 from specctl.core.errors import SpecctlError
 from specctl.core.runtime import PhaseClock, capture_graph, synchronize
+from specctl.timeseries.early_exit import draft_stepper
 from specctl.timeseries.forecast import Norm, forecast_cached, n_tokens, times_for
 from specctl.timeseries.model import Stepper, TimerXL
 from specctl.timeseries.profile import SpecConfig
@@ -88,7 +89,7 @@ def steppers(target: TimerXL | Stepper, draft: TimerXL | Stepper, batch: int, lo
     """Steppers for both models (the given ones, checked, or new ones) sized for this batch and forecast."""
     need = cache_length(lookback, horizon, (target.model if isinstance(target, Stepper) else target).cfg.patch_len, k)
     tstep = target if isinstance(target, Stepper) else Stepper(target, batch, need)
-    dstep = draft if isinstance(draft, Stepper) else Stepper(draft, batch, need)
+    dstep = draft if isinstance(draft, Stepper) else draft_stepper(draft, tstep)
     if min(tstep.max_len, dstep.max_len) < need or tstep.batch != batch or dstep.batch != batch:
         raise SpecctlError(f"internal: steppers sized for batch {tstep.batch}/{dstep.batch} and {tstep.max_len} slots, "
                            f"need batch {batch} and {need}")
@@ -96,15 +97,21 @@ def steppers(target: TimerXL | Stepper, draft: TimerXL | Stepper, batch: int, lo
     return tstep, dstep
 
 
+def prefilled(tstep: Stepper, dstep: Stepper | None) -> list[Stepper]:
+    """The steppers a speculative prefill runs: both, or the target alone when the draft will not run or runs on the
+    target's cache (an early exit: the target's prefill fills the draft's layers too)."""
+    return [tstep] if dstep is None or dstep.cache is tstep.cache else [tstep, dstep]
+
+
 def prefill(tstep: Stepper, dstep: Stepper | None, context: torch.Tensor) -> tuple[Norm, torch.Tensor]:
-    """Frozen statistics, the context's tokens, and both caches (the draft's unless it will not run) filled with all
-    but the newest token (the first round re-feeds it)."""
+    """Frozen statistics, the context's tokens, and the caches (`prefilled`) filled with all but the newest token (the
+    first round re-feeds it)."""
     norm = Norm.fit(context, tstep.model.cfg)
     tokens = norm.tokens(context, tstep.model.cfg.patch_len)
     n0 = tokens.shape[2]
     if n0 > 1:
         warm = times_for(context.shape[0], 0, n0 - 1, context.device)
-        for step in (tstep, dstep) if dstep is not None else (tstep,):
+        for step in prefilled(tstep, dstep):
             step(tokens[:, :, : n0 - 1], warm)
     return norm, tokens
 

@@ -94,11 +94,12 @@ def load_into(model: TimerXL, ref: str) -> None:
 def train_timer(
     profile: TimeseriesProfile, model: TimerXL, data: SeriesData, device: torch.device, run: RunDir,
     loss_fn, resume: bool, progress, on_epoch_end=None, extra_validation=None, validate_batches=None,
+    config: dict | None = None,
 ) -> FitResult:
-    """The time-series side of `fit`: windows, validation, checkpoint config. `validate_batches(batches)` maps the
-    validation windows (on `device`, at most train.max_val_batches batches) to metrics whose `val_loss` picks the
-    best checkpoint; by default that is the next-patch MSE against the truth, or with train.val_metric = "rollout"
-    the rolling forecast's average MSE over the horizons."""
+    """The time-series side of `fit`: windows, validation, checkpoint config (default: Timer-XL's). `validate_batches(
+    batches)` maps the validation windows (on `device`, at most train.max_val_batches batches) to metrics whose
+    `val_loss` picks the best checkpoint; by default that is the next-patch MSE against the truth, or with
+    train.val_metric = "rollout" the rolling forecast's average MSE over the horizons."""
     length, lookback, train = window_length(profile), profile.data.lookback, profile.train
     val_loader = loader([data.val], length, train.batch_size, False, profile.seed)
 
@@ -123,7 +124,7 @@ def train_timer(
     task = Task(model, model.parameters(), lambda batch: loss_fn(batch.to(device)),
                 lambda epoch: loader([data.train, *data.extra_train], length, train.batch_size, True,
                                      profile.seed + epoch, shard=True),
-                validate, checkpoint_config(model, lookback, data.columns, profile.model_dump()))
+                validate, config or checkpoint_config(model, lookback, data.columns, profile.model_dump()))
     return fit(task, train, run.checkpoints, resume, progress, on_epoch_end)
 
 
