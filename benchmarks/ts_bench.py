@@ -40,20 +40,23 @@ class Dataset:
     spec: str  # the spec-test profile
     batches: dict[int, int | None]  # batch size -> windows timed (None: every test window)
     pretrained_draft: str | None = None  # the draft before distillation (a weaker draft): its own frontier rows
+    early_exit: str | None = None  # the early-exit draft's distill profile (the target's first blocks): its own rows
 
 
 DATASETS = {
     "etth1": Dataset([[("pretrain", "etth1/target-large-channel-independent"),
                        ("pretrain", "etth1/draft-025-channel-independent")],
-                      [("distill", "etth1/distill-025-channel-independent")]],
-                     "etth1/spec-test", {1: 64, 32: 256, 256: 1024}, "draft-025-channel-independent"),
+                      [("distill", "etth1/distill-025-channel-independent"),
+                       ("distill", "etth1/distill-early-exit-channel-independent")]],
+                     "etth1/spec-test", {1: 64, 32: 256, 256: 1024}, "draft-025-channel-independent",
+                     "distill-early-exit-channel-independent"),
     "ettm1": Dataset([[("pretrain", "ettm1/target-large-channel-independent"),
                        ("pretrain", "ettm1/draft-025-channel-independent")],
                       [("distill", "ettm1/distill-025-channel-independent")]],
                      "ettm1/spec-test", {1: 64, 32: 256, 256: 1024}, "draft-025-channel-independent"),
     "quick": Dataset([[("pretrain", "quickstart/target"), ("pretrain", "quickstart/draft")],
-                      [("distill", "quickstart/distill")]],
-                     "quickstart/spec-test", {1: 8, 16: 32}, "draft"),
+                      [("distill", "quickstart/distill"), ("distill", "quickstart/distill-early-exit")]],
+                     "quickstart/spec-test", {1: 8, 16: 32}, "draft", "distill-early-exit"),
 }
 # (label, overrides): fixed tolerances (relative to the target's validation RMSE) and K, adaptive K, and the shipped
 # choice, the fastest setting within a 1% MSE budget chosen on validation windows
@@ -139,13 +142,15 @@ def baseline_rows(batch: int, prefix: str, m: dict) -> list[dict]:
 
 
 def drafts(dataset: Dataset) -> list[tuple[str, list[str], list]]:
-    """(label, spec-test overrides, settings) per draft: the shipped (distilled) one, then the pretrained one."""
+    """(label prefix, spec-test overrides, settings) per draft: the shipped (distilled) one, the pretrained one, the
+    early exit."""
     out = [("", [], SETTINGS)]
-    if dataset.pretrained_draft:
-        folder = dataset.spec.split("/")[0]
-        checkpoint = load_profile(f"{folder}/{dataset.pretrained_draft}").train.save_to
-        out.append(("pretrained draft: ", [f"spec.draft={checkpoint}",
-                                           f"spec.draft_profile={dataset.pretrained_draft}"], PRETRAINED_SETTINGS))
+    folder = dataset.spec.split("/")[0]
+    for prefix, name, settings in (("pretrained draft: ", dataset.pretrained_draft, PRETRAINED_SETTINGS),
+                                   ("early exit: ", dataset.early_exit, SETTINGS)):
+        if name:
+            checkpoint = load_profile(f"{folder}/{name}").train.save_to
+            out.append((prefix, [f"spec.draft={checkpoint}", f"spec.draft_profile={name}"], settings))
     return out
 
 
