@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import platform
 import shutil
@@ -638,6 +639,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, nargs="*", help="exit layers (default: 3, 7, ... below the last block)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="CPU-sized counts, to check the script")
+    p.add_argument("--redraw", action="store_true", help="only draw OUT/plots again from OUT/bench.json (a device "
+                   "call brings back at most 8 files: bring bench.json and draw the plots here)")
     sizes = {"train_prompts": 960, "eval_prompts": 48, "reply_tokens": 128, "reply_batch": 128,
              "max_prompt_tokens": 256, "seq_batch": 32, "token_batch": 1024, "lr": 3e-3, "gamma": 4,
              "max_new_tokens": 128, "step_repeats": 20, "bootstrap": 1000, "search_prompts": 8, "min_prompts": 4,
@@ -646,7 +649,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     p.add_argument("--more-gammas", type=int, nargs="*", default=[2, 3, 6], help="extra gammas for the best draft")
     args = p.parse_args(argv)
-    if not args.data_dir:
+    if not args.data_dir and not args.redraw:
         p.error("--data-dir (or $SPECCTL_DATA_DIR) is required")
     if args.tiny:
         vars(args).update(TINY)
@@ -709,6 +712,10 @@ def scratch() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.redraw:
+        report = Report(**json.loads((args.out / "bench.json").read_text(encoding="utf-8")))
+        draw(report, args.out / "plots")
+        return 0
     device = resolve_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)

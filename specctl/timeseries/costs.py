@@ -15,10 +15,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
-SIMULATIONS = 256  # forecasts simulated per series to estimate a batch's rounds
-
 
 @dataclass(frozen=True)
 class StepCosts:
@@ -55,27 +51,6 @@ def tokens_per_round(alpha: float, k: int, bonus: bool) -> float:
 def leviathan_speedup(alpha: float, k: int, c: float, bonus: bool = True) -> float:
     """Leviathan et al.: E[tokens per round] / (K c + 1), in target steps."""
     return tokens_per_round(alpha, k, bonus) / (k * c + 1)
-
-
-def simulated_rounds(alphas: np.ndarray, k: int, steps: int, bonus: bool, seed: int = 0) -> np.ndarray:
-    """[S, len(alphas)] simulated rounds each series needs to emit `steps` tokens (S = SIMULATIONS)."""
-    rng = np.random.default_rng(seed)
-    n = len(alphas)
-    emitted = np.zeros((SIMULATIONS, n), dtype=np.int64)
-    rounds = np.zeros((SIMULATIONS, n), dtype=np.int64)
-    while (emitted < steps).any():
-        passes = rng.random((SIMULATIONS, n, k)) < np.clip(alphas, 0, 1)[None, :, None]
-        accepted = np.cumprod(passes, axis=-1).sum(-1)
-        new = np.where(accepted == k, k + int(bonus), accepted + 1)
-        active = emitted < steps
-        emitted += new * active
-        rounds += active
-    return rounds
-
-
-def batch_rounds(alphas: list[np.ndarray], k: int, steps: int, bonus: bool) -> float:
-    """Expected rounds summed over batches: per batch, E[max over its series of their rounds]."""
-    return float(sum(simulated_rounds(a, k, steps, bonus).max(axis=1).mean() for a in alphas if len(a)))
 
 
 @dataclass(frozen=True)

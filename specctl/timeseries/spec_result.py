@@ -24,10 +24,10 @@ METRICS = {
     "o_hat": "measured round time / target one-step time - K c_hat - v_hat: acceptance and bookkeeping per round",
     "adaptive_k": "each round drafted the k in 0..K with the best predicted rate (0: a plain target step)",
     "k_rounds": "rounds per draft length k, all batches (adaptive K's schedule; one entry, K, otherwise)",
-    "predicted_speedup": "predicted target-only / speculative wall time of the whole run: prefills, each batch's "
-                         "rounds (the slowest series', simulated from each series' alpha; with adaptive K the rounds "
-                         "of each k it chose) at the measured round time, and target-only's steps at the measured "
-                         "step time (costs.py)",
+    "predicted_speedup": "predicted target-only / speculative wall time of the whole run from the measured "
+                         "per-call costs: prefills, the rounds the run took (per k) at the measured round time, each "
+                         "batch's first round at its own, and target-only's steps at the measured step time "
+                         "(costs.py); it checks the cost model, the acceptance is the run's",
     "predicted_speedup_leviathan": "(1 - a^(K+1)) / ((1 - a)(K c + 1)) with a = alpha_hat, c = c_hat (Leviathan et "
                                    "al.; a^K fewer tokens per round without the bonus token, emit = draft_mean)",
     "speedup": "target-only KV-cached wall time / speculative wall time (same windows, device, warm, synchronised; "

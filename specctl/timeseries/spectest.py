@@ -25,7 +25,7 @@ import torch
 from specctl.core.errors import SpecctlError
 from specctl.core.files import write_csv
 from specctl.core.runtime import PhaseClock, Timing, time_call
-from specctl.timeseries.costs import AdaptiveK, Prediction, StepCosts, batch_rounds, leviathan_speedup, predict
+from specctl.timeseries.costs import AdaptiveK, Prediction, StepCosts, leviathan_speedup, predict
 from specctl.timeseries.data import describe_split, load_series
 from specctl.timeseries.early_exit import draft_stepper, load_draft
 from specctl.timeseries.evaluate import window_starts
@@ -319,9 +319,8 @@ class SpecTestSession:
         alpha = accepted / evaluated if evaluated else 0.0
         bonus = spec.emit != "draft_mean"
         steps = n_tokens(self.horizon, self.target.cfg.patch_len)
-        k_rounds = {k: n for k in range(K + 1) if (n := sum(r.k_rounds.get(k, 0) for r in results))}
-        predicted = (adaptive_prediction(costs, k_rounds, spec, steps, len(results)) if spec.adaptive_k
-                     else fixed_k_prediction(costs, results, spec, steps))
+        k_rounds = k_rounds_of(results, K)
+        predicted = run_prediction(costs, k_rounds, spec, steps, len(results))
         spec_seconds = sum(t.median for t in timings)
         forecasts = [r.forecast for r in results]
         mse, mae = errors(forecasts, self.truths)
@@ -363,19 +362,18 @@ class SpecTestSession:
         )
 
 
-def fixed_k_prediction(costs: StepCosts, results: list[SpecResult], spec: SpecConfig, steps: int) -> Prediction:
-    """The predicted run of a fixed K: each batch's rounds simulated from each of its series' own alpha."""
-    alphas = [(r.accepted.double() / r.evaluated.clamp(min=1).double()).cpu().numpy() for r in results]
-    rounds = {spec.k: batch_rounds(alphas, spec.k, steps, spec.emit != "draft_mean")}
-    return predict(costs, rounds, len(results), steps, spec.k)
-
-
-def adaptive_prediction(costs: StepCosts, k_rounds: dict[int, int], spec: SpecConfig, steps: int,
-                        batches: int) -> Prediction:
-    """The predicted run of adaptive K: the rounds of each k it chose at their measured costs; 1x where its policy
-    ran the target's own loop (speculative_forecast.target_only)."""
-    first_k = AdaptiveK(costs.round, spec.emit != "draft_mean").opening()
+def run_prediction(costs: StepCosts, k_rounds: dict[int, int], spec: SpecConfig, steps: int,
+                   batches: int) -> Prediction:
+    """The run priced by the cost model: its rounds of each k (the engine's counts) at their measured costs, each
+    batch's first round at the first-round cost; 1x where adaptive K ran the target's own loop
+    (speculative_forecast.target_only)."""
+    first_k = AdaptiveK(costs.round, spec.emit != "draft_mean").opening() if spec.adaptive_k else spec.k
     predicted = predict(costs, k_rounds, batches, steps, first_k)
-    if first_k == 0 and spec.emit != "sample":
+    if spec.adaptive_k and first_k == 0 and spec.emit != "sample":
         return Prediction(predicted.target_seconds, predicted.target_seconds)
     return predicted
+
+
+def k_rounds_of(results: list[SpecResult], k_max: int) -> dict[int, int]:
+    """Rounds of each draft length k over all batches."""
+    return {k: n for k in range(k_max + 1) if (n := sum(r.k_rounds.get(k, 0) for r in results))}

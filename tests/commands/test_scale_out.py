@@ -101,7 +101,7 @@ def test_the_sweep_benchmark_runs_at_tiny_scale(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = json.loads(Path("bench/sweep_bench.json").read_text())["runs"]
-    assert [r["mode"] for r in runs] == ["one worker", "-w 2", "--cluster local:2"]
+    assert [r["mode"] for r in runs] == ["one worker", "--cluster local:2", "-w 2"]
     assert all(r["trials"] == 4 and r["failed"] == 0 and r["max_rel_diff"] <= 1e-4 for r in runs)
     report = Path("bench/sweep_bench.md").read_text()
     assert "| --cluster local:2 | 4 | 0 |" in report and "device: cpu" in report
