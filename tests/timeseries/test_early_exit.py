@@ -247,6 +247,7 @@ def test_cuda_graphs_with_the_shared_cache_match_eager_rounds():
 
 @pytest.mark.parametrize("name, separate, layers, exit_layer", [
     ("etth1/spec-test-early-exit", "etth1/spec-test", 8, 2),
+    ("ettm1/spec-test-early-exit", "ettm1/spec-test", 8, 2),
     ("quickstart/spec-test-early-exit", "quickstart/spec-test", 2, 1),
 ])
 def test_early_exit_profiles_train_their_chain_and_decode_as_the_separate_drafts(name, separate, layers, exit_layer):
