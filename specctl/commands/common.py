@@ -215,6 +215,10 @@ def handle_errors(fn: Callable) -> Callable:
             fail(describe_os_error(e))
         except KeyboardInterrupt:
             err_console.print("interrupted")
+            # CPython remembers a KeyboardInterrupt that ended an exec() or eval() of a string (a dataclass being
+            # made when the signal lands during an import) and, under `python -m specctl`, then dies by SIGINT
+            # instead of exiting 130; evaluating a string clears that flag
+            exec("pass")
             sys.exit(130)
         finally:
             signal.signal(signal.SIGTERM, previous)

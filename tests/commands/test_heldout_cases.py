@@ -120,6 +120,17 @@ def test_sigterm_marks_a_run_interrupted(tmp_path):
     assert "--resume" in child.stderr.read()
 
 
+def test_an_interrupt_inside_evaluated_code_still_exits_130_under_python_m(tmp_path):
+    # the rare case behind the test above: a SIGTERM landing in exec'd code (a dataclass being made) left CPython
+    # flagged to die by SIGINT after `python -m` returned, whatever exit status specctl chose
+    (tmp_path / "interrupted_module.py").write_text(
+        "from specctl.commands.common import handle_errors\n"
+        "handle_errors(lambda: exec('raise KeyboardInterrupt'))()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "interrupted_module"], env=env, capture_output=True, text=True)
+    assert done.returncode == 130 and "interrupted" in done.stderr
+
+
 def test_distill_warns_when_no_sigma_accepts_the_draft(pair, tmp_path):
     result = invoke("distill", "-p", "quickstart/distill", *FAST, "--set", f'distill.target="{pair / "target"}"',
                     "--set", "distill.sigmas=[0.001]", "--set", "spec.sigma=0.001",
