@@ -180,7 +180,8 @@ def frontier(dataset: Dataset, device: torch.device, lines: list[str], out: Path
                     rows += baseline_rows(batch, prefix, m)
                 rows.append(row(batch, label, m))
                 csv_rows.append({"trial_id": f"b{batch}-{len(csv_rows)}", "status": "ok", "batch": batch,
-                                 "setting": label, **{k: v for k, v in m.items() if not isinstance(v, (list, dict))}})
+                                 "draft": prefix.removesuffix(": ") or "distilled draft", "setting": label,
+                                 **{k: v for k, v in m.items() if not isinstance(v, (list, dict))}})
                 write_report(out, name, lines, rows)
                 write_csv(out / f"{name}_frontier.csv", csv_rows)
         print(f"batch {batch} done", file=sys.stderr, flush=True)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, ScalarFormatter
+from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
 from specctl.core.analysis import pareto_front
 from specctl.core.plots import (
@@ -23,6 +23,8 @@ from specctl.core.plots import (
     unit,
 )
 from specctl.core.results import FRONTS, TIMESERIES_SWEEP, setting, swept_keys
+
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")  # one per draft
 
 LABELS.update({
     "spec.sigma": "σ, target std (scaled units)",
@@ -130,20 +132,30 @@ def pareto_frontier(ok: pd.DataFrame, fig: Figure) -> None:
           TIMESERIES_SWEEP, needs=("speedup", "delta_mse_pct", "speedup_draft", "delta_mse_pct_draft"))
 def speed_quality_frontier(ok: pd.DataFrame, fig: Figure) -> None:
     """Speedup over the target's own KV-cached decoding against ΔMSE vs the target, one point per setting (a panel
-    per batch size when the rows carry one), with the target (1x, 0%) and the draft alone marked."""
+    per batch size when the rows carry one), with the target (1x, 0%) and each draft alone marked; rows with a
+    `draft` column get a colour per draft, its settings and its draft-only point alike."""
     by_batch = list(ok.groupby("batch", sort=True)) if "batch" in ok else [(None, ok)]
     for ax, (batch, rows) in zip(panels(fig, len(by_batch), 3, (3.4, 2.8)), by_batch):
-        ax.scatter(rows["delta_mse_pct"], rows["speedup"], s=18, color="tab:blue", label="speculative settings")
+        drafts = list(rows.groupby("draft", sort=False)) if "draft" in rows else [(None, rows)]
+        for (name, group), color in zip(drafts, COLORS):
+            ax.scatter(group["delta_mse_pct"], group["speedup"], s=18, color=color,
+                       label=f"{name}: speculative" if name else "speculative settings")
+            ax.scatter(group["delta_mse_pct_draft"].median(), group["speedup_draft"].median(), marker="^", s=50,
+                       color=color, edgecolors="k", label=f"{name} alone" if name else "draft only")
+            front = pareto_front(group, "speedup", "delta_mse_pct")
+            ax.plot(front["delta_mse_pct"], front["speedup"], "-", color=color, lw=1)
         ax.scatter([0.0], [1.0], marker="s", s=40, color="k", label="target only")
-        ax.scatter(rows["delta_mse_pct_draft"].median(), rows["speedup_draft"].median(), marker="^", s=50,
-                   color="tab:red", label="draft only")
-        front = pareto_front(rows, "speedup", "delta_mse_pct")
-        ax.plot(front["delta_mse_pct"], front["speedup"], "-", color="tab:blue", lw=1)
         break_even(ax, "y")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        low, high = ax.get_ylim()
+        # minor ticks labelled only within a decade: across decades their labels collide
+        ax.yaxis.set_minor_formatter(ScalarFormatter() if high / low < 10 else NullFormatter())
         ax.set_xlabel("Δ MSE vs target (%)")
         ax.set_ylabel(label("speedup"))
         ax.set_title(f"batch {batch}" if batch is not None else "")
-    ax.legend(fontsize=7)
+    entries = {}  # every panel's entries once: a draft may be missing from the last panel
+    for panel in fig.axes:
+        for handle, text in zip(*panel.get_legend_handles_labels()):
+            entries.setdefault(text, handle)
+    ax.legend(entries.values(), entries.keys(), fontsize=7)

@@ -126,3 +126,21 @@ def test_the_speed_quality_frontier_marks_the_target_and_the_draft(tmp_path):
                          for b in (1, 32) for i, a in enumerate((0.2, 0.6, 1.0))])
     written, skipped = render(rows, tmp_path, ["speed_quality_frontier"])
     assert skipped == {} and {p.suffix for p in written} == {".png", ".pdf"}
+
+
+def test_the_speed_quality_frontier_colours_each_draft_and_lists_every_one(tmp_path):
+    from matplotlib.figure import Figure
+
+    from specctl.timeseries.plots import speed_quality_frontier
+
+    rows = pd.DataFrame([{"batch": b, "draft": d, "speedup": 1 + a, "delta_mse_pct": 0.4 * a + (d == "weak"),
+                          "speedup_draft": 5.0 + (d == "weak"), "delta_mse_pct_draft": 0.9 + 4 * (d == "weak")}
+                         for b in (1, 32) for d in ("distilled", "weak") for a in (0.2, 1.0)
+                         if not (b == 32 and d == "weak")])  # the weak draft only at batch 1, as ts_bench runs it
+    fig = Figure()
+    speed_quality_frontier(rows, fig)
+    texts = [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
+    assert {"distilled: speculative", "distilled alone", "weak: speculative", "weak alone", "target only"} <= set(texts)
+    first = fig.axes[0]
+    colours = {tuple(c.get_facecolor()[0]) for c in first.collections if c.get_label().endswith("speculative")}
+    assert len(colours) == 2  # one colour per draft
