@@ -213,17 +213,20 @@ def main() -> None:
         train(datasets, args.out)
     if args.stage in ("all", "frontier"):
         device = resolve_device("auto")
+        only = "".join(f" --batch {b}" for b in args.batch or [])
         for name, dataset in datasets.items():
             lines = [f"# Speculative frontier: {name}", "", f"- date: {date.today().isoformat()}",
                      f"- device: {device_name()}, torch {torch.__version__}",
-                     f"- command: `python benchmarks/ts_bench.py --dataset {name} --stage frontier --out OUT` (after "
-                     "the training stage; its table is in <dataset>_train.md)",
+                     f"- command: `python benchmarks/ts_bench.py --dataset {name} --stage frontier{only} --out OUT` "
+                     "(after the training stage; its table is in <dataset>_train.md)",
                      f"- spec-test profile `{dataset.spec}`; per batch size the windows timed: "
                      + ", ".join(f"{b}: {w or 'all'}" for b, w in dataset.batches.items()),
                      "- speedup: target-only KV-cached wall time / speculative wall time, same windows, one process, "
                      "median of repeats per batch, warm-up excluded, synchronised; ΔMSE against target-only; fidelity "
                      "= MSE between the speculative and the target-only forecast", ""]
-            frontier(dataset, device, lines, args.out, name, args.batch)
+            # a run of some batch sizes writes files of its own (<dataset>_batch_1_32.md), so split runs add up
+            stem = f"{name}_batch_{'_'.join(map(str, args.batch))}" if args.batch else name
+            frontier(dataset, device, lines, args.out, stem, args.batch)
 
 
 if __name__ == "__main__":
