@@ -36,29 +36,33 @@ from specctl.timeseries.spectest import SpecTestSession
 
 @dataclass(frozen=True)
 class Dataset:
-    train: list[list[tuple[str, str]]]  # groups of (command, profile); a group's commands run side by side
-    spec: str  # the spec-test profile
+    """A profile folder's pair and drafts: the target and the draft pretrained side by side, then the draft distilled
+    and the early exit trained side by side; every draft gets its own frontier rows."""
+
+    folder: str
+    target: str  # the profiles, inside the folder
+    draft: str  # pretrained, undistilled (a weaker draft)
+    distilled: str  # the spec-test profile's draft
+    early_exit: str  # the target's first blocks and a trained exit head
     batches: dict[int, int | None]  # batch size -> windows timed (None: every test window)
-    pretrained_draft: str | None = None  # the draft before distillation (a weaker draft): its own frontier rows
-    early_exit: str | None = None  # the early-exit draft's distill profile (the target's first blocks): its own rows
+
+    @property
+    def spec(self) -> str:
+        return f"{self.folder}/spec-test"
+
+    @property
+    def train(self) -> list[list[tuple[str, str]]]:
+        """Groups of (command, profile); a group's commands run side by side."""
+        return [[("pretrain", f"{self.folder}/{self.target}"), ("pretrain", f"{self.folder}/{self.draft}")],
+                [("distill", f"{self.folder}/{self.distilled}"), ("distill", f"{self.folder}/{self.early_exit}")]]
 
 
+CHANNEL_INDEPENDENT = ("target-large-channel-independent", "draft-025-channel-independent",
+                       "distill-025-channel-independent", "distill-early-exit-channel-independent")
 DATASETS = {
-    "etth1": Dataset([[("pretrain", "etth1/target-large-channel-independent"),
-                       ("pretrain", "etth1/draft-025-channel-independent")],
-                      [("distill", "etth1/distill-025-channel-independent"),
-                       ("distill", "etth1/distill-early-exit-channel-independent")]],
-                     "etth1/spec-test", {1: 64, 32: 256, 256: 1024}, "draft-025-channel-independent",
-                     "distill-early-exit-channel-independent"),
-    "ettm1": Dataset([[("pretrain", "ettm1/target-large-channel-independent"),
-                       ("pretrain", "ettm1/draft-025-channel-independent")],
-                      [("distill", "ettm1/distill-025-channel-independent"),
-                       ("distill", "ettm1/distill-early-exit-channel-independent")]],
-                     "ettm1/spec-test", {1: 64, 32: 256, 256: 1024}, "draft-025-channel-independent",
-                     "distill-early-exit-channel-independent"),
-    "quick": Dataset([[("pretrain", "quickstart/target"), ("pretrain", "quickstart/draft")],
-                      [("distill", "quickstart/distill"), ("distill", "quickstart/distill-early-exit")]],
-                     "quickstart/spec-test", {1: 8, 16: 32}, "draft", "distill-early-exit"),
+    "etth1": Dataset("etth1", *CHANNEL_INDEPENDENT, {1: 64, 32: 256, 256: 1024}),
+    "ettm1": Dataset("ettm1", *CHANNEL_INDEPENDENT, {1: 64, 32: 256, 256: 1024}),
+    "quick": Dataset("quickstart", "target", "draft", "distill", "distill-early-exit", {1: 8, 16: 32}),
 }
 # (label, overrides): fixed tolerances (relative to the target's validation RMSE) and K, adaptive K, and the shipped
 # choice, the fastest setting within a 1% MSE budget chosen on validation windows
@@ -84,10 +88,10 @@ def train(datasets: dict[str, Dataset], out: Path) -> None:
     lines = {name: [f"# Training: {name}", "", f"- date: {date.today().isoformat()}", f"- device: {device_name()}",
                     "- commands of a group ran side by side on the one device, so their seconds overlap", "",
                     "| command | seconds | result |", "|---|---|---|"] for name in datasets}
-    for i in range(max(len(d.train) for d in datasets.values())):
+    for stage in zip(*(d.train for d in datasets.values())):  # pretraining, then distillation
         started, procs = time.perf_counter(), []
-        for name, dataset in datasets.items():
-            for command, profile in dataset.train[i] if i < len(dataset.train) else []:
+        for name, group in zip(datasets, stage):
+            for command, profile in group:
                 argv = [sys.executable, "-m", "specctl", command, "--profile", profile, "--json", "--overwrite"]
                 procs.append((name, f"specctl {command} --profile {profile}",
                               subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
@@ -147,12 +151,10 @@ def drafts(dataset: Dataset) -> list[tuple[str, list[str], list]]:
     """(label prefix, spec-test overrides, settings) per draft: the shipped (distilled) one, the pretrained one, the
     early exit."""
     out = [("", [], SETTINGS)]
-    folder = dataset.spec.split("/")[0]
-    for prefix, name, settings in (("pretrained draft: ", dataset.pretrained_draft, PRETRAINED_SETTINGS),
+    for prefix, name, settings in (("pretrained draft: ", dataset.draft, PRETRAINED_SETTINGS),
                                    ("early exit: ", dataset.early_exit, SETTINGS)):
-        if name:
-            checkpoint = load_profile(f"{folder}/{name}").train.save_to
-            out.append((prefix, [f"spec.draft={checkpoint}", f"spec.draft_profile={name}"], settings))
+        checkpoint = load_profile(f"{dataset.folder}/{name}").train.save_to
+        out.append((prefix, [f"spec.draft={checkpoint}", f"spec.draft_profile={name}"], settings))
     return out
 
 
