@@ -27,7 +27,8 @@ class StepCosts:
     prefill_spec: float  # the speculative forecast's prefills (n0 - 1 tokens, both models or a shared cache)
     verify: dict[int, float]  # k -> one target call over the w + k tokens a round of k verifies
     round: dict[int, float]  # k -> one whole round of k draft tokens (draft, verify, accept, bookkeeping)
-    first_round: dict[int, float]  # k -> the same as a forecast's first round, which re-feeds one token
+    first_k: int  # the draft length a forecast opens with (adaptive K: its opening; else K)
+    first_round: float  # that round as a forecast's first, which re-feeds one token
 
     @property
     def c_hat(self) -> float:
@@ -64,12 +65,12 @@ class Prediction:
         return self.target_seconds / self.spec_seconds
 
 
-def predict(costs: StepCosts, rounds: dict[int, float], batches: int, steps: int, first_k: int) -> Prediction:
+def predict(costs: StepCosts, rounds: dict[int, float], batches: int, steps: int) -> Prediction:
     """Wall time of every batch's target-only and speculative forecast: `batches` batches whose rounds of each draft
     length k number rounds[k] in all, each batch's first round (of first_k) at the first-round cost."""
     target = batches * (costs.prefill_target + (steps - 1) * costs.target_step)
-    later = sum(n * costs.round[k] for k, n in rounds.items()) - batches * costs.round[first_k]
-    spec = batches * (costs.prefill_spec + costs.first_round[first_k]) + later
+    later = sum(n * costs.round[k] for k, n in rounds.items()) - batches * costs.round[costs.first_k]
+    spec = batches * (costs.prefill_spec + costs.first_round) + later
     return Prediction(target, spec)
 
 

@@ -265,20 +265,22 @@ class SpecTestSession:
 
     def costs(self, profile: TimeseriesProfile, whole_rounds: bool, batch: Window | None = None) -> StepCosts:
         """Per-call costs of this setting at the size of `batch` (default: the first test batch): the rounds of each
-        draft length it may use, as the timed pass runs them."""
+        draft length it may use, as the timed pass runs them, and a forecast's first round at the length it opens
+        with."""
         spec, batch = profile.spec, batch or self.batches[0]
         B = len(batch.ids)
         tstep, dstep = self.stepper("target", B, spec.k), self.stepper("draft", B, spec.k)
         graphs = self.round_graphs if whole_rounds else None
-        verify, rounds, first = {}, {}, {}
+        verify, rounds = {}, {}
         timed = lambda k, w: round_seconds(tstep, dstep, batch.context, self.horizon, spec,  # noqa: E731
                                            self.seeds(profile, batch), graphs, max(5, spec.repeats), k, w)
         for k in range(spec.k + 1) if spec.adaptive_k else [spec.k]:
             w = refeed_width(spec, k)  # in steady state a round of k follows one of k
             verify[k] = call_seconds(tstep, batch.context, w + k, self.device)
             rounds[k] = timed(k, w)
-            first[k] = timed(k, 1) if w > 1 else rounds[k]  # a forecast's first round re-feeds one token
-        return StepCosts(verify=verify, round=rounds, first_round=first, **self.base_costs)
+        k = opening_k(rounds, spec)  # a forecast's first round re-feeds one token
+        first = timed(k, 1) if refeed_width(spec, k) > 1 else rounds[k]
+        return StepCosts(verify=verify, round=rounds, first_k=k, first_round=first, **self.base_costs)
 
     def run(self, profile: TimeseriesProfile, debug_csv: Path | None = None) -> SpecTestResult:
         if not self.compatible(profile):
@@ -367,11 +369,15 @@ def run_prediction(costs: StepCosts, k_rounds: dict[int, int], spec: SpecConfig,
     """The run priced by the cost model: its rounds of each k (the engine's counts) at their measured costs, each
     batch's first round at the first-round cost; 1x where adaptive K ran the target's own loop
     (speculative_forecast.target_only)."""
-    first_k = AdaptiveK(costs.round, spec.emit != "draft_mean").opening() if spec.adaptive_k else spec.k
-    predicted = predict(costs, k_rounds, batches, steps, first_k)
-    if spec.adaptive_k and first_k == 0 and spec.emit != "sample":
+    predicted = predict(costs, k_rounds, batches, steps)
+    if spec.adaptive_k and costs.first_k == 0 and spec.emit != "sample":
         return Prediction(predicted.target_seconds, predicted.target_seconds)
     return predicted
+
+
+def opening_k(rounds: dict[int, float], spec: SpecConfig) -> int:
+    """The draft length a forecast opens with: adaptive K's opening choice from the measured round costs, else K."""
+    return AdaptiveK(rounds, spec.emit != "draft_mean").opening() if spec.adaptive_k else spec.k
 
 
 def k_rounds_of(results: list[SpecResult], k_max: int) -> dict[int, int]:
