@@ -3,6 +3,8 @@
     python benchmarks/ts_bench.py --dataset etth1 --out DIR [--work /tmp/ts]   # train, then the frontier
     python benchmarks/ts_bench.py --dataset etth1 --dataset ettm1 --stage train --out DIR --work /tmp/ts
     python benchmarks/ts_bench.py --dataset etth1 --stage frontier --out DIR --work /tmp/ts
+    python benchmarks/ts_bench.py --dataset etth1 --stage pretrain ...; ... --stage distill ...  # training, two calls
+    python benchmarks/ts_bench.py --dataset etth1 --stage frontier --draft early-exit --batch 1 ...  # some rows
     python benchmarks/ts_bench.py --dataset quick --out DIR                     # the same code on the quick start
 
 Training runs the shipped profiles through the CLI (every dataset's target and draft side by side on the GPU,
@@ -21,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -68,13 +71,13 @@ DATASETS = {
 # choice, the fastest setting within a 1% MSE budget chosen on validation windows
 FIXED = {"spec.adaptive_k": False, "spec.fidelity_budget": None}
 SETTINGS = [
-    *((f"tol {t:g}, K {k}", {"spec.tol_relative": t, "spec.k": k, **FIXED}) for t in (0.05, 0.25) for k in (3, 7)),
+    *((f"tol {t:g}, K 7", {"spec.tol_relative": t, "spec.k": 7, **FIXED}) for t in (0.05, 0.25)),
     ("tol 0.25, adaptive K <= 7", {"spec.tol_relative": 0.25, "spec.k": 7, "spec.adaptive_k": True,
                                    "spec.fidelity_budget": None}),
     ("1% budget, adaptive K", {"spec.fidelity_budget": 0.01, "spec.adaptive_k": True}),
 ]
 # the undistilled draft's rows: the shipped choice and one fixed setting
-PRETRAINED_SETTINGS = [SETTINGS[3], SETTINGS[-1]]
+PRETRAINED_SETTINGS = [SETTINGS[1], SETTINGS[-1]]
 COLUMNS = ["batch", "setting", "acceptance", "alpha_hat", "tau", "k_rounds", "c_hat", "v_hat", "speedup",
            "predicted (Leviathan)", "pred/meas", "vs sliding", "MSE", "ΔMSE %", "fidelity", "ms/batch"]
 
@@ -83,28 +86,38 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
-def train(datasets: dict[str, Dataset], out: Path) -> None:
-    """Group i of every dataset's training runs side by side; DIR/<dataset>_train.md and .jsonl per dataset."""
-    lines = {name: [f"# Training: {name}", "", f"- date: {date.today().isoformat()}", f"- device: {device_name()}",
+def train(datasets: dict[str, Dataset], out: Path, stage: str) -> None:
+    """Group i of every dataset's training runs side by side (pretraining, then distillation; `stage` names one of
+    them or "train" for both); DIR/<dataset>_<stage>.md and .jsonl per dataset."""
+    groups = {"train": (0, 1), "pretrain": (0,), "distill": (1,)}[stage]
+    lines = {name: [f"# Training ({stage}): {name}", "", f"- date: {date.today().isoformat()}",
+                    f"- device: {device_name()}",
                     "- commands of a group ran side by side on the one device, so their seconds overlap", "",
                     "| command | seconds | result |", "|---|---|---|"] for name in datasets}
-    for stage in zip(*(d.train for d in datasets.values())):  # pretraining, then distillation
+    for i, runs in enumerate(zip(*(d.train for d in datasets.values()))):  # pretraining, then distillation
+        if i not in groups:
+            continue
         started, procs = time.perf_counter(), []
-        for name, group in zip(datasets, stage):
+        for name, group in zip(datasets, runs):
             for command, profile in group:
                 argv = [sys.executable, "-m", "specctl", command, "--profile", profile, "--json", "--overwrite"]
                 procs.append((name, f"specctl {command} --profile {profile}",
                               subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
-        for name, shown, proc in procs:
+        failed = []
+        for name, shown, proc in procs:  # a failure is reported after its group, so the others' results are kept
             stdout, stderr = proc.communicate()
             seconds = time.perf_counter() - started
             if proc.returncode:
-                raise SystemExit(f"{shown} failed:\n{stderr[-3000:]}")
-            metrics = json.loads(stdout[stdout.index("{"):])
-            append_jsonl(out / f"{name}_train.jsonl", {"command": shown, "seconds": seconds, "metrics": metrics})
-            lines[name].append(f"| `{shown}` | {seconds:.0f} | {train_summary(metrics)} |")
-            (out / f"{name}_train.md").write_text("\n".join(lines[name]) + "\n")
+                failed.append(f"{shown} failed:\n{stderr[-3000:]}")
+                lines[name].append(f"| `{shown}` | {seconds:.0f} | failed: {stderr.strip().splitlines()[-1:]} |")
+            else:
+                metrics = json.loads(stdout[stdout.index("{"):])
+                append_jsonl(out / f"{name}_{stage}.jsonl", {"command": shown, "seconds": seconds, "metrics": metrics})
+                lines[name].append(f"| `{shown}` | {seconds:.0f} | {train_summary(metrics)} |")
+            (out / f"{name}_{stage}.md").write_text("\n".join(lines[name]) + "\n")
             print(f"{shown}: {seconds:.0f} s", file=sys.stderr, flush=True)
+        if failed:
+            raise SystemExit("\n".join(failed))
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -135,10 +148,10 @@ def row(batch: int, label: str, m: dict) -> dict:
             "ms/batch": f"{per_batch:.2f}"}
 
 
-def baseline_rows(batch: int, prefix: str, m: dict) -> list[dict]:
+def baseline_rows(batch: int, prefix: str, m: dict, with_target: bool) -> list[dict]:
     """The target itself (once per batch) and the draft alone, on the same windows."""
     blank = dict.fromkeys(COLUMNS, "")
-    target = [] if prefix else [{**blank, "batch": batch, "setting": "target-only (KV cache)", "speedup": "1x",
+    target = [] if not with_target else [{**blank, "batch": batch, "setting": "target-only (KV cache)", "speedup": "1x",
                                  "MSE": f"{m['mse_target']:.4f}", "ΔMSE %": "0",
                                  "ms/batch": f"{1e3 * m['wall_s_target'] / m['batches']:.2f}"}]
     return [*target,
@@ -147,19 +160,25 @@ def baseline_rows(batch: int, prefix: str, m: dict) -> list[dict]:
              "ms/batch": f"{1e3 * m['wall_s_draft'] / m['batches']:.2f}"}]
 
 
-def drafts(dataset: Dataset) -> list[tuple[str, list[str], list]]:
-    """(label prefix, spec-test overrides, settings) per draft: the shipped (distilled) one, the pretrained one, the
-    early exit."""
-    out = [("", [], SETTINGS)]
-    for prefix, name, settings in (("pretrained draft: ", dataset.draft, PRETRAINED_SETTINGS),
-                                   ("early exit: ", dataset.early_exit, SETTINGS)):
-        checkpoint = load_profile(f"{dataset.folder}/{name}").train.save_to
-        out.append((prefix, [f"spec.draft={checkpoint}", f"spec.draft_profile={name}"], settings))
+DRAFTS = ("distilled", "pretrained", "early-exit")
+
+
+def drafts(dataset: Dataset, chosen: list[str]) -> list[tuple[str, list[str], list]]:
+    """(label prefix, spec-test overrides, settings) per chosen draft: the shipped (distilled) one, the pretrained one,
+    the early exit."""
+    out = []
+    for key, prefix, name, settings in (("distilled", "", None, SETTINGS),
+                                        ("pretrained", "pretrained draft: ", dataset.draft, PRETRAINED_SETTINGS),
+                                        ("early-exit", "early exit: ", dataset.early_exit, SETTINGS)):
+        if key not in chosen:
+            continue
+        checkpoint = load_profile(f"{dataset.folder}/{name}").train.save_to if name else None
+        out.append((prefix, [f"spec.draft={checkpoint}", f"spec.draft_profile={name}"] if name else [], settings))
     return out
 
 
 def frontier(dataset: Dataset, device: torch.device, lines: list[str], out: Path, name: str,
-             batches: list[int] | None) -> None:
+             batches: list[int] | None, chosen: list[str]) -> None:
     log = lambda record: append_jsonl(out / f"{name}.jsonl", record)  # noqa: E731
     rows, csv_rows = [], []
     for batch, windows in dataset.batches.items():
@@ -167,25 +186,34 @@ def frontier(dataset: Dataset, device: torch.device, lines: list[str], out: Path
             continue
         overrides = [f"spec.batch_size={batch}", "spec.repeats=5" if batch < 256 else "spec.repeats=3",
                      "spec.warmup=2", *([f"spec.max_windows={windows}"] if windows else [])]
-        for prefix, draft_overrides, settings in drafts(dataset):
+        for d, (prefix, draft_overrides, settings) in enumerate(drafts(dataset, chosen)):
             base = load_profile(dataset.spec, [*overrides, *draft_overrides])
-            session = SpecTestSession(base, device)
-            for i, (label, setting) in enumerate(settings):
-                label = prefix + label
-                profile = base.model_copy(update={"spec": base.spec.model_copy(update={
-                    k.split(".")[1]: v for k, v in setting.items()})})
-                m = session.run(profile).metrics()
-                if "budget" in m:  # what the budget chose on validation windows
-                    label += f" (chose tol {m['budget']['tol_relative']:g}, K {m['budget']['k']})"
-                log({"stage": "frontier", "batch": batch, "setting": label, "metrics": m})
-                if i == 0:
-                    rows += baseline_rows(batch, prefix, m)
-                rows.append(row(batch, label, m))
-                csv_rows.append({"trial_id": f"b{batch}-{len(csv_rows)}", "status": "ok", "batch": batch,
-                                 "draft": prefix.removesuffix(": ") or "distilled draft", "setting": label,
-                                 **{k: v for k, v in m.items() if not isinstance(v, (list, dict))}})
+            try:  # a draft that fails (on a device its tests never met, say) costs its own rows, not the others'
+                session = SpecTestSession(base, device)
+                for i, (label, setting) in enumerate(settings):
+                    label = prefix + label
+                    profile = base.model_copy(update={"spec": base.spec.model_copy(update={
+                        k.split(".")[1]: v for k, v in setting.items()})})
+                    started = time.perf_counter()
+                    m = session.run(profile).metrics()
+                    if "budget" in m:  # what the budget chose on validation windows
+                        label += f" (chose tol {m['budget']['tol_relative']:g}, K {m['budget']['k']})"
+                    log({"stage": "frontier", "batch": batch, "setting": label,
+                         "seconds": time.perf_counter() - started, "metrics": m})
+                    if i == 0:
+                        rows += baseline_rows(batch, prefix, m, with_target=d == 0)
+                    rows.append(row(batch, label, m))
+                    csv_rows.append({"trial_id": f"b{batch}-{len(csv_rows)}", "status": "ok", "batch": batch,
+                                     "draft": prefix.removesuffix(": ") or "distilled draft", "setting": label,
+                                     **{k: v for k, v in m.items() if not isinstance(v, (list, dict))}})
+                    write_report(out, name, lines, rows)
+                    write_csv(out / f"{name}_frontier.csv", csv_rows)
+            except Exception:  # reported in the table and the log, with its traceback
+                log({"stage": "frontier", "batch": batch, "draft": prefix, "error": traceback.format_exc()})
+                rows.append({**dict.fromkeys(COLUMNS, ""), "batch": batch,
+                             "setting": f"{prefix}failed: {traceback.format_exc(limit=0).strip()}"})
                 write_report(out, name, lines, rows)
-                write_csv(out / f"{name}_frontier.csv", csv_rows)
+                print(traceback.format_exc(), file=sys.stderr, flush=True)
         print(f"batch {batch} done", file=sys.stderr, flush=True)
 
 
@@ -199,11 +227,14 @@ def write_report(out: Path, name: str, lines: list[str], rows: list[dict]) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=list(DATASETS), action="append", required=True)
-    parser.add_argument("--stage", choices=["all", "train", "frontier"], default="all")
+    parser.add_argument("--stage", choices=["all", "train", "pretrain", "distill", "frontier"], default="all",
+                        help="train = pretrain, then distill")
     parser.add_argument("--out", type=Path, required=True, help="where the reports, JSONL and CSV go")
     parser.add_argument("--work", type=Path, default=None, help="working folder for artifacts/ and runs/")
     parser.add_argument("--batch", type=int, action="append", default=None,
                         help="frontier batch sizes to run (default: the dataset's own)")
+    parser.add_argument("--draft", choices=DRAFTS, action="append", default=None,
+                        help="drafts whose frontier rows to run (default: all)")
     args = parser.parse_args()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -211,24 +242,25 @@ def main() -> None:
         args.work.mkdir(parents=True, exist_ok=True)
         os.chdir(args.work)
     datasets = {name: DATASETS[name] for name in args.dataset}
-    if args.stage in ("all", "train"):
-        train(datasets, args.out)
+    if args.stage != "frontier":
+        train(datasets, args.out, "train" if args.stage == "all" else args.stage)
     if args.stage in ("all", "frontier"):
         device = resolve_device("auto")
-        only = "".join(f" --batch {b}" for b in args.batch or [])
+        only = "".join(f" --batch {b}" for b in args.batch or []) + "".join(f" --draft {d}" for d in args.draft or [])
         for name, dataset in datasets.items():
             lines = [f"# Speculative frontier: {name}", "", f"- date: {date.today().isoformat()}",
                      f"- device: {device_name()}, torch {torch.__version__}",
                      f"- command: `python benchmarks/ts_bench.py --dataset {name} --stage frontier{only} --out OUT` "
-                     "(after the training stage; its table is in <dataset>_train.md)",
+                     "(after the training stage; its tables are in <dataset>_<stage>.md)",
                      f"- spec-test profile `{dataset.spec}`; per batch size the windows timed: "
                      + ", ".join(f"{b}: {w or 'all'}" for b, w in dataset.batches.items()),
                      "- speedup: target-only KV-cached wall time / speculative wall time, same windows, one process, "
                      "median of repeats per batch, warm-up excluded, synchronised; ΔMSE against target-only; fidelity "
                      "= MSE between the speculative and the target-only forecast", ""]
-            # a run of some batch sizes writes files of its own (<dataset>_batch_1_32.md), so split runs add up
-            stem = f"{name}_batch_{'_'.join(map(str, args.batch))}" if args.batch else name
-            frontier(dataset, device, lines, args.out, stem, args.batch)
+            # a run of some batch sizes or drafts writes files of its own (<dataset>_batch_1_32_early-exit.md), so
+            # split runs add up
+            stem = "_".join([name, *(["batch", *map(str, args.batch)] if args.batch else []), *(args.draft or [])])
+            frontier(dataset, device, lines, args.out, stem, args.batch, args.draft or list(DRAFTS))
 
 
 if __name__ == "__main__":
