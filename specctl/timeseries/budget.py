@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from specctl.core.errors import SpecctlError
 from specctl.timeseries.costs import StepCosts
-from specctl.timeseries.forecast import n_tokens
 from specctl.timeseries.profile import TimeseriesProfile
 from specctl.timeseries.spec_result import BudgetChoice
 from specctl.timeseries.spectest import SpecTestSession, errors, k_rounds_of, run_prediction
@@ -36,9 +35,8 @@ def score_candidate(session: SpecTestSession, profile: TimeseriesProfile, tol_re
     mse, _ = errors([r.forecast for r in results], [b.truth for b in batches])
     proposed = sum(int(r.proposed.sum()) for r in results)
     accepted = sum(int(r.accepted.sum()) for r in results)
-    steps = n_tokens(session.horizon, session.target.cfg.patch_len)
     k_rounds = k_rounds_of(results, profile.spec.k)
-    predicted = run_prediction(costs, k_rounds, profile.spec, steps, len(results)).speedup
+    predicted = run_prediction(costs, k_rounds, profile.spec, session.steps, len(results)).speedup
     return Candidate(tol_relative, profile.spec.k, (mse - mse_target) / mse_target,
                      accepted / proposed if proposed else 0.0, predicted)
 

@@ -24,6 +24,8 @@ METRICS = {
     "o_hat": "measured round time / target one-step time - K c_hat - v_hat: acceptance and bookkeeping per round",
     "adaptive_k": "each round drafted the k in 0..K with the best predicted rate (0: a plain target step)",
     "k_rounds": "rounds per draft length k, all batches (adaptive K's schedule; one entry, K, otherwise)",
+    "round_ms": "measured ms of one later round per draft length k (re-feeding what the previous round of k needs)",
+    "first_round_ms": "measured ms of a forecast's first round per draft length k (re-feeding one token)",
     "predicted_speedup": "predicted target-only / speculative wall time of the whole run from the measured "
                          "per-call costs: prefills, the rounds the run took (per k) at the measured round time, each "
                          "batch's first round at its own, and target-only's steps at the measured step time "
@@ -104,6 +106,8 @@ class SpecTestResult:
     device: str = "cpu"
     adaptive_k: bool = False
     k_rounds: dict[int, int] = field(default_factory=dict)
+    round_ms: dict[int, float] = field(default_factory=dict)
+    first_round_ms: dict[int, float] = field(default_factory=dict)
     budget: BudgetChoice | None = None
     tol: float | None = None
     tol_relative: float | None = None

@@ -145,6 +145,7 @@ class SpecTestSession:
         if spec.dtype == "bf16":
             self.target.to(torch.bfloat16), self.draft.to(torch.bfloat16)
         self.horizon = spec.horizon or max(profile.data.horizons)
+        self.steps = n_tokens(self.horizon, self.target.cfg.patch_len)  # tokens per forecast
         data = load_series(profile.data, lookback + self.horizon, splits=("test",), horizon=self.horizon)
         if data.n_vars != self.target.cfg.n_vars:
             raise SpecctlError(f"data '{profile.data.name}' has {data.n_vars} variables but the checkpoints were "
@@ -271,16 +272,16 @@ class SpecTestSession:
         B = len(batch.ids)
         tstep, dstep = self.stepper("target", B, spec.k), self.stepper("draft", B, spec.k)
         graphs = self.round_graphs if whole_rounds else None
-        verify, rounds = {}, {}
+        verify, rounds, first = {}, {}, {}
         timed = lambda k, w: round_seconds(tstep, dstep, batch.context, self.horizon, spec,  # noqa: E731
                                            self.seeds(profile, batch), graphs, max(5, spec.repeats), k, w)
         for k in range(spec.k + 1) if spec.adaptive_k else [spec.k]:
             w = refeed_width(spec, k)  # in steady state a round of k follows one of k
             verify[k] = call_seconds(tstep, batch.context, w + k, self.device)
             rounds[k] = timed(k, w)
-        k = opening_k(rounds, spec)  # a forecast's first round re-feeds one token
-        first = timed(k, 1) if refeed_width(spec, k) > 1 else rounds[k]
-        return StepCosts(verify=verify, round=rounds, first_k=k, first_round=first, **self.base_costs)
+            first[k] = timed(k, 1) if w > 1 else rounds[k]  # a forecast's first round re-feeds one token
+        k = opening_k(rounds, first, spec, self.steps)
+        return StepCosts(verify=verify, round=rounds, first=first, first_k=k, **self.base_costs)
 
     def run(self, profile: TimeseriesProfile, debug_csv: Path | None = None) -> SpecTestResult:
         if not self.compatible(profile):
@@ -294,7 +295,7 @@ class SpecTestSession:
         spec = profile.spec
         whole_rounds = spec.graph_rounds and self.graphs and self.round_graphs_agree(profile)
         costs = self.costs(profile, whole_rounds)
-        policy = AdaptiveK(costs.round, spec.emit != "draft_mean") if spec.adaptive_k else None
+        policy = AdaptiveK(costs.round, spec.emit != "draft_mean", self.steps, costs.first) if spec.adaptive_k else None
         learn = (lambda r: policy.observe(int(r.accepted.sum()), int(r.evaluated.sum()))) if policy else None
         results, timings, target_timings = time_batches(
             lambda b: self.speculate(profile, b, rounds=whole_rounds, policy=policy), self.batches, self.device,
@@ -320,9 +321,8 @@ class SpecTestSession:
         rounds, emitted = total("rounds"), total("emitted")
         alpha = accepted / evaluated if evaluated else 0.0
         bonus = spec.emit != "draft_mean"
-        steps = n_tokens(self.horizon, self.target.cfg.patch_len)
         k_rounds = k_rounds_of(results, K)
-        predicted = run_prediction(costs, k_rounds, spec, steps, len(results))
+        predicted = run_prediction(costs, k_rounds, spec, self.steps, len(results))
         spec_seconds = sum(t.median for t in timings)
         forecasts = [r.forecast for r in results]
         mse, mae = errors(forecasts, self.truths)
@@ -337,8 +337,8 @@ class SpecTestSession:
             alpha_hat=alpha, mean_accepted=accepted / rounds if rounds else 0.0,
             tokens_per_target_call=emitted / rounds if rounds else 0.0,
             c_hat=costs.c_hat, v_hat=costs.v_hat(K), o_hat=costs.o_hat(K), adaptive_k=spec.adaptive_k,
-            k_rounds=k_rounds,
-            predicted_speedup=predicted.speedup,
+            k_rounds=k_rounds, round_ms={k: 1e3 * t for k, t in costs.round.items()},
+            first_round_ms={k: 1e3 * t for k, t in costs.first.items()}, predicted_speedup=predicted.speedup,
             predicted_speedup_leviathan=leviathan_speedup(alpha, K, costs.c_hat, bonus),
             speedup=target_seconds / spec_seconds, speedup_draft=self.cached.seconds / self.draft_alone.seconds,
             mse=mse, mae=mae, mse_target=mse_target, mae_target=mae_target, mse_draft=mse_draft, mae_draft=mae_draft,
@@ -375,9 +375,10 @@ def run_prediction(costs: StepCosts, k_rounds: dict[int, int], spec: SpecConfig,
     return predicted
 
 
-def opening_k(rounds: dict[int, float], spec: SpecConfig) -> int:
-    """The draft length a forecast opens with: adaptive K's opening choice from the measured round costs, else K."""
-    return AdaptiveK(rounds, spec.emit != "draft_mean").opening() if spec.adaptive_k else spec.k
+def opening_k(rounds: dict[int, float], first: dict[int, float], spec: SpecConfig, steps: int) -> int:
+    """The draft length a forecast of `steps` tokens opens with: adaptive K's opening choice from the measured round
+    costs (later and first rounds), else K."""
+    return AdaptiveK(rounds, spec.emit != "draft_mean", steps, first).opening() if spec.adaptive_k else spec.k
 
 
 def k_rounds_of(results: list[SpecResult], k_max: int) -> dict[int, int]:

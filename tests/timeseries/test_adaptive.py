@@ -1,5 +1,6 @@
-"""Adaptive K: the chooser is the argmax of the predicted rate, it matches the best fixed K where that is known, and
-it falls back to target steps when no draft length pays."""
+"""Adaptive K: the chooser finishes a forecast soonest in expected time (on a long horizon, the argmax of the predicted
+rate), it matches the best fixed K where that is known, and it falls back to target steps when no draft length
+pays."""
 
 from __future__ import annotations
 
@@ -18,10 +19,33 @@ ROUNDS = {0: 1.0, 1: 1.3, 2: 1.6, 3: 1.9, 4: 2.2}  # seconds of a round of k dra
 
 
 @pytest.mark.parametrize("alpha, best", [(0.95, 4), (0.7, 2), (0.6, 1), (0.15, 0)])
-def test_the_chooser_is_the_argmax_of_the_predicted_rate(alpha, best):
-    policy = AdaptiveK(ROUNDS, bonus=True)
+def test_on_a_long_horizon_the_chooser_is_the_argmax_of_the_predicted_rate(alpha, best):
+    policy = AdaptiveK(ROUNDS, bonus=True, steps=400)
     rates = {k: (1.0 if k == 0 else tokens_per_round(alpha, k, True)) / t for k, t in ROUNDS.items()}
     assert policy.best(alpha) == max(rates, key=rates.get) == best
+
+
+SHORT = {0: 1.0, 1: 1.2, 2: 1.05, 3: 1.1, 4: 1.15, 5: 1.5, 6: 1.7, 7: 1.9}  # verification grows with the positions
+
+
+def test_on_a_short_horizon_the_chooser_finishes_in_fewest_seconds():
+    """8 tokens left, every draft accepted: a round of 4 has the best rate (5 tokens per 1.15 against 8 per 1.9 for
+    7), but it leaves 3 tokens for a second round (1.15 + 1.05) where one round of 7 finishes (1.9). With 5 tokens
+    left one round of 4 finishes; with 1 left, a target step."""
+    policy = AdaptiveK(SHORT, bonus=True, steps=8)
+    assert max(range(1, 8), key=lambda k: (k + 1) / SHORT[k]) == 4
+    assert policy.best(1.0) == 7 and policy.best(1.0, left=5) == 4 and policy.best(1.0, left=1) == 0
+    seconds, _ = policy.seconds_to_finish(1.0)
+    assert seconds[8] == pytest.approx(1.9) and seconds[5] == pytest.approx(1.15) and seconds[3] == pytest.approx(1.05)
+
+
+def test_a_forecast_opens_at_the_first_rounds_costs():
+    """Under target_mean a later round of k re-feeds k + 1 tokens, so at a large batch a later round of 7 costs more
+    than the first (which re-feeds one): the opening is priced at the first round's costs, the rest at later ones."""
+    later = {**SHORT, 7: 2.6}
+    # one round of 7 priced as a later one (2.6) loses to a round of 4 and one of 2, in either order (2.2)
+    assert AdaptiveK(later, bonus=True, steps=8).opening() in (2, 4)
+    assert AdaptiveK(later, bonus=True, steps=8, first=SHORT).opening() == 7
 
 
 def simulate(alpha: float, steps: int, choose, rng: np.random.Generator, bonus: bool = True) -> tuple[float, int, int]:
@@ -30,7 +54,7 @@ def simulate(alpha: float, steps: int, choose, rng: np.random.Generator, bonus: 
     emitted = accepted = evaluated = 0
     seconds = 0.0
     while emitted < steps:
-        k = choose(accepted, evaluated)
+        k = choose(accepted, evaluated, steps - emitted)
         if k == 0:
             emitted, seconds = emitted + 1, seconds + ROUNDS[0]
             continue
@@ -44,7 +68,7 @@ def simulate(alpha: float, steps: int, choose, rng: np.random.Generator, bonus: 
 def test_adaptive_k_is_as_fast_as_the_best_fixed_k(alpha):
     """Where the best fixed K is known (a stationary acceptance rate), learning the rate as it goes (each forecast
     the prior of the next, as batches are) costs little."""
-    policy = AdaptiveK(ROUNDS, bonus=True)
+    policy = AdaptiveK(ROUNDS, bonus=True, steps=64)
 
     adaptive = policy.choose
 
@@ -57,7 +81,7 @@ def test_adaptive_k_is_as_fast_as_the_best_fixed_k(alpha):
                 policy.observe(accepted, evaluated)
         return seconds
 
-    fixed = {k: total(lambda a, e, k=k: k) for k in ROUNDS}
+    fixed = {k: total(lambda a, e, left, k=k: k) for k in ROUNDS}
     assert total(adaptive, learn=True) <= 1.03 * min(fixed.values())
 
 
@@ -65,7 +89,7 @@ def test_a_draft_that_is_never_accepted_falls_back_to_target_steps():
     target, draft = tiny_timer(d_model=32, e_layers=2, seed=0), tiny_timer(d_model=16, e_layers=1, seed=1)
     context, horizon = smooth_series(4, 32, 3), 80
     spec = SpecConfig(rule="tolerance", tol=0.0, k=4, adaptive_k=True)
-    policy = AdaptiveK({0: 1.0, 1: 1.5, 2: 2.0, 3: 2.5, 4: 3.0}, bonus=True)
+    policy = AdaptiveK({0: 1.0, 1: 1.5, 2: 2.0, 3: 2.5, 4: 3.0}, bonus=True, steps=10)
     result = speculative_forecast(target, draft, context, horizon, spec, series_seeds(0, torch.arange(4)),
                                   policy=policy)
     torch.testing.assert_close(result.forecast, forecast_cached(target, context, horizon), atol=1e-5, rtol=0)
@@ -117,7 +141,7 @@ def test_a_policy_that_expects_nothing_runs_the_targets_own_loop(emit):
     """Mean emission: the target's own KV-cached forecast, no draft call. Samples: lean target steps drawing from p."""
     target, draft = tiny_timer(d_model=32, e_layers=2, seed=0), tiny_timer(d_model=16, e_layers=1, seed=1)
     context, horizon = smooth_series(4, 32, 3), 40
-    policy = AdaptiveK({0: 1.0, 1: 10.0}, bonus=True)  # a draft step costs 9 target steps: never worth it
+    policy = AdaptiveK({0: 1.0, 1: 10.0}, bonus=True, steps=5)  # a draft step costs 9 target steps: never worth it
     rule = {"rule": "exact", "sigma": 0.5} if emit == "sample" else {"rule": "tolerance", "tol": 1e9}
     spec = SpecConfig(k=1, adaptive_k=True, emit=emit, **rule)
     calls = []
