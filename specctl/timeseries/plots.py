@@ -135,9 +135,10 @@ def speed_quality_frontier(ok: pd.DataFrame, fig: Figure) -> None:
     per batch size when the rows carry one), with the target (1x, 0%) and each draft alone marked; rows with a
     `draft` column get a colour per draft, its settings and its draft-only point alike."""
     by_batch = list(ok.groupby("batch", sort=True)) if "batch" in ok else [(None, ok)]
+    colors = dict(zip(ok["draft"].unique(), COLORS)) if "draft" in ok else {None: COLORS[0]}  # the same in every panel
     for ax, (batch, rows) in zip(panels(fig, len(by_batch), 3, (3.4, 2.8)), by_batch):
-        drafts = list(rows.groupby("draft", sort=False)) if "draft" in rows else [(None, rows)]
-        for (name, group), color in zip(drafts, COLORS):
+        for name, group in rows.groupby("draft", sort=False) if "draft" in rows else [(None, rows)]:
+            color = colors[name]
             ax.scatter(group["delta_mse_pct"], group["speedup"], s=18, color=color,
                        label=f"{name}: speculative" if name else "speculative settings")
             ax.scatter(group["delta_mse_pct_draft"].median(), group["speedup_draft"].median(), marker="^", s=50,

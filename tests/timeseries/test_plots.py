@@ -135,12 +135,16 @@ def test_the_speed_quality_frontier_colours_each_draft_and_lists_every_one(tmp_p
 
     rows = pd.DataFrame([{"batch": b, "draft": d, "speedup": 1 + a, "delta_mse_pct": 0.4 * a + (d == "weak"),
                           "speedup_draft": 5.0 + (d == "weak"), "delta_mse_pct_draft": 0.9 + 4 * (d == "weak")}
-                         for b in (1, 32) for d in ("distilled", "weak") for a in (0.2, 1.0)
-                         if not (b == 32 and d == "weak")])  # the weak draft only at batch 1, as ts_bench runs it
+                         for b in (1, 32, 256) for d in ("distilled", "weak") for a in (0.2, 1.0)
+                         if (b, d) != (32, "weak") and (b, d) != (256, "distilled")])  # some drafts in some panels
     fig = Figure()
     speed_quality_frontier(rows, fig)
-    texts = [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
+    texts = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
     assert {"distilled: speculative", "distilled alone", "weak: speculative", "weak alone", "target only"} <= set(texts)
-    first = fig.axes[0]
-    colours = {tuple(c.get_facecolor()[0]) for c in first.collections if c.get_label().endswith("speculative")}
-    assert len(colours) == 2  # one colour per draft
+    colours = {}  # label -> the colours it is drawn in, over every panel (batch 256 has the weak draft alone)
+    for ax in fig.axes:
+        for c in ax.collections:
+            if c.get_label().endswith("speculative"):
+                colours.setdefault(c.get_label(), set()).add(tuple(c.get_facecolor()[0]))
+    assert len(colours) == 2 and all(len(c) == 1 for c in colours.values())  # one colour per draft, in every panel
+    assert colours["distilled: speculative"] != colours["weak: speculative"]
