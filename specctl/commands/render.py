@@ -150,6 +150,8 @@ def spec_verdict(r) -> str:
                       "the target's own forecast")
     if r.mse_draft <= r.mse_target:
         advice.append("the draft alone is at least as accurate as the target: use the draft, or a stronger target")
+    elif drafted_nothing(r):  # its speed is the target's own loop's, within timing noise
+        advice.append("use the target: " + why_slow(r))
     elif r.speedup < 1:
         advice.append("speculation is slower than the target alone here: use the target; " + why_slow(r))
     else:
@@ -160,10 +162,14 @@ def spec_verdict(r) -> str:
     return said + (" — " + "; ".join(advice) if advice else "") + "."
 
 
+def drafted_nothing(r) -> bool:
+    return r.adaptive_k and set(r.k_rounds) <= {0}
+
+
 def why_slow(r) -> str:
     """Why speculation lost, from the measured costs: what a round costs against what it emits."""
-    if r.adaptive_k and set(r.k_rounds) == {0}:
-        reason = "adaptive K drafted nothing, no draft length being predicted to pay"
+    if drafted_nothing(r):
+        reason = "adaptive K drafted nothing, no draft length being predicted to pay, so it ran the target's own loop"
     else:
         reason = (f"a round of K = {r.k} costs {r.k * r.c_hat + r.v_hat + r.o_hat:.1f} target steps (draft "
                   f"{r.c_hat:.2f} each, verification {r.v_hat:.1f}, bookkeeping {r.o_hat:.1f}) and emits "

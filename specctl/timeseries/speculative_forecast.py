@@ -169,7 +169,8 @@ def speculative_forecast(
     reading the state: a host sync per round; after a k = 0 round every round is one); without it every round
     drafts K tokens."""
     tstep, dstep = steppers(target, draft, context.shape[0], context.shape[1], horizon, spec.k)
-    drafting = policy is None or policy.opening() > 0
+    opening = spec.k if policy is None else policy.opening()  # priced as a first round, which re-feeds one token
+    drafting = opening > 0
     if not drafting and spec.emit != "sample" and not debug:
         return target_only(tstep, context, horizon, spec)  # nothing is expected to pay: the target's own loop
     if clock is not None:
@@ -182,7 +183,7 @@ def speculative_forecast(
     state, k_rounds, previous = f.state, {}, (None if drafting else 0)
     sure_rounds = -(-state.steps // (spec.k + 1))  # a round emits at most K+1 tokens: no series is done before
     while sum(k_rounds.values()) < sure_rounds or bool((state.n_out < state.steps).any()):  # the only host sync
-        k = 0 if previous == 0 else policy(state) if policy is not None else spec.k
+        k = opening if previous is None else 0 if previous == 0 else policy(state) if policy is not None else spec.k
         f.round(k, refeed_width(spec, previous), clock.mark if clock is not None else None, logs)
         k_rounds[k], previous = k_rounds.get(k, 0) + 1, k
     stats = state.stats

@@ -97,16 +97,29 @@ def test_a_draft_that_is_never_accepted_falls_back_to_target_steps():
 
 
 class Scripted:
-    """A policy that plays a fixed schedule."""
+    """A policy that plays a fixed schedule, its first entry as the opening."""
 
     def __init__(self, schedule) -> None:
         self.schedule = schedule
 
     def opening(self) -> int:
-        return 1
+        return next(self.schedule)
 
     def __call__(self, state) -> int:
         return next(self.schedule)
+
+
+def test_a_forecast_opens_with_the_opening_and_goes_on_at_later_rounds_costs():
+    """The first round drafts what `opening` chose at first-round costs, later rounds what the later costs say: here a
+    first round of 2 is cheap and a later one dear, so one round of 2, then target steps."""
+    target, draft = tiny_timer(d_model=32, e_layers=2, seed=0), tiny_timer(d_model=16, e_layers=1, seed=1)
+    context, horizon = smooth_series(2, 32, 3), 48  # 6 tokens of 8
+    policy = AdaptiveK({0: 1.0, 1: 9.0, 2: 9.0}, bonus=True, steps=6, first={0: 1.0, 1: 0.4, 2: 0.5})
+    assert policy.opening() == 2 and policy.choose(0, 0) == 0
+    spec = SpecConfig(rule="tolerance", tol=1e9, k=2, adaptive_k=True)
+    result = speculative_forecast(target, draft, context, horizon, spec, series_seeds(0, torch.arange(2)),
+                                  policy=policy)
+    assert result.k_rounds == {2: 1, 0: 3}
 
 
 def test_adaptive_rounds_keep_the_context_exact():

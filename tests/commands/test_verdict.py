@@ -1,0 +1,23 @@
+"""spec-test's verdict line: the advice follows what ran, not a speed within timing noise."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from specctl.commands.render import spec_verdict
+
+RUN = {"speedup": 1.04, "delta_mse_pct": 0.0, "fidelity_mse": 0.0, "speedup_draft": 3.3, "delta_mse_pct_draft": 390.0,
+       "target_step_ms": 5.1, "c_hat": 0.4, "rule": "tolerance", "acceptance_rate": 0.0, "mse_draft": 0.22,
+       "mse_target": 0.045, "predicted_speedup": 1.0, "adaptive_k": True, "k_rounds": {0: 8}, "k": 2, "v_hat": 3.0,
+       "o_hat": 0.7, "tokens_per_target_call": 1.0, "device": "cpu"}  # the quick start on a 2-core CPU
+
+
+def test_a_run_that_drafted_nothing_says_use_the_target_whatever_its_noise():
+    said = spec_verdict(SimpleNamespace(**RUN))
+    assert "use the target: adaptive K drafted nothing" in said and "speculation pays" not in said
+
+
+def test_a_run_that_drafted_and_won_says_it_pays():
+    said = spec_verdict(SimpleNamespace(**{**RUN, "speedup": 1.5, "predicted_speedup": 1.5, "k_rounds": {2: 8},
+                                            "acceptance_rate": 0.9}))
+    assert "speculation pays here (the draft alone is faster still" in said
