@@ -65,6 +65,7 @@ CHANNEL_INDEPENDENT = ("target-large-channel-independent", "draft-025-channel-in
 DATASETS = {
     "etth1": Dataset("etth1", *CHANNEL_INDEPENDENT, {1: 64, 32: 256, 256: 1024}),
     "ettm1": Dataset("ettm1", *CHANNEL_INDEPENDENT, {1: 64, 32: 256, 256: 1024}),
+    "weather": Dataset("weather", *CHANNEL_INDEPENDENT, {1: 64, 32: 256, 256: 1024}),
     "quick": Dataset("quickstart", "target", "draft", "distill", "distill-early-exit", {1: 8, 16: 32}),
 }
 # (label, overrides): fixed tolerances (relative to the target's validation RMSE) and K, adaptive K, and the shipped

@@ -1,0 +1,35 @@
+"""benchmarks/ts_bench.py's datasets: every profile it trains and decodes with ships and resolves, and --draft picks
+the frontier's drafts (the GPU run itself is docs/results.md's business)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from specctl.backends import load_profile
+
+spec = importlib.util.spec_from_file_location("ts_bench", Path(__file__).resolve().parents[2] / "benchmarks" /
+                                              "ts_bench.py")
+ts_bench = sys.modules["ts_bench"] = importlib.util.module_from_spec(spec)  # its dataclasses look themselves up
+spec.loader.exec_module(ts_bench)
+
+
+@pytest.mark.parametrize("name", list(ts_bench.DATASETS))
+def test_every_dataset_trains_and_decodes_with_shipped_profiles(name):
+    dataset = ts_bench.DATASETS[name]
+    trained = {load_profile(p).train.save_to for group in dataset.train for _, p in group}
+    spec_test = load_profile(dataset.spec).spec
+    assert {spec_test.target, spec_test.draft} <= trained  # spec-test reads what the training stage writes
+    drafts = ts_bench.drafts(dataset, list(ts_bench.DRAFTS))
+    checkpoints = [next(o.split("=", 1)[1] for o in overrides if o.startswith("spec.draft="))
+                   for _, overrides, _ in drafts[1:]]
+    assert [prefix for prefix, _, _ in drafts] == ["", "pretrained draft: ", "early exit: "]
+    assert set(checkpoints) <= trained and len(set(checkpoints)) == 2
+
+
+def test_draft_picks_the_frontiers_drafts():
+    drafts = ts_bench.drafts(ts_bench.DATASETS["quick"], ["early-exit"])
+    assert [prefix for prefix, _, _ in drafts] == ["early exit: "] and drafts[0][2] == ts_bench.SETTINGS
