@@ -93,6 +93,7 @@ class AdaptiveK:
         self.rounds, self.first, self.bonus, self.steps = rounds, first or rounds, bonus, steps
         self.accepted, self.evaluated = 1.0, 1.0
         self.plans: dict[float, tuple[list[float], list[int]]] = {}  # rate (rounded) -> seconds_to_finish
+        self.openings: dict[float, int] = {}  # rate (rounded) -> opening
 
     def options(self, alpha: float, n: int, later: list[float], costs: dict[int, float]) -> dict[int, float]:
         """k -> E[seconds] to emit n tokens with a round of k at `costs`, then `later[n']` for the n' left: each
@@ -127,10 +128,12 @@ class AdaptiveK:
         return self.seconds_to_finish(alpha)[1][min(self.steps, left or self.steps)]
 
     def opening(self) -> int:
-        """A forecast's first round's k, at the first round's costs."""
-        alpha = self.rate(0, 0)
-        options = self.options(alpha, self.steps, self.seconds_to_finish(alpha)[0], self.first)
-        return min(options, key=options.get)
+        """A forecast's first round's k, at the first round's costs (once per rate: it runs every forecast)."""
+        alpha = round(self.rate(0, 0), 3)
+        if alpha not in self.openings:
+            options = self.options(alpha, self.steps, self.seconds_to_finish(alpha)[0], self.first)
+            self.openings[alpha] = min(options, key=options.get)
+        return self.openings[alpha]
 
     def choose(self, accepted: int, evaluated: int, left: int | None = None) -> int:
         return self.best(self.rate(accepted, evaluated), left)
