@@ -139,8 +139,8 @@ class SpecConfig(Strict):
     dtype: Literal["fp32", "bf16"] = "fp32"
     cuda_graphs: bool = True
     graph_rounds: bool = False  # replay each whole round as one CUDA graph (checked against eager rounds first)
-    # per round, the draft length 0..k with the best predicted rate at the batch's running acceptance (0: a plain
-    # target step, so a setting that cannot pay falls back to target-only decoding)
+    # per round, the draft length 0..k that finishes the forecast soonest at the measured round costs and the batch's
+    # running acceptance (0: a plain target step, so a setting that cannot pay falls back to target-only decoding)
     adaptive_k: bool = False
     # choose tol (as tol_relative) and k on validation windows: the fastest predicted setting among
     # budget_tolerances x budget_ks whose validation MSE is within this share of the target's (e.g. 0.01 = +1%)

@@ -22,7 +22,8 @@ METRICS = {
     "c_hat": "measured draft one-step time / target one-step time, same batch size",
     "v_hat": "measured verification-call time (W + K tokens) / target one-step time, same batch size",
     "o_hat": "measured round time / target one-step time - K c_hat - v_hat: acceptance and bookkeeping per round",
-    "adaptive_k": "each round drafted the k in 0..K with the best predicted rate (0: a plain target step)",
+    "adaptive_k": "each round drafted the k in 0..K that finishes the forecast soonest at the measured round costs "
+                  "(0: a plain target step)",
     "k_rounds": "rounds per draft length k, all batches (adaptive K's schedule; one entry, K, otherwise)",
     "round_ms": "measured ms of one later round per draft length k (re-feeding what the previous round of k needs)",
     "first_round_ms": "measured ms of a forecast's first round per draft length k (re-feeding one token)",
