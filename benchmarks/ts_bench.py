@@ -182,13 +182,13 @@ def drafts(dataset: Dataset, chosen: list[str]) -> list[tuple[str, list[str], li
 def frontier(dataset: Dataset, device: torch.device, lines: list[str], out: Path, name: str,
              batches: list[int] | None, chosen: list[str]) -> None:
     log = lambda record: append_jsonl(out / f"{name}.jsonl", record)  # noqa: E731
-    rows, csv_rows = [], []
+    rows, csv_rows, chosen_drafts = [], [], drafts(dataset, chosen)
     for batch, windows in dataset.batches.items():
         if batches and batch not in batches:
             continue
         overrides = [f"spec.batch_size={batch}", "spec.repeats=5" if batch < 256 else "spec.repeats=3",
                      "spec.warmup=2", *([f"spec.max_windows={windows}"] if windows else [])]
-        for d, (prefix, draft_overrides, settings) in enumerate(drafts(dataset, chosen)):
+        for d, (prefix, draft_overrides, settings) in enumerate(chosen_drafts):
             # the sliding window is the target's: timed once per batch size, with the first draft
             once = [] if d == 0 else ["spec.sliding_baseline=false"]
             base = load_profile(dataset.spec, [*overrides, *draft_overrides, *once])

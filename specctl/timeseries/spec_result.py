@@ -137,7 +137,6 @@ class BudgetChoice:
     within_budget: int
 
 
-
 def summary_line(profile: TimeseriesProfile, result: SpecTestResult) -> str:
     s = profile.spec
     return (f"{datetime.now().isoformat(timespec='seconds')} {profile.name} data={profile.data.name} "

@@ -280,7 +280,8 @@ class SpecTestSession:
             verify[k] = call_seconds(tstep, batch.context, w + k, self.device)
             rounds[k] = timed(k, w)
             first[k] = timed(k, 1) if w > 1 else rounds[k]  # a forecast's first round re-feeds one token
-        k = opening_k(rounds, first, spec, self.steps)
+        policy = adaptive_k(rounds, first, spec, self.steps)
+        k = policy.opening() if policy else spec.k
         return StepCosts(verify=verify, round=rounds, first=first, first_k=k, **self.base_costs)
 
     def run(self, profile: TimeseriesProfile, debug_csv: Path | None = None) -> SpecTestResult:
@@ -295,7 +296,7 @@ class SpecTestSession:
         spec = profile.spec
         whole_rounds = spec.graph_rounds and self.graphs and self.round_graphs_agree(profile)
         costs = self.costs(profile, whole_rounds)
-        policy = AdaptiveK(costs.round, spec.emit != "draft_mean", self.steps, costs.first) if spec.adaptive_k else None
+        policy = adaptive_k(costs.round, costs.first, spec, self.steps)
         learn = (lambda r: policy.observe(int(r.accepted.sum()), int(r.evaluated.sum()))) if policy else None
         results, timings, target_timings = time_batches(
             lambda b: self.speculate(profile, b, rounds=whole_rounds, policy=policy), self.batches, self.device,
@@ -375,10 +376,10 @@ def run_prediction(costs: StepCosts, k_rounds: dict[int, int], spec: SpecConfig,
     return predicted
 
 
-def opening_k(rounds: dict[int, float], first: dict[int, float], spec: SpecConfig, steps: int) -> int:
-    """The draft length a forecast of `steps` tokens opens with: adaptive K's opening choice from the measured round
-    costs (later and first rounds), else K."""
-    return AdaptiveK(rounds, spec.emit != "draft_mean", steps, first).opening() if spec.adaptive_k else spec.k
+def adaptive_k(rounds: dict[int, float], first: dict[int, float], spec: SpecConfig, steps: int) -> AdaptiveK | None:
+    """Adaptive K over forecasts of `steps` tokens at the measured round costs (later and first rounds), if the
+    setting asks for it."""
+    return AdaptiveK(rounds, spec.emit != "draft_mean", steps, first) if spec.adaptive_k else None
 
 
 def k_rounds_of(results: list[SpecResult], k_max: int) -> dict[int, int]:
