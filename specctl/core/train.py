@@ -128,6 +128,7 @@ class Trainer:
         distributed.check_batch(cfg.batch_size)
         self.task, self.cfg, self.progress, self.on_epoch_end = task, cfg, progress, on_epoch_end
         self.params = [p for p in task.params if p.requires_grad]
+        self.device_type = next(task.model.parameters()).device.type
         self.optimizer = make_optimizer(self.params, cfg)
         self.weights = task.weights or task.model.state_dict
         self.ckpt_dir = Path(ckpt_dir)
@@ -162,7 +163,8 @@ class Trainer:
     def step(self, batch: Any, epoch: int, steps: int) -> float:
         """One optimizer step; returns the batch's loss (under torchrun: the global batch's)."""
         cfg = self.cfg
-        loss = self.task.loss(batch)
+        with torch.autocast(self.device_type, torch.bfloat16, enabled=cfg.precision == "bf16"):
+            loss = self.task.loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         value = distributed.average_gradients(self.params, loss)

@@ -96,8 +96,9 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, times: torch.Tensor) -> None:
         index = times[:, None, None, :, None].expand_as(k)  # [B, H, C, N, hd]
-        self.k[layer].scatter_(3, index, k)
-        self.v[layer].scatter_(3, index, v)
+        # the cache keeps its dtype under autocast (bf16 training rolls out into an fp32 cache); a no-op otherwise
+        self.k[layer].scatter_(3, index, k.to(self.k.dtype))
+        self.v[layer].scatter_(3, index, v.to(self.v.dtype))
 
 
 def rope(x: torch.Tensor, times: torch.Tensor, rotated: int | None = None) -> torch.Tensor:

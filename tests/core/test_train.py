@@ -158,3 +158,15 @@ def test_a_checkpoint_folder_is_replaced_whole_or_not_at_all(tmp_path, monkeypat
 
     folder.rename(tmp_path / ".last.old")  # as if cut off between replace_dir's two renames
     assert load_state(recover_dir(folder))["epoch"] == 2
+
+
+def test_bf16_precision_autocasts_the_step_and_keeps_fp32_weights(tmp_path):
+    model, batches, loss, validate = problem()
+    seen = []
+    model.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    result = fit(Task(model, model.parameters(), loss, batches, validate, {}),
+                 TrainConfig(epochs=3, lr=0.05, schedule="constant", precision="bf16"), tmp_path)
+    assert seen[0] == torch.bfloat16 and seen[-1] == torch.float32  # the steps autocast, validation does not
+    assert model.weight.dtype == torch.float32 and load_weights(tmp_path / "best")["weight"].dtype == torch.float32
+    fp32 = train(TrainConfig(epochs=3, lr=0.05, schedule="constant"), tmp_path / "fp32")
+    assert [h["val_loss"] for h in result.history] == pytest.approx([h["val_loss"] for h in fp32.history], rel=1e-2)

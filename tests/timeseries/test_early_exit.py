@@ -8,6 +8,7 @@ head-only checkpoint, the refusals, distillation, and spec-test end to end throu
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -260,3 +261,21 @@ def test_early_exit_profiles_train_their_chain_and_decode_as_the_separate_drafts
     assert draft.model.model_dump() == target.model.model_dump()  # the draft's blocks are the target's
     same = {k: v for k, v in other.spec.model_dump().items() if k not in ("draft", "draft_profile")}
     assert {k: profile.spec.model_dump()[k] for k in same} == same
+
+
+def test_bf16_training_runs_pretrain_on_policy_distill_and_the_early_exit(tmp_path, one_thread):
+    """train.precision = "bf16" through every time-series training path the benchmarks use: pretrain with the
+    rollout validation metric, a separate draft distilled on the target's own rollouts, an early exit with an
+    adapter; each ends at a finite validation loss below its first epoch's and writes fp32 weights."""
+    bf16 = {"precision": "bf16", "epochs": 2}
+    target = str(tmp_path / "target")
+    profile = tiny_profile(model={"d_model": 32, "e_layers": 2},
+                           train={**bf16, "val_metric": "rollout", "save_to": target})
+    pretrained = pretrain(profile, CPU, RunDir.create(profile, "pretrain", "cpu"), False)
+    assert math.isfinite(pretrained.fit.best_val)
+    for profile in (tiny_profile(distill={"target": target, "on_policy": 0.5}, train={**bf16, "save_to": "a/draft"}),
+                    exit_profile(target, on_policy=0.5, exit_adapter=16).model_copy(update={
+                        "train": tiny_profile(train={**bf16, "save_to": "a/exit"}).train})):
+        history = distill(profile, CPU, RunDir.create(profile, "distill", "cpu"), False).fit.history
+        assert math.isfinite(history[-1]["val_loss"]) and history[-1]["val_loss"] < history[0]["val_loss"]
+        assert all(t.dtype == torch.float32 for t in load_file(f"{profile.train.save_to}/model.safetensors").values())
