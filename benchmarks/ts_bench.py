@@ -201,7 +201,8 @@ def frontier(dataset: Dataset, device: torch.device, lines: list[str], out: Path
                     started = time.perf_counter()
                     m = session.run(profile).metrics()
                     if "budget" in m:  # what the budget chose on validation windows
-                        label += f" (chose tol {m['budget']['tol_relative']:g}, K {m['budget']['k']})"
+                        b = m["budget"]
+                        label += f" (chose tol {b['tol_relative']:g}, K {b['k']})" if b["k"] else " (chose the target)"
                     log({"stage": "frontier", "batch": batch, "setting": label,
                          "seconds": time.perf_counter() - started, "metrics": m})
                     if i == 0:

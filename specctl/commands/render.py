@@ -116,10 +116,11 @@ def spec_speed_table(r, title: str) -> Table:
         rows.insert(1, ("tolerance (scaled units)", f"{r.tol:.4g}{relative}"))
     if r.budget is not None:
         b = r.budget
-        rows.insert(1, ("fidelity budget (validation)", f"{b.budget:.1%}: tol_relative {b.tol_relative:g}, K {b.k}; "
-                                                         f"{b.val_delta_mse_pct:+.2f}% MSE, predicted "
-                                                         f"{b.val_predicted_speedup:.2f}x ({b.within_budget}/"
-                                                         f"{b.candidates} settings within)"))
+        chose = (f"tol_relative {b.tol_relative:g}, K {b.k}; {b.val_delta_mse_pct:+.2f}% MSE, predicted "
+                 f"{b.val_predicted_speedup:.2f}x" if b.k else "the target alone (K 0): no setting within it is "
+                 "predicted to be faster")
+        rows.insert(1, ("fidelity budget (validation)",
+                        f"{b.budget:.1%}: {chose} ({b.within_budget}/{b.candidates} settings within)"))
     if r.adaptive_k:
         rows.insert(1, ("adaptive K: rounds per k", ", ".join(f"{k}: {n}" for k, n in sorted(r.k_rounds.items()))))
     if r.speedup_sliding is not None:
@@ -163,13 +164,15 @@ def spec_verdict(r) -> str:
 
 
 def drafted_nothing(r) -> bool:
-    return r.adaptive_k and set(r.k_rounds) <= {0}
+    return set(r.k_rounds) <= {0}
 
 
 def why_slow(r) -> str:
     """Why speculation lost, from the measured costs: what a round costs against what it emits."""
     if drafted_nothing(r):
-        reason = "adaptive K drafted nothing, no draft length being predicted to pay, so it ran the target's own loop"
+        reason = ("adaptive K drafted nothing, no draft length being predicted to pay, so it ran the target's own loop"
+                  if r.k else "K = 0 drafts nothing: this is the target's own loop"
+                  + (" (the fidelity budget found no setting within it predicted to be faster)" if r.budget else ""))
     else:
         reason = (f"a round of K = {r.k} costs {r.k * r.c_hat + r.v_hat + r.o_hat:.1f} target steps (draft "
                   f"{r.c_hat:.2f} each, verification {r.v_hat:.1f}, bookkeeping {r.o_hat:.1f}) and emits "

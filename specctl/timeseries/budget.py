@@ -1,6 +1,7 @@
 """A fidelity budget instead of a raw tolerance: on validation windows only, every tolerance (relative to the
 target's own validation RMSE) x K of the profile's candidates is scored, and the setting with the best predicted
-speedup among those whose MSE stays within the budget of target-only's is what the test split then runs."""
+speedup among those whose MSE stays within the budget of target-only's is what the test split then runs; the target
+alone (K = 0, its own loop) when no such setting is predicted to beat it."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def score_candidate(session: SpecTestSession, profile: TimeseriesProfile, tol_re
 
 def choose_within_budget(session: SpecTestSession, profile: TimeseriesProfile) -> tuple[TimeseriesProfile,
                                                                                         BudgetChoice]:
-    """The profile with the chosen tolerance and k (tolerance 0, which is target-only, when none fits)."""
+    """The profile with the chosen tolerance and k (k = 0, the target's own loop, when no setting within the budget
+    is predicted to be faster)."""
     spec = profile.spec
     batches = session.validation_batches()
     if not batches:
@@ -57,8 +59,8 @@ def choose_within_budget(session: SpecTestSession, profile: TimeseriesProfile) -
         candidates += [score_candidate(session, with_setting(fixed, rel * rmse, k), rel, mse_target, costs)
                        for rel in sorted(spec.budget_tolerances)]
     fits = [c for c in candidates if c.delta_mse <= spec.fidelity_budget]
-    best = max(fits, key=lambda c: (c.predicted_speedup, c.tol_relative)) if fits else Candidate(
-        0.0, spec.k, 0.0, 0.0, 1.0)
+    target_alone = Candidate(0.0, 0, 0.0, 0.0, 1.0)  # within any budget, and 1x by definition
+    best = max([*fits, target_alone], key=lambda c: (c.predicted_speedup, c.tol_relative))
     choice = BudgetChoice(spec.fidelity_budget, best.tol_relative, best.k, 100 * best.delta_mse,
                           best.acceptance_rate, best.predicted_speedup, len(candidates), len(fits))
     return with_setting(profile, best.tol_relative * rmse, best.k), choice

@@ -122,7 +122,9 @@ class SpecConfig(Strict):
     draft: str | None = None
     target_profile: str | None = None
     draft_profile: str | None = None
-    k: int = Field(3, ge=1)
+    # draft tokens per round (the most, with adaptive_k); 0 drafts nothing and runs the target's own loop (what a
+    # fidelity budget chooses when no setting within it is predicted to pay)
+    k: int = Field(3, ge=0)
     rule: Literal["gaussian", "exact", "tolerance"] = "gaussian"
     sigma: float = Field(0.25, gt=0.0)
     bias: float = Field(1.0, ge=1.0)

@@ -52,7 +52,8 @@ METRICS = {
     "target_rmse_val": "the target's per-token RMSE to the truth on validation windows (sqrt of its MSE there)",
     "split": "the split protocol the windows come from",
     "budget": "spec.fidelity_budget: the tolerance (relative) and k chosen on validation windows as the fastest "
-              "predicted setting whose validation MSE is within the budget of the target's, and its validation scores",
+              "predicted setting whose validation MSE is within the budget of the target's (k 0, the target alone, "
+              "when none is predicted to beat it), and its validation scores",
     "breakdown_s": "seconds per phase (prefill of both decoders, draft, verify, accept, overhead) over all batches, "
                    "from a separate pass synchronised at every phase (slower than the timed pass)",
 }

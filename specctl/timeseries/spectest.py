@@ -368,10 +368,10 @@ class SpecTestSession:
 def run_prediction(costs: StepCosts, k_rounds: dict[int, int], spec: SpecConfig, steps: int,
                    batches: int) -> Prediction:
     """The run priced by the cost model: its rounds of each k (the engine's counts) at their measured costs, each
-    batch's first round at the first-round cost; 1x where adaptive K ran the target's own loop
-    (speculative_forecast.target_only)."""
+    batch's first round at the first-round cost; 1x where a forecast opening with k = 0 (K = 0, or adaptive K
+    expecting no draft length to pay) ran the target's own loop (speculative_forecast.target_only)."""
     predicted = predict(costs, k_rounds, batches, steps)
-    if spec.adaptive_k and costs.first_k == 0 and spec.emit != "sample":
+    if costs.first_k == 0 and spec.emit != "sample":
         return Prediction(predicted.target_seconds, predicted.target_seconds)
     return predicted
 

@@ -217,7 +217,7 @@ def test_missing_checkpoint_for_spec_test():
                               "--set", 'spec.draft_profile=""'), "checkpoint not found")
 
 
-@pytest.mark.parametrize("override, fragment", [("spec.k=0", "spec.k"), ("spec.sigma=-1", "spec.sigma"),
+@pytest.mark.parametrize("override, fragment", [("spec.k=-1", "spec.k"), ("spec.sigma=-1", "spec.sigma"),
                                                 ("spec.bias=0.9", "spec.bias"), ("spec.horizon=0", "spec.horizon")])
 def test_impossible_spec_settings(override, fragment):
     assert_clean_error(invoke("spec-test", "--profile", "quickstart", "--set", override), fragment)

@@ -52,7 +52,7 @@ def test_missing_profile_suggests_shipped_one():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("spec.k=0", "spec.k"), ("spec.sigma=0", "spec.sigma"), ("spec.bias=0.5", "spec.bias"),
+    ("spec.k=-1", "spec.k"), ("spec.sigma=0", "spec.sigma"), ("spec.bias=0.5", "spec.bias"),
     ("spec.tol=-1", "spec.tol"), ("spec.horizon=0", "spec.horizon"), ("data.horizons=[96, -1]", "data.horizons"),
 ])
 def test_impossible_settings_are_rejected(override, message):

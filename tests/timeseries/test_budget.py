@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 from specctl.backends import load_profile
 from specctl.cli import app
 from specctl.timeseries import budget as budget_module
+from specctl.commands.render import spec_verdict
+from specctl.timeseries.costs import Prediction
 from specctl.timeseries.spectest import SpecTestSession
 
 FAST = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=4", "--set", "data.max_eval_windows=8",
@@ -37,10 +39,17 @@ def profile_for(pair, *more: str):
                                        *CHECKPOINTS, "data.synthetic.length=3000", *more])
 
 
+def predicted(speedup):
+    """A stand-in for the cost model's prediction: `speedup(spec)` for every candidate."""
+    return lambda costs, k_rounds, spec, steps, batches: Prediction(1.0, 1.0 / speedup(spec))
+
+
 def test_the_budget_is_chosen_on_validation_windows_only(pair, monkeypatch):
     profile = profile_for(pair, "spec.fidelity_budget=0.05", "spec.budget_ks=[2, 3]",
                           "spec.budget_tolerances=[0.1, 0.5, 2.0]")
     session = SpecTestSession(profile, torch.device("cpu"))
+    # a CPU's launch-bound models predict no setting faster than the target: say that longer rounds pay here
+    monkeypatch.setattr(budget_module, "run_prediction", predicted(lambda spec: 1.0 + spec.k / 10))
     seen = []
     original = session.speculate
     monkeypatch.setattr(session, "speculate", lambda p, b, *a, **k: seen.append(b) or original(p, b, *a, **k))
@@ -50,6 +59,22 @@ def test_the_budget_is_chosen_on_validation_windows_only(pair, monkeypatch):
     assert choice.candidates == 6 and choice.k in (2, 3) and chosen.spec.k == choice.k
     assert choice.val_delta_mse_pct <= 5.0
     assert chosen.spec.tol == pytest.approx(choice.tol_relative * session.validation_rmse())
+
+
+@pytest.mark.parametrize("adaptive", ["true", "false"])
+def test_the_budget_runs_the_target_alone_when_no_setting_is_predicted_to_pay(pair, monkeypatch, adaptive):
+    """Measured on an H200 (weather, 2026-12-03): every setting within a 1% budget was predicted 0.34-0.86x and ran
+    0.85-0.99x; the target's own loop is within every budget and 1x by definition."""
+    profile = profile_for(pair, "spec.fidelity_budget=0.05", "spec.budget_ks=[2, 3]", f"spec.adaptive_k={adaptive}",
+                          "spec.budget_tolerances=[0.1, 0.5]")
+    session = SpecTestSession(profile, torch.device("cpu"))
+    monkeypatch.setattr(budget_module, "run_prediction", predicted(lambda spec: 0.9))
+    chosen, choice = budget_module.choose_within_budget(session, profile)
+    assert (choice.k, chosen.spec.k, choice.val_predicted_speedup, choice.candidates) == (0, 0, 1.0, 4)
+    result = session.run(profile)
+    assert result.k_rounds == {0: result.batches * session.steps} and result.proposed == 0
+    assert result.fidelity_mse == 0.0 and result.mse == result.mse_target and result.predicted_speedup == 1.0
+    assert "K = 0 drafts nothing" in spec_verdict(result) and "use the target" in spec_verdict(result)
 
 
 def test_spec_test_reports_the_choice(pair):
