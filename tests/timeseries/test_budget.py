@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from specctl.backends import load_profile
 from specctl.cli import app
-from specctl.timeseries import budget as budget_module
 from specctl.commands.render import spec_verdict
+from specctl.timeseries import budget as budget_module
 from specctl.timeseries.costs import Prediction
 from specctl.timeseries.spectest import SpecTestSession
 
