@@ -287,7 +287,7 @@ def test_a_foreign_csv_at_out_is_not_overwritten(tmp_path, fake):
 
 
 @pytest.mark.parametrize("item, message", [
-    ("spec.k=[0,2]", "--grid 'spec.k=[0,2]': key 'spec.k': Input should be greater than or equal to 1"),
+    ("spec.k=[-1,2]", "--grid 'spec.k=[-1,2]': key 'spec.k': Input should be greater than or equal to 0"),
     ("spec.kk=[1,2]", "--grid 'spec.kk=[1,2]': unknown key 'spec.kk'; did you mean 'spec.k'?"),
     ("spec.k=[]", "--grid 'spec.k=[]': no values"),
     ("spec.k", "--grid 'spec.k': expected key.sub=[values]"),
