@@ -1,7 +1,8 @@
 """A fidelity budget instead of a raw tolerance: on validation windows only, every tolerance (relative to the
-target's own validation RMSE) x K of the profile's candidates is scored, and the setting with the best predicted
-speedup among those whose MSE stays within the budget of target-only's is what the test split then runs; the target
-alone (K = 0, its own loop) when no such setting is predicted to beat it."""
+target's own validation RMSE) x K of the profile's candidates is scored, decoded as the test split will be (with
+adaptive K where the profile asks for it), and the setting with the best predicted speedup among those whose MSE
+stays within the budget of target-only's is what the test split then runs; the target alone (K = 0, its own loop)
+when no such setting is predicted to beat it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from specctl.core.errors import SpecctlError
 from specctl.timeseries.costs import StepCosts
 from specctl.timeseries.profile import TimeseriesProfile
 from specctl.timeseries.spec_result import BudgetChoice
-from specctl.timeseries.spectest import SpecTestSession, errors, k_rounds_of, run_prediction
+from specctl.timeseries.spectest import SpecTestSession, adaptive_k, errors, k_rounds_of, run_prediction
 
 
 @dataclass
@@ -30,9 +31,15 @@ def with_setting(profile: TimeseriesProfile, tol: float, k: int) -> TimeseriesPr
 
 def score_candidate(session: SpecTestSession, profile: TimeseriesProfile, tol_relative: float, mse_target: float,
                     costs: StepCosts) -> Candidate:
-    """One (tolerance, k) on the validation windows: its MSE against the target's and its predicted speedup."""
+    """One (tolerance, k) on the validation windows, decoded as the test windows will be (with adaptive K learning
+    from batch to batch): its MSE against the target's and its predicted speedup."""
     batches = session.validation_batches()
-    results = [session.speculate(profile, b) for b in batches]
+    policy = adaptive_k(costs.round, costs.first, profile.spec, session.steps)
+    results = []
+    for batch in batches:
+        results.append(session.speculate(profile, batch, policy=policy))
+        if policy is not None:
+            policy.observe(int(results[-1].accepted.sum()), int(results[-1].evaluated.sum()))
     mse, _ = errors([r.forecast for r in results], [b.truth for b in batches])
     proposed = sum(int(r.proposed.sum()) for r in results)
     accepted = sum(int(r.accepted.sum()) for r in results)
@@ -52,11 +59,10 @@ def choose_within_budget(session: SpecTestSession, profile: TimeseriesProfile) -
         raise SpecctlError(f"spec.fidelity_budget chooses on validation windows, but the val split has "
                            f"{len(session.data.val)} rows, fewer than data.lookback + horizon")
     mse_target, rmse = session.validation_mse(), session.validation_rmse()
-    fixed = profile.model_copy(update={"spec": spec.model_copy(update={"adaptive_k": False})})  # a candidate's k
     candidates = []
-    for k in spec.budget_ks or [spec.k]:
-        costs = session.costs(with_setting(fixed, 0.0, k), whole_rounds=False, batch=batches[0])
-        candidates += [score_candidate(session, with_setting(fixed, rel * rmse, k), rel, mse_target, costs)
+    for k in spec.budget_ks or [spec.k]:  # with adaptive K, the most a round may draft
+        costs = session.costs(with_setting(profile, 0.0, k), whole_rounds=False, batch=batches[0])
+        candidates += [score_candidate(session, with_setting(profile, rel * rmse, k), rel, mse_target, costs)
                        for rel in sorted(spec.budget_tolerances)]
     fits = [c for c in candidates if c.delta_mse <= spec.fidelity_budget]
     target_alone = Candidate(0.0, 0, 0.0, 0.0, 1.0)  # within any budget, and 1x by definition

@@ -69,7 +69,13 @@ def test_the_budget_runs_the_target_alone_when_no_setting_is_predicted_to_pay(pa
                           "spec.budget_tolerances=[0.1, 0.5]")
     session = SpecTestSession(profile, torch.device("cpu"))
     monkeypatch.setattr(budget_module, "run_prediction", predicted(lambda spec: 0.9))
+    policies = []
+    original = session.speculate
+    monkeypatch.setattr(session, "speculate", lambda p, b, *a, policy=None, **k: policies.append(policy) or original(
+        p, b, *a, policy=policy, **k))
     chosen, choice = budget_module.choose_within_budget(session, profile)
+    # candidates are decoded as the test windows will be: with adaptive K's policy where the profile asks for it
+    assert policies and all((p is not None) == (adaptive == "true") for p in policies)
     assert (choice.k, chosen.spec.k, choice.val_predicted_speedup, choice.candidates) == (0, 0, 1.0, 4)
     result = session.run(profile)
     assert result.k_rounds == {0: result.batches * session.steps} and result.proposed == 0
