@@ -5,6 +5,7 @@
     python benchmarks/ts_bench.py --dataset etth1 --stage frontier --out DIR --work /tmp/ts
     python benchmarks/ts_bench.py --dataset etth1 --stage pretrain ...; ... --stage distill ...  # training, two calls
     python benchmarks/ts_bench.py --dataset etth1 --stage frontier --draft early-exit --batch 1 ...  # some rows
+    python benchmarks/ts_bench.py --dataset etth1 --stage profile --out DIR --work /tmp/ts  # batch 1, profiled
     python benchmarks/ts_bench.py --dataset quick --out DIR                     # the same code on the quick start
 
 Training runs the shipped profiles through the CLI (every dataset's target and draft side by side on the GPU,
@@ -33,7 +34,9 @@ import torch
 from specctl.backends import load_profile
 from specctl.commands.render import markdown_table
 from specctl.core.files import write_csv
-from specctl.core.runtime import resolve_device
+from specctl.core.runtime import resolve_device, synchronize
+from specctl.timeseries.costs import predict
+from specctl.timeseries.profile import TimeseriesProfile
 from specctl.timeseries.spectest import SpecTestSession
 
 
@@ -179,6 +182,12 @@ def drafts(dataset: Dataset, chosen: list[str]) -> list[tuple[str, list[str], li
     return out
 
 
+def with_setting(base: TimeseriesProfile, setting: dict) -> TimeseriesProfile:
+    """`base` with a SETTINGS entry's spec.* values."""
+    return base.model_copy(update={"spec": base.spec.model_copy(update={
+        key.split(".")[1]: value for key, value in setting.items()})})
+
+
 def frontier(dataset: Dataset, device: torch.device, lines: list[str], out: Path, name: str,
              batches: list[int] | None, chosen: list[str]) -> None:
     log = lambda record: append_jsonl(out / f"{name}.jsonl", record)  # noqa: E731
@@ -196,8 +205,7 @@ def frontier(dataset: Dataset, device: torch.device, lines: list[str], out: Path
                 session = SpecTestSession(base, device)
                 for i, (label, setting) in enumerate(settings):
                     label = prefix + label
-                    profile = base.model_copy(update={"spec": base.spec.model_copy(update={
-                        k.split(".")[1]: v for k, v in setting.items()})})
+                    profile = with_setting(base, setting)
                     started = time.perf_counter()
                     m = session.run(profile).metrics()
                     if "budget" in m:  # what the budget chose on validation windows
@@ -222,6 +230,54 @@ def frontier(dataset: Dataset, device: torch.device, lines: list[str], out: Path
         print(f"batch {batch} done", file=sys.stderr, flush=True)
 
 
+def profile_forecasts(dataset: Dataset, device: torch.device, out: Path, name: str, forecasts: int = 5) -> None:
+    """Batch-1 forecasts of both decoders under torch.profiler, after warm-up, the speculative one at the frontier's
+    fastest setting (tol 0.25, K 7): DIR/<dataset>_profile.md (wall time per forecast beside what the cost model adds up
+    from its timed calls, and the ops by host and device time) and a Chrome trace per decoder. What it is for: at
+    batch 1 the prediction misses by about 1 ms per forecast, spent outside the timed calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    label, setting = SETTINGS[2]
+    base = load_profile(dataset.spec, ["spec.batch_size=1", "spec.max_windows=8", "spec.repeats=1", "spec.warmup=1",
+                                       "spec.sliding_baseline=false"])
+    session = SpecTestSession(base, device)
+    spec_profile = session.resolve_tolerance(with_setting(base, setting))
+    whole_rounds = session.whole_rounds(spec_profile)
+    costs = session.costs(spec_profile, whole_rounds)
+    batch = session.batches[0]
+    decoders = {"target-only": lambda: session.forecast("target", batch),
+                f"speculative ({label})": lambda: session.speculate(spec_profile, batch, rounds=whole_rounds)}
+    rounds = session.speculate(spec_profile, batch, rounds=whole_rounds).k_rounds
+    priced = predict(costs, rounds, 1, session.steps)  # this batch's rounds at the measured costs
+    predicted = dict(zip(decoders, (priced.target_seconds, priced.spec_seconds)))
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])]
+    lines = [f"# One forecast under the profiler: {name}", "", f"- date: {date.today().isoformat()}",
+             f"- device: {device_name()}, torch {torch.__version__}",
+             f"- command: `python benchmarks/ts_bench.py --dataset {name} --stage profile --out OUT`",
+             f"- batch 1, H = {session.horizon}, whole-round graphs: {whole_rounds}; after warm-up, the wall time is "
+             f"the median of {forecasts} synchronised forecasts without the profiler; then one is profiled", ""]
+    for decoder, run in decoders.items():
+        for _ in range(3):
+            run()
+        walls = []
+        for _ in range(forecasts):
+            synchronize(device)
+            started = time.perf_counter()
+            run()
+            synchronize(device)
+            walls.append(time.perf_counter() - started)
+        with profile(activities=activities) as prof:  # one forecast: a trace small enough to bring back
+            run()
+            synchronize(device)
+        stem = decoder.split(" ")[0]
+        prof.export_chrome_trace(str(out / f"{name}_profile_{stem}.json"))
+        sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        lines += [f"## {decoder}", "", f"- wall per forecast: {1e3 * sorted(walls)[len(walls) // 2]:.3f} ms; the cost "
+                  f"model's sum of timed calls: {1e3 * predicted[decoder]:.3f} ms", "", "```",
+                  prof.key_averages().table(sort_by=sort, row_limit=25), "```", ""]
+        (out / f"{name}_profile.md").write_text("\n".join(lines) + "\n")
+
+
 def write_report(out: Path, name: str, lines: list[str], rows: list[dict]) -> None:
     import pandas as pd
 
@@ -232,8 +288,9 @@ def write_report(out: Path, name: str, lines: list[str], rows: list[dict]) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=list(DATASETS), action="append", required=True)
-    parser.add_argument("--stage", choices=["all", "train", "pretrain", "distill", "frontier"], default="all",
-                        help="train = pretrain, then distill")
+    parser.add_argument("--stage", choices=["all", "train", "pretrain", "distill", "frontier", "profile"],
+                        default="all", help="train = pretrain, then distill; profile: one batch-1 forecast of each "
+                        "decoder under torch.profiler (after training)")
     parser.add_argument("--out", type=Path, required=True, help="where the reports, JSONL and CSV go")
     parser.add_argument("--work", type=Path, default=None, help="working folder for artifacts/ and runs/")
     parser.add_argument("--batch", type=int, action="append", default=None,
@@ -247,6 +304,10 @@ def main() -> None:
         args.work.mkdir(parents=True, exist_ok=True)
         os.chdir(args.work)
     datasets = {name: DATASETS[name] for name in args.dataset}
+    if args.stage == "profile":
+        for name, dataset in datasets.items():
+            profile_forecasts(dataset, resolve_device("auto"), args.out, name)
+        return
     if args.stage != "frontier":
         train(datasets, args.out, "train" if args.stage == "all" else args.stage)
     if args.stage in ("all", "frontier"):

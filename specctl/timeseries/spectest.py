@@ -264,6 +264,10 @@ class SpecTestSession:
             warnings.warn("whole-round CUDA graphs differ from eager rounds on the first batch: not used", stacklevel=2)
         return agree
 
+    def whole_rounds(self, profile: TimeseriesProfile) -> bool:
+        """Whether this setting's rounds run as whole-round CUDA graphs (asked for, on CUDA, and reproducing eager)."""
+        return bool(profile.spec.graph_rounds and self.graphs and self.round_graphs_agree(profile))
+
     def costs(self, profile: TimeseriesProfile, whole_rounds: bool, batch: Window | None = None) -> StepCosts:
         """Per-call costs of this setting at the size of `batch` (default: the first test batch): the rounds of each
         draft length it may use, as the timed pass runs them, and a forecast's first round at the length it opens
@@ -294,7 +298,7 @@ class SpecTestSession:
             profile, budget = choose_within_budget(self, profile)
         profile = self.resolve_tolerance(profile)
         spec = profile.spec
-        whole_rounds = spec.graph_rounds and self.graphs and self.round_graphs_agree(profile)
+        whole_rounds = self.whole_rounds(profile)
         costs = self.costs(profile, whole_rounds)
         policy = adaptive_k(costs.round, costs.first, spec, self.steps)
         learn = (lambda r: policy.observe(int(r.accepted.sum()), int(r.evaluated.sum()))) if policy else None

@@ -1,5 +1,6 @@
-"""benchmarks/ts_bench.py's datasets: every profile it trains and decodes with ships and resolves, and --draft picks
-the frontier's drafts (the GPU run itself is docs/results.md's business)."""
+"""benchmarks/ts_bench.py's datasets: every profile it trains and decodes with ships and resolves, --draft picks
+the frontier's drafts, and the profile stage writes its tables and traces (the GPU run itself is docs/results.md's
+business)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from specctl.backends import load_profile
 
@@ -33,3 +35,20 @@ def test_every_dataset_trains_and_decodes_with_shipped_profiles(name):
 def test_draft_picks_the_frontiers_drafts():
     drafts = ts_bench.drafts(ts_bench.DATASETS["quick"], ["early-exit"])
     assert [prefix for prefix, _, _ in drafts] == ["early exit: "] and drafts[0][2] == ts_bench.SETTINGS
+
+
+def test_profile_stage_writes_both_decoders_traces_and_tables(tmp_path):
+    from typer.testing import CliRunner
+
+    from specctl.cli import app
+
+    fast = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", "--set", "data.max_eval_windows=4"]
+    for command, name in (("pretrain", "quickstart/target"), ("pretrain", "quickstart/draft"),
+                          ("distill", "quickstart/distill")):
+        assert CliRunner().invoke(app, [command, "-p", name, *fast]).exit_code == 0
+    ts_bench.profile_forecasts(ts_bench.DATASETS["quick"], torch.device("cpu"), tmp_path, "quick", forecasts=1)
+    report = (tmp_path / "quick_profile.md").read_text()
+    assert "## target-only" in report and "## speculative (tol 0.25, K 7)" in report
+    assert report.count("wall per forecast") == 2 and report.count("aten::") > 10
+    assert {p.name for p in tmp_path.glob("*.json")} == {"quick_profile_target-only.json",
+                                                         "quick_profile_speculative.json"}
