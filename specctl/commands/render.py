@@ -111,6 +111,8 @@ def spec_speed_table(r, title: str) -> Table:
         ("predicted_speedup (Leviathan)", f"{r.predicted_speedup:.2f}x ({r.predicted_speedup_leviathan:.2f}x)"),
         ("speedup vs KV-cached target", f"{r.speedup:.2f}x"),
     ]
+    if r.draft_rmse_by_step:
+        rows.insert(1, ("draft-to-target RMSE per step", " ".join(f"{x:.3g}" for x in r.draft_rmse_by_step)))
     if r.tol is not None:
         relative = f" = {r.tol_relative:.3g} × target RMSE {r.target_rmse_val:.3g}" if r.tol_relative else ""
         rows.insert(1, ("tolerance (scaled units)", f"{r.tol:.4g}{relative}"))

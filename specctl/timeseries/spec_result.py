@@ -50,6 +50,9 @@ METRICS = {
     "tol": "the tolerance rule's threshold on a token's RMSE, scaled units",
     "tol_relative": "tol / the target's own per-token RMSE to the truth on validation windows",
     "target_rmse_val": "the target's per-token RMSE to the truth on validation windows (sqrt of its MSE there)",
+    "draft_rmse_by_step": "per step of the horizon, the RMSE (scaled units, per value, over the test windows) between "
+                          "the draft's and the target's next token, both given the target's own forecast so far: what "
+                          "the tolerance rule tests at that step when every earlier token was accepted",
     "split": "the split protocol the windows come from",
     "budget": "spec.fidelity_budget: the tolerance (relative) and k chosen on validation windows as the fastest "
               "predicted setting whose validation MSE is within the budget of the target's (k 0, the target alone, "
@@ -114,6 +117,7 @@ class SpecTestResult:
     tol: float | None = None
     tol_relative: float | None = None
     target_rmse_val: float | None = None
+    draft_rmse_by_step: list[float] = field(default_factory=list)
     mse_sliding: float | None = None
     mae_sliding: float | None = None
     speedup_sliding: float | None = None

@@ -218,6 +218,9 @@ def test_spec_test_with_the_early_exit_profile_end_to_end(one_thread):
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output[result.output.index("{"):])
     assert metrics["windows"] == 16 and 0 <= metrics["acceptance_rate"] <= 1 and metrics["proposed"] > 0
+    patch = load_profile("quickstart/spec-test-early-exit").model.patch_len
+    distances = metrics["draft_rmse_by_step"]  # the early exit's distance to its target along the target's forecast
+    assert len(distances) == math.ceil(metrics["horizon"] / patch) and all(d > 0 for d in distances)
     assert set(load_file("artifacts/quickstart/early-exit/model.safetensors")) == {
         "norm.weight", "norm.bias", "head.weight", "head.bias"}
     shutil.copytree("artifacts/quickstart/target", "artifacts/copy")

@@ -152,3 +152,23 @@ def test_a_reused_round_state_gives_the_same_forecasts(models):
         torch.testing.assert_close(reused, fresh.forecast, atol=1e-5, rtol=0)
         assert torch.equal(state.stats.accepted, fresh.accepted)
 
+
+
+def test_step_distances_follow_the_targets_own_path():
+    """Step j's distance is the draft's and the target's next token given the target's forecast so far, recomputed
+    here one growing context at a time; a draft equal to the target is at distance 0 at every step."""
+    from specctl.timeseries.forecast import Norm
+    from specctl.timeseries.spectest import step_distances
+
+    target, draft = tiny_timer(n_vars=2, seed=0), tiny_timer(n_vars=2, seed=1)
+    context, steps = smooth_series(3, 32, 2) * 4 + 1, 4
+    norm = Norm.fit(context, target.cfg)
+    tokens, expected = norm.tokens(context, 8), []
+    with torch.no_grad():
+        for _ in range(steps):
+            times = torch.arange(tokens.shape[2]).expand(3, -1)
+            t, d = target(tokens, times)[0][:, :, -1], draft(tokens, times)[0][:, :, -1]  # [B, C, P]
+            expected.append(((d - t) * norm.std.transpose(1, 2)).pow(2).mean(dim=(1, 2)).sum())
+            tokens = torch.cat([tokens, t[:, :, None]], dim=2)
+    torch.testing.assert_close(step_distances(target, draft, context, steps), torch.stack(expected))
+    assert step_distances(target, target, context, steps).abs().max() == 0
