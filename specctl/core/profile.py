@@ -79,19 +79,23 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_raw(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[Path]]:
-    """The merged TOML dict of a profile and its `extends` chain, and the files it came from (child last)."""
+    """The merged TOML dict of a profile and what it `extends` (one profile or a list: later parents override earlier
+    ones, the file overrides them all), and the files it came from, each once (child last)."""
     path = path.resolve()
     if path in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path))
         raise SpecctlError(f"{path}: `extends` forms a cycle: {chain}")
     raw = read_toml(path)
-    parent = raw.pop("extends", None)
-    if parent is None:
-        return raw, [path]
-    if not isinstance(parent, str):
-        raise SpecctlError(f"{path}: key 'extends': expected a profile name or path (string)")
-    base, files = load_raw(find_profile(parent, relative_to=path.parent), (*_seen, path))
-    return deep_merge(base, raw), [*files, path]
+    parents = raw.pop("extends", [])
+    parents = [parents] if isinstance(parents, str) else parents
+    if not isinstance(parents, list) or not all(isinstance(parent, str) for parent in parents):
+        raise SpecctlError(f"{path}: key 'extends': expected a profile name or path, or a list of them")
+    merged: dict[str, Any] = {}
+    files: list[Path] = []
+    for parent in parents:
+        base, more = load_raw(find_profile(parent, relative_to=path.parent), (*_seen, path))
+        merged, files = deep_merge(merged, base), [*files, *(f for f in more if f not in files)]
+    return deep_merge(merged, raw), [*files, path]
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

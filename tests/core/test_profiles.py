@@ -2,7 +2,7 @@ import pytest
 
 from specctl.backends import SCHEMAS, load_profile
 from specctl.core.errors import SpecctlError
-from specctl.core.profile import shipped_profiles
+from specctl.core.profile import load_raw, shipped_profiles
 
 
 def test_some_profiles_ship():
@@ -20,6 +20,19 @@ def test_extends_merges_and_child_wins():
     draft = load_profile("etth1/draft-025")
     assert draft.data.name == "ETTh1" and draft.model.e_layers == 8 and draft.model.scale_d_model == 0.25
     assert draft.train.save_to == "artifacts/etth1/draft-025"
+
+
+def test_extends_a_list_merges_the_parents_in_order_then_the_file(tmp_path):
+    (tmp_path / "base.toml").write_text('[train]\nepochs = 2\nlr = 0.1\n[model]\nd_model = 64\n')
+    (tmp_path / "caps.toml").write_text('extends = "base"\n[train]\nlr = 0.2\nmax_steps_per_epoch = 7\n')
+    (tmp_path / "p.toml").write_text('extends = ["base", "caps"]\n[train]\nepochs = 3\n')
+    train = load_profile(str(tmp_path / "p.toml")).train
+    assert (train.epochs, train.lr, train.max_steps_per_epoch) == (3, 0.2, 7)
+    raw, files = load_raw(tmp_path / "p.toml")
+    assert [f.name for f in files] == ["base.toml", "caps.toml", "p.toml"] and raw["model"]["d_model"] == 64
+    (tmp_path / "bad.toml").write_text('extends = ["base", 3]\n')
+    with pytest.raises(SpecctlError, match="key 'extends': expected a profile name or path, or a list of them"):
+        load_profile(str(tmp_path / "bad.toml"))
 
 
 def write(tmp_path, text):
