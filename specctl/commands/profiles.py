@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from specctl.commands.common import console, handle_errors
@@ -17,7 +18,7 @@ def list_profiles() -> None:
     """List shipped profiles with their descriptions."""
     table = Table("profile", "description", title=f"profiles in {profiles_dir()}")
     for name in shipped_profiles():
-        table.add_row(name, str(read_toml(find_profile(name)).get("description", "")))
+        table.add_row(name, escape(str(read_toml(find_profile(name)).get("description", ""))))  # text, not markup
     console.print(table)
 
 

@@ -241,6 +241,13 @@ def test_profiles_show_resolves_by_default_and_version_prints():
     assert re.fullmatch(r"specctl \S+\n", ok(invoke("--version")).output)
 
 
+def test_profiles_list_prints_descriptions_as_text_not_markup(monkeypatch):
+    import specctl.commands.profiles
+
+    monkeypatch.setattr(specctl.commands.profiles, "read_toml", lambda path: {"description": "a [recipe, caps] mix"})
+    assert "a [recipe, caps] mix" in ok(invoke("profiles", "list")).output
+
+
 def test_wrong_profiles_say_why_and_leave_no_run_directory(tmp_path):
     Path("folder").mkdir()
     refused(invoke("pretrain", "--profile", "folder"), "profile 'folder' is a directory")
