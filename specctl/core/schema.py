@@ -39,10 +39,10 @@ class TrainConfig(Strict):
     # linear lr warm-up over the run's first optimizer steps (deep post-norm stacks need it); 0 = off
     warmup_steps: int = Field(0, ge=0)
     max_steps_per_epoch: int | None = Field(None, ge=1)
-    # the forward pass and loss of each optimizer step in bfloat16 autocast (weights, gradients, the optimizer and
-    # validation stay fp32): matrix units, 2-4x faster on a recent GPU; fp32 is what every result before it used
-    precision: Literal["fp32", "bf16"] = "fp32"
     max_val_batches: int | None = Field(None, ge=1)
+    # the forward pass and loss of each optimizer step in bfloat16 autocast (weights, gradients, the optimizer and
+    # validation stay fp32): a recent GPU's matrix units; fp32 is what every result before it used
+    precision: Literal["fp32", "bf16"] = "fp32"
     # what picks pretrain's best epoch (distill always uses draft-vs-teacher MSE): teacher-forced next-patch MSE,
     # or the rolling forecast's MSE on the validation split (KV-cached, frozen statistics, averaged over
     # data.horizons), the metric the test split reports
