@@ -34,9 +34,9 @@ import torch
 from specctl.backends import load_profile
 from specctl.commands.render import markdown_table
 from specctl.core.files import write_csv
-from specctl.core.runtime import resolve_device, synchronize
+from specctl.core.profile import with_overrides
+from specctl.core.runtime import resolve_device, synchronize, time_call
 from specctl.timeseries.costs import predict
-from specctl.timeseries.profile import TimeseriesProfile
 from specctl.timeseries.spectest import SpecTestSession
 
 
@@ -182,12 +182,6 @@ def drafts(dataset: Dataset, chosen: list[str]) -> list[tuple[str, list[str], li
     return out
 
 
-def with_setting(base: TimeseriesProfile, setting: dict) -> TimeseriesProfile:
-    """`base` with a SETTINGS entry's spec.* values."""
-    return base.model_copy(update={"spec": base.spec.model_copy(update={
-        key.split(".")[1]: value for key, value in setting.items()})})
-
-
 def frontier(dataset: Dataset, device: torch.device, lines: list[str], out: Path, name: str,
              batches: list[int] | None, chosen: list[str]) -> None:
     log = lambda record: append_jsonl(out / f"{name}.jsonl", record)  # noqa: E731
@@ -205,7 +199,7 @@ def frontier(dataset: Dataset, device: torch.device, lines: list[str], out: Path
                 session = SpecTestSession(base, device)
                 for i, (label, setting) in enumerate(settings):
                     label = prefix + label
-                    profile = with_setting(base, setting)
+                    profile = with_overrides(base, setting, "SETTINGS")
                     started = time.perf_counter()
                     m = session.run(profile).metrics()
                     if "budget" in m:  # what the budget chose on validation windows
@@ -243,7 +237,7 @@ def profile_forecasts(dataset: Dataset, device: torch.device, out: Path, name: s
     base = load_profile(dataset.spec, ["spec.batch_size=1", "spec.max_windows=8", "spec.repeats=1", "spec.warmup=1",
                                        "spec.sliding_baseline=false"])
     session = SpecTestSession(base, device)
-    spec_profile = session.resolve_tolerance(with_setting(base, setting))
+    spec_profile = session.resolve_tolerance(with_overrides(base, setting, "SETTINGS"))
     whole_rounds = session.whole_rounds(spec_profile)
     costs = session.costs(spec_profile, whole_rounds)
     batch = session.batches[0]
@@ -259,22 +253,14 @@ def profile_forecasts(dataset: Dataset, device: torch.device, out: Path, name: s
              f"- batch 1, H = {session.horizon}, whole-round graphs: {whole_rounds}; after warm-up, the wall time is "
              f"the median of {forecasts} synchronised forecasts without the profiler; then one is profiled", ""]
     for decoder, run in decoders.items():
-        for _ in range(3):
-            run()
-        walls = []
-        for _ in range(forecasts):
-            synchronize(device)
-            started = time.perf_counter()
-            run()
-            synchronize(device)
-            walls.append(time.perf_counter() - started)
+        wall = time_call(run, device, forecasts, warmup=3).median
         with profile(activities=activities) as prof:  # one forecast: a trace small enough to bring back
             run()
             synchronize(device)
         stem = decoder.split(" ")[0]
         prof.export_chrome_trace(str(out / f"{name}_profile_{stem}.json"))
         sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        lines += [f"## {decoder}", "", f"- wall per forecast: {1e3 * sorted(walls)[len(walls) // 2]:.3f} ms; the cost "
+        lines += [f"## {decoder}", "", f"- wall per forecast: {1e3 * wall:.3f} ms; the cost "
                   f"model's sum of timed calls: {1e3 * predicted[decoder]:.3f} ms", "", "```",
                   prof.key_averages().table(sort_by=sort, row_limit=25), "```", ""]
         (out / f"{name}_profile.md").write_text("\n".join(lines) + "\n")

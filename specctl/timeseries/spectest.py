@@ -29,8 +29,15 @@ from specctl.timeseries.costs import AdaptiveK, Prediction, StepCosts, leviathan
 from specctl.timeseries.data import describe_split, load_series
 from specctl.timeseries.early_exit import draft_stepper, load_draft
 from specctl.timeseries.evaluate import window_starts
-from specctl.timeseries.forecast import Norm, forecast_cached, forecast_sliding, n_tokens, rollout, times_for
-from specctl.timeseries.model import Stepper, TimerXL, load_timer
+from specctl.timeseries.forecast import (
+    Norm,
+    forecast_cached,
+    forecast_sliding,
+    n_tokens,
+    step_distances,
+    times_for,
+)
+from specctl.timeseries.model import Stepper, load_timer
 from specctl.timeseries.profile import SpecConfig, TimeseriesProfile
 from specctl.timeseries.rng import series_seeds
 from specctl.timeseries.spec_result import SpecTestResult
@@ -112,22 +119,6 @@ def prefill_seconds(steps: list[Stepper], context: torch.Tensor, tokens: int, de
     x = Norm.fit(context, cfg).tokens(context, cfg.patch_len)[:, :, :tokens]
     at = times_for(x.shape[0], 0, tokens, device)
     return time_call(lambda: [s(x, at) for s in steps], device, repeats, 2).median if tokens else 0.0
-
-
-@torch.no_grad()
-def step_distances(target: TimerXL, draft: torch.nn.Module, context: torch.Tensor, steps: int) -> torch.Tensor:
-    """[steps], summed over the batch: per step j of the horizon, the mean squared distance per value (scaled units)
-    between the draft's and the target's next token, both given the target's own forecast as the context so far,
-    which is the distance the tolerance rule tests at step j when every token before it was accepted (target_mean
-    emission keeps the context on the target's path)."""
-    P = target.cfg.patch_len
-    norm = Norm.fit(context, target.cfg)  # the statistics both models decode with
-    tokens = norm.tokens(context, P)
-    B, C, n0, _ = tokens.shape
-    path = rollout(target, torch.cat([tokens, tokens.new_zeros(B, C, steps - 1, P)], dim=2), n0)
-    times = times_for(B, 0, path.shape[2], context.device)
-    gap = (draft(path, times)[0] - target(path, times)[0])[:, :, n0 - 1 :].float()  # token n0-1+j predicts step j
-    return (gap * norm.std.transpose(1, 2)[..., None]).pow(2).mean(dim=(1, 3)).sum(0)
 
 
 def errors(forecasts: list[torch.Tensor], truths: list[torch.Tensor]) -> tuple[float, float]:

@@ -157,8 +157,7 @@ def test_a_reused_round_state_gives_the_same_forecasts(models):
 def test_step_distances_follow_the_targets_own_path():
     """Step j's distance is the draft's and the target's next token given the target's forecast so far, recomputed
     here one growing context at a time; a draft equal to the target is at distance 0 at every step."""
-    from specctl.timeseries.forecast import Norm
-    from specctl.timeseries.spectest import step_distances
+    from specctl.timeseries.forecast import Norm, step_distances
 
     target, draft = tiny_timer(n_vars=2, seed=0), tiny_timer(n_vars=2, seed=1)
     context, steps = smooth_series(3, 32, 2) * 4 + 1, 4
