@@ -42,7 +42,7 @@ from specctl.timeseries.spectest import SpecTestSession
 
 @dataclass(frozen=True)
 class Dataset:
-    """A profile folder's pair and drafts: the target and the draft pretrained side by side, then the draft distilled
+    """A profile folder's pair and drafts: the target and the drafts pretrained side by side, then the draft distilled
     and the early exit trained side by side; every draft gets its own frontier rows."""
 
     folder: str
@@ -50,26 +50,31 @@ class Dataset:
     draft: str  # pretrained, undistilled (a weaker draft)
     distilled: str  # the spec-test profile's draft
     early_exit: str  # the target's first blocks and a trained exit head
+    small: str  # a much smaller draft, pretrained only: 6-7% worse than the target alone, which is worth verifying
     batches: dict[int, int | None]  # batch size -> windows timed (None: every test window)
 
     @property
     def spec(self) -> str:
         return f"{self.folder}/spec-test"
 
-    @property
-    def train(self) -> list[list[tuple[str, str]]]:
-        """Groups of (command, profile); a group's commands run side by side."""
-        return [[("pretrain", f"{self.folder}/{self.target}"), ("pretrain", f"{self.folder}/{self.draft}")],
-                [("distill", f"{self.folder}/{self.distilled}"), ("distill", f"{self.folder}/{self.early_exit}")]]
+    def train(self, chosen: list[str]) -> list[list[tuple[str, str]]]:
+        """Groups of (command, profile) that the chosen drafts need; a group's commands run side by side."""
+        pretrain = [self.target, *([self.draft] if {"distilled", "pretrained"} & set(chosen) else []),
+                    *([self.small] if "small" in chosen else [])]
+        distill = [*([self.distilled] if "distilled" in chosen else []),
+                   *([self.early_exit] if "early-exit" in chosen else [])]
+        return [[("pretrain", f"{self.folder}/{p}") for p in dict.fromkeys(pretrain)],
+                [("distill", f"{self.folder}/{p}") for p in distill]]
 
 
 CHANNEL_INDEPENDENT = ("target-large-channel-independent", "draft-025-channel-independent",
-                       "distill-025-channel-independent", "distill-early-exit-channel-independent")
+                       "distill-025-channel-independent", "distill-early-exit-channel-independent",
+                       "draft-00625-channel-independent")
 DATASETS = {
     "etth1": Dataset("etth1", *CHANNEL_INDEPENDENT, {1: 64, 32: 256, 256: 1024}),
     "ettm1": Dataset("ettm1", *CHANNEL_INDEPENDENT, {1: 64, 32: 256, 256: 1024}),
     "weather": Dataset("weather", *CHANNEL_INDEPENDENT, {1: 64, 32: 256, 256: 1024}),
-    "quick": Dataset("quickstart", "target", "draft", "distill", "distill-early-exit", {1: 8, 16: 32}),
+    "quick": Dataset("quickstart", "target", "draft", "distill", "distill-early-exit", "draft", {1: 8, 16: 32}),
 }
 # (label, overrides): fixed tolerances (relative to the target's validation RMSE; on ETTm1 0.05 rejected almost every
 # token and 0.25 accepted almost all, so 0.1 between them) and K, adaptive K, and the shipped choice, the fastest
@@ -83,6 +88,8 @@ SETTINGS = [
 ]
 # the undistilled draft's rows (the weakest draft, 1.4-4.8% worse alone): the shipped choice and the fixed settings
 PRETRAINED_SETTINGS = [SETTINGS[0], SETTINGS[2], SETTINGS[-1]]
+# the small draft's rows (6-7% worse alone, so the rule must reject to stay within 1%): every setting and tol 0.5
+SMALL_SETTINGS = [*SETTINGS[:3], ("tol 0.5, K 7", {"spec.tol_relative": 0.5, "spec.k": 7, **FIXED}), *SETTINGS[3:]]
 COLUMNS = ["batch", "setting", "acceptance", "alpha_hat", "tau", "k_rounds", "c_hat", "v_hat", "speedup",
            "predicted (Leviathan)", "pred/meas", "vs sliding", "MSE", "ΔMSE %", "fidelity", "ms/batch"]
 
@@ -91,15 +98,15 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
-def train(datasets: dict[str, Dataset], out: Path, stage: str) -> None:
-    """Group i of every dataset's training runs side by side (pretraining, then distillation; `stage` names one of
-    them or "train" for both); DIR/<dataset>_<stage>.md and .jsonl per dataset."""
+def train(datasets: dict[str, Dataset], out: Path, stage: str, chosen: list[str]) -> None:
+    """Group i of every dataset's training for the chosen drafts runs side by side (pretraining, then distillation;
+    `stage` names one of them or "train" for both); DIR/<dataset>_<stage>.md and .jsonl per dataset."""
     groups = {"train": (0, 1), "pretrain": (0,), "distill": (1,)}[stage]
     lines = {name: [f"# Training ({stage}): {name}", "", f"- date: {date.today().isoformat()}",
                     f"- device: {device_name()}",
                     "- commands of a group ran side by side on the one device, so their seconds overlap", "",
                     "| command | seconds | result |", "|---|---|---|"] for name in datasets}
-    for i, runs in enumerate(zip(*(d.train for d in datasets.values()))):  # pretraining, then distillation
+    for i, runs in enumerate(zip(*(d.train(chosen) for d in datasets.values()))):  # pretraining, then distillation
         if i not in groups:
             continue
         started, procs = time.perf_counter(), []
@@ -165,16 +172,17 @@ def baseline_rows(batch: int, prefix: str, m: dict, with_target: bool) -> list[d
              "ms/batch": f"{1e3 * m['wall_s_draft'] / m['batches']:.2f}"}]
 
 
-DRAFTS = ("distilled", "pretrained", "early-exit")
+DRAFTS = ("distilled", "pretrained", "early-exit", "small")
 
 
 def drafts(dataset: Dataset, chosen: list[str]) -> list[tuple[str, list[str], list]]:
     """(label prefix, spec-test overrides, settings) per chosen draft: the shipped (distilled) one, the pretrained one,
-    the early exit."""
+    the early exit, the small one."""
     out = []
     for key, prefix, name, settings in (("distilled", "", None, SETTINGS),
                                         ("pretrained", "pretrained draft: ", dataset.draft, PRETRAINED_SETTINGS),
-                                        ("early-exit", "early exit: ", dataset.early_exit, SETTINGS)):
+                                        ("early-exit", "early exit: ", dataset.early_exit, SETTINGS),
+                                        ("small", "small draft: ", dataset.small, SMALL_SETTINGS)):
         if key not in chosen:
             continue
         checkpoint = load_profile(f"{dataset.folder}/{name}").train.save_to if name else None
@@ -289,7 +297,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, action="append", default=None,
                         help="frontier batch sizes to run (default: the dataset's own)")
     parser.add_argument("--draft", choices=DRAFTS, action="append", default=None,
-                        help="drafts whose frontier rows to run (default: all)")
+                        help="drafts to train and whose frontier rows to run (default: all)")
     args = parser.parse_args()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -302,7 +310,7 @@ def main() -> None:
             profile_forecasts(dataset, resolve_device("auto"), args.out, name)
         return
     if args.stage != "frontier":
-        train(datasets, args.out, "train" if args.stage == "all" else args.stage)
+        train(datasets, args.out, "train" if args.stage == "all" else args.stage, args.draft or list(DRAFTS))
     if args.stage in ("all", "frontier"):
         device = resolve_device("auto")
         only = "".join(f" --batch {b}" for b in args.batch or []) + "".join(f" --draft {d}" for d in args.draft or [])

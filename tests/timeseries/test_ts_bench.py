@@ -22,14 +22,25 @@ spec.loader.exec_module(ts_bench)
 @pytest.mark.parametrize("name", list(ts_bench.DATASETS))
 def test_every_dataset_trains_and_decodes_with_shipped_profiles(name):
     dataset = ts_bench.DATASETS[name]
-    trained = {load_profile(p).train.save_to for group in dataset.train for _, p in group}
+    trained = {load_profile(p).train.save_to for group in dataset.train(list(ts_bench.DRAFTS)) for _, p in group}
     spec_test = load_profile(dataset.spec).spec
     assert {spec_test.target, spec_test.draft} <= trained  # spec-test reads what the training stage writes
     drafts = ts_bench.drafts(dataset, list(ts_bench.DRAFTS))
     checkpoints = [next(o.split("=", 1)[1] for o in overrides if o.startswith("spec.draft="))
                    for _, overrides, _ in drafts[1:]]
-    assert [prefix for prefix, _, _ in drafts] == ["", "pretrained draft: ", "early exit: "]
-    assert set(checkpoints) <= trained and len(set(checkpoints)) == 2
+    assert [prefix for prefix, _, _ in drafts] == ["", "pretrained draft: ", "early exit: ", "small draft: "]
+    assert set(checkpoints) <= trained and len(set(checkpoints)) == (2 if dataset.small == dataset.draft else 3)
+
+
+def test_training_covers_the_chosen_drafts_only():
+    dataset = ts_bench.DATASETS["etth1"]
+    small = dataset.train(["small"])
+    assert small == [[("pretrain", "etth1/target-large-channel-independent"),
+                      ("pretrain", "etth1/draft-00625-channel-independent")], []]
+    distilled = dataset.train(["distilled"])
+    assert [p for _, p in distilled[0]] == ["etth1/target-large-channel-independent",
+                                            "etth1/draft-025-channel-independent"]
+    assert distilled[1] == [("distill", "etth1/distill-025-channel-independent")]
 
 
 def test_draft_picks_the_frontiers_drafts():
