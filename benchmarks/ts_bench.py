@@ -234,16 +234,19 @@ def frontier(dataset: Dataset, device: torch.device, lines: list[str], out: Path
         print(f"batch {batch} done", file=sys.stderr, flush=True)
 
 
-def profile_forecasts(dataset: Dataset, device: torch.device, out: Path, name: str, forecasts: int = 5) -> None:
+def profile_forecasts(dataset: Dataset, device: torch.device, out: Path, name: str, chosen: list[str],
+                      forecasts: int = 5) -> None:
     """Batch-1 forecasts of both decoders under torch.profiler, after warm-up, the speculative one at the frontier's
-    fastest setting (tol 0.25, K 7): DIR/<dataset>_profile.md (wall time per forecast beside what the cost model adds up
+    fastest setting (tol 0.25, K 7) with the first chosen draft: DIR/<dataset>_profile.md (wall time per forecast beside what the cost model adds up
     from its timed calls, and the ops by host and device time) and a Chrome trace per decoder. What it is for: at
     batch 1 the prediction misses by about 1 ms per forecast, spent outside the timed calls."""
     from torch.profiler import ProfilerActivity, profile
 
     label, setting = SETTINGS[2]
+    prefix, draft_overrides, _ = drafts(dataset, chosen)[0]
+    label = prefix + label
     base = load_profile(dataset.spec, ["spec.batch_size=1", "spec.max_windows=8", "spec.repeats=1", "spec.warmup=1",
-                                       "spec.sliding_baseline=false"])
+                                       "spec.sliding_baseline=false", *draft_overrides])
     session = SpecTestSession(base, device)
     spec_profile = session.resolve_tolerance(with_overrides(base, setting, "SETTINGS"))
     whole_rounds = session.whole_rounds(spec_profile)
@@ -265,7 +268,7 @@ def profile_forecasts(dataset: Dataset, device: torch.device, out: Path, name: s
         with profile(activities=activities) as prof:  # one forecast: a trace small enough to bring back
             run()
             synchronize(device)
-        stem = decoder.split(" ")[0]
+        stem = "target-only" if decoder == "target-only" else "speculative"
         prof.export_chrome_trace(str(out / f"{name}_profile_{stem}.json"))
         sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         lines += [f"## {decoder}", "", f"- wall per forecast: {1e3 * wall:.3f} ms; the cost "
@@ -307,7 +310,7 @@ def main() -> None:
     datasets = {name: DATASETS[name] for name in args.dataset}
     if args.stage == "profile":
         for name, dataset in datasets.items():
-            profile_forecasts(dataset, resolve_device("auto"), args.out, name)
+            profile_forecasts(dataset, resolve_device("auto"), args.out, name, args.draft or list(DRAFTS))
         return
     if args.stage != "frontier":
         train(datasets, args.out, "train" if args.stage == "all" else args.stage, args.draft or list(DRAFTS))

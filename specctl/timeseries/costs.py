@@ -1,7 +1,7 @@
 """What a speculative forecast costs, from measured per-call times, and the speedup that predicts.
 
-Target-only decoding of `steps` tokens is one prefill of the n0 context tokens, then steps - 1 one-token steps. A
-speculative forecast is one prefill of n0 - 1 tokens in each model (in the target alone for an early-exit draft,
+Target-only decoding of `steps` tokens (one prefill of the n0 context tokens, then steps - 1 one-token steps) is timed
+whole, as it runs: one CUDA graph where graphs are on. A speculative forecast is one prefill of n0 - 1 tokens in each model (in the target alone for an early-exit draft,
 which runs on the target's cache), then rounds; a round is K draft steps, one verification call over W + K tokens,
 and the acceptance and bookkeeping around them, all measured together as one round. The prediction prices the rounds
 a run took (a batch runs until its slowest series is done; the engine counts its rounds of each k) at these measured
@@ -25,11 +25,12 @@ class StepCosts:
 
     target_step: float  # one cached one-token target call
     draft_step: float  # one cached one-token draft call
-    prefill_target: float  # the target-only forecast's prefill (n0 tokens)
+    target_forecast: float  # one whole target-only forecast (one CUDA graph where graphs are on)
     prefill_spec: float  # the speculative forecast's prefills (n0 - 1 tokens, both models or a shared cache)
     verify: dict[int, float]  # k -> one target call over the w + k tokens a round of k verifies
     round: dict[int, float]  # k -> one whole round of k draft tokens (draft, verify, accept, bookkeeping)
-    first: dict[int, float]  # k -> that round as a forecast's first, which re-feeds one token
+    first: dict[int, float]  # k -> a forecast's first round (re-feeding one token): its opening, timed whole, less
+    # prefill_spec (the statistics, the reset and, where graphed, the prefill's launches ride with the round)
     first_k: int  # the draft length a forecast opens with (adaptive K: its opening; else K)
 
     @property
@@ -70,7 +71,7 @@ class Prediction:
 def predict(costs: StepCosts, rounds: dict[int, float], batches: int, steps: int) -> Prediction:
     """Wall time of every batch's target-only and speculative forecast: `batches` batches whose rounds of each draft
     length k number rounds[k] in all, each batch's first round (of first_k) at the first-round cost."""
-    target = batches * (costs.prefill_target + (steps - 1) * costs.target_step)
+    target = batches * costs.target_forecast
     later = sum(n * costs.round[k] for k, n in rounds.items()) - batches * costs.round[costs.first_k]
     spec = batches * (costs.prefill_spec + costs.first[costs.first_k]) + later
     return Prediction(target, spec)

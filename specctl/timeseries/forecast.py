@@ -127,7 +127,12 @@ def step_distances(target: TimerXL, draft: torch.nn.Module, context: torch.Tenso
 def forecast_cached(
     model: TimerXL, context: torch.Tensor, horizon: int, stepper: Stepper | None = None
 ) -> torch.Tensor:
-    """Growing-context rolling forecast with a KV cache: one prefill, then one token per step."""
+    """Growing-context rolling forecast with a KV cache: one prefill, then one token per step; with a stepper that
+    has CUDA graphs, the whole forecast is one graph per context shape and horizon."""
+    if stepper is not None and stepper.graphs:
+        eager = stepper.eager_view()
+        return stepper.replay_whole(("forecast", tuple(context.shape), horizon),
+                                    lambda c: forecast_cached(model, c, horizon, eager), context)
     P = model.cfg.patch_len
     steps = n_tokens(horizon, P)
     norm = Norm.fit(context, model.cfg)

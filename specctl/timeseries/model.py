@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -316,6 +317,7 @@ class Stepper:
         self.cache = cache if cache is not None else model.new_cache(batch, max_len)
         self.graphs = graphs and self.cache.k.is_cuda
         self.captured: dict[tuple, tuple] = {}
+        self.wholes: dict[tuple, tuple] = {}  # key -> (static inputs, graph, output) of replay_whole
 
     def eager(self, tokens: torch.Tensor, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.model(tokens, times, self.cache)
@@ -341,3 +343,28 @@ class Stepper:
         static_tokens, static_times = tokens.clone(), times.clone()
         graph, out = capture_graph(lambda: self.model(static_tokens, static_times, self.cache))
         return graph, static_tokens, static_times, out
+
+    def eager_view(self) -> Stepper:
+        """This model and cache without graphs (for calls inside a graph being captured)."""
+        return Stepper(self.model, self.batch, self.max_len, cache=self.cache)
+
+    def replay_whole(self, key: tuple, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        """fn(*inputs), a whole computation on this stepper's cache (a forecast: statistics, prefill, every step) that
+        calls the model through `eager_view`, captured once per key as one CUDA graph over static copies of the inputs
+        and replayed: one launch where per-step graphs pay a few host ops a step. Eager where graphs are off or capture
+        fails (with a warning)."""
+        if self.graphs and key not in self.wholes:
+            static = [x.clone() for x in inputs]
+            try:
+                self.wholes[key] = static, *capture_graph(lambda: fn(*static))
+            except RuntimeError as e:
+                warnings.warn(f"CUDA graph capture of a whole forecast failed, decoding step by step: {e}",
+                              stacklevel=2)
+                self.graphs = False
+        if not self.graphs:
+            return fn(*inputs)
+        static, graph, out = self.wholes[key]
+        for buffer, x in zip(static, inputs):
+            buffer.copy_(x)
+        graph.replay()
+        return out.clone()

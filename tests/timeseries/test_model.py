@@ -205,3 +205,19 @@ def test_self_feed_replaces_inputs_after_the_lookback_with_the_models_rolling_fo
     assert not torch.equal(trained[:, :, 4:], truth[:, :, 4:])
     torch.manual_seed(0)
     assert next_patch_loss(model, window, 32, self_feed=0.0).item() == next_patch_loss(model, window, 32).item()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_a_whole_graphed_forecast_matches_eager_decoding():
+    """With a graphed stepper a forecast is one captured graph over a static context: forecast after forecast on new
+    contexts, it gives what eager decoding gives."""
+    from specctl.timeseries.forecast import forecast_cached
+    from specctl.timeseries.model import Stepper
+
+    model = tiny_timer(d_model=32, e_layers=2, seed=0).cuda()
+    step = Stepper(model, 3, 32 // 8 + 5, graphs=True)
+    for seed in (1, 2, 3):
+        context = smooth_series(3, 32, 3, seed=seed).cuda()
+        torch.testing.assert_close(forecast_cached(model, context, 40, step), forecast_cached(model, context, 40),
+                                   atol=1e-4, rtol=0)
+    assert len(step.wholes) == 1 and step.graphs

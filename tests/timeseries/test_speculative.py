@@ -171,3 +171,25 @@ def test_step_distances_follow_the_targets_own_path():
             tokens = torch.cat([tokens, t[:, :, None]], dim=2)
     torch.testing.assert_close(step_distances(target, draft, context, steps), torch.stack(expected))
     assert step_distances(target, target, context, steps).abs().max() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("spec", [SpecConfig(rule="tolerance", tol=0.35, k=3),
+                                  SpecConfig(rule="exact", sigma=2.5, k=2, emit="sample")], ids=["tolerance", "exact"])
+def test_graphed_openings_and_rounds_match_eager_forecasts(models, spec):
+    """With round graphs, a forecast's opening (statistics, prefill, reset, first round) is one replay over static
+    inputs: forecast after forecast on new contexts, it must give what eager decoding gives."""
+    from specctl.timeseries.model import Stepper
+    from specctl.timeseries.speculative import cache_length
+
+    target, draft = (m.cuda() for m in models)
+    B, graphs = 3, {}
+    tstep = Stepper(target, B, cache_length(32, H, 8, spec.k), graphs=True)
+    dstep = Stepper(draft, B, cache_length(32, H, 8, spec.k), graphs=True)
+    for seed in (1, 2, 3):
+        context, seeds = smooth_series(B, 32, 3, seed=seed).cuda(), series_seeds(seed, torch.arange(B)).cuda()
+        eager = speculative_forecast(target, draft, context, H, spec, seeds)
+        graphed = speculative_forecast(tstep, dstep, context, H, spec, seeds, round_graphs=graphs)
+        assert torch.equal(graphed.accepted, eager.accepted) and graphed.k_rounds == eager.k_rounds
+        torch.testing.assert_close(graphed.forecast, eager.forecast, atol=1e-4, rtol=0)
+    assert sum(len(g.openings) for g in graphs.values()) == 1

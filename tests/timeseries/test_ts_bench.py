@@ -57,7 +57,8 @@ def test_profile_stage_writes_both_decoders_traces_and_tables(tmp_path):
     for command, name in (("pretrain", "quickstart/target"), ("pretrain", "quickstart/draft"),
                           ("distill", "quickstart/distill")):
         assert CliRunner().invoke(app, [command, "-p", name, *fast]).exit_code == 0
-    ts_bench.profile_forecasts(ts_bench.DATASETS["quick"], torch.device("cpu"), tmp_path, "quick", forecasts=1)
+    ts_bench.profile_forecasts(ts_bench.DATASETS["quick"], torch.device("cpu"), tmp_path, "quick", ["distilled"],
+                               forecasts=1)
     report = (tmp_path / "quick_profile.md").read_text()
     assert "## target-only" in report and "## speculative (tol 0.25, K 7)" in report
     assert report.count("wall per forecast") == 2 and report.count("aten::") > 10
