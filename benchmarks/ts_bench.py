@@ -237,9 +237,10 @@ def frontier(dataset: Dataset, device: torch.device, lines: list[str], out: Path
 def profile_forecasts(dataset: Dataset, device: torch.device, out: Path, name: str, chosen: list[str],
                       forecasts: int = 5) -> None:
     """Batch-1 forecasts of both decoders under torch.profiler, after warm-up, the speculative one at the frontier's
-    fastest setting (tol 0.25, K 7) with the first chosen draft: DIR/<dataset>_profile.md (wall time per forecast beside what the cost model adds up
-    from its timed calls, and the ops by host and device time) and a Chrome trace per decoder. What it is for: at
-    batch 1 the prediction misses by about 1 ms per forecast, spent outside the timed calls."""
+    fastest setting (tol 0.25, K 7) with the first chosen draft: DIR/<dataset>_profile.md (wall time per forecast
+    beside what the cost model adds up from its timed calls, and the ops by host and device time) and a Chrome trace
+    per decoder. What it is for: at batch 1 the prediction missed by about 1 ms per forecast, spent outside the timed
+    calls."""
     from torch.profiler import ProfilerActivity, profile
 
     label, setting = SETTINGS[2]

@@ -1,10 +1,11 @@
 """What a speculative forecast costs, from measured per-call times, and the speedup that predicts.
 
 Target-only decoding of `steps` tokens (one prefill of the n0 context tokens, then steps - 1 one-token steps) is timed
-whole, as it runs: one CUDA graph where graphs are on. A speculative forecast is one prefill of n0 - 1 tokens in each model (in the target alone for an early-exit draft,
-which runs on the target's cache), then rounds; a round is K draft steps, one verification call over W + K tokens,
-and the acceptance and bookkeeping around them, all measured together as one round. The prediction prices the rounds
-a run took (a batch runs until its slowest series is done; the engine counts its rounds of each k) at these measured
+whole, as it runs: one CUDA graph where graphs are on. A speculative forecast is one prefill of n0 - 1 tokens in
+each model (in the target alone for an early-exit draft, which runs on the target's cache), then rounds; a round is
+K draft steps, one verification call over W + K tokens, and the acceptance and bookkeeping around them, all
+measured together as one round (a forecast's first with everything before it). The prediction prices the rounds a
+run took (a batch runs until its slowest series is done; the engine counts its rounds of each k) at these measured
 costs, so it says where the time goes and a miss points at the cost model alone. An acceptance model of the rounds
 (i.i.d. passes per series) predicted 0.56-0.90 of the measured speed where the tolerance rule rejected at batch
 32-256 on an H200: its rejections cluster in a few series and late positions. Leviathan et al.'s formula, which
