@@ -222,11 +222,10 @@ def speculative_forecast(
         k = opening if previous is None else 0 if previous == 0 else policy(state) if policy is not None else spec.k
         f.round(k, refeed_width(spec, previous), clock.mark if clock is not None else None, logs)
         k_rounds[k], previous = k_rounds.get(k, 0) + 1, k
-    stats = state.stats
-    clone = lambda t: t.clone()  # noqa: E731  (graph state is reused by the next forecast)
-    return SpecResult(forecast_of(state, horizon), clone(stats.proposed), clone(stats.accepted), clone(stats.evaluated),
-                      clone(stats.rounds), clone(stats.emitted), clone(stats.cap_hits), clone(stats.accepted_hist),
-                      logs or [], k_rounds)
+    st = state.stats
+    # one copy of the per-series counts (graph state is reused by the next forecast): a launch, not six
+    counts = torch.stack([st.proposed, st.accepted, st.evaluated, st.rounds, st.emitted, st.cap_hits]).unbind()
+    return SpecResult(forecast_of(state, horizon), *counts, st.accepted_hist.clone(), logs or [], k_rounds)
 
 
 @torch.no_grad()

@@ -190,6 +190,9 @@ def test_graphed_openings_and_rounds_match_eager_forecasts(models, spec):
         context, seeds = smooth_series(B, 32, 3, seed=seed).cuda(), series_seeds(seed, torch.arange(B)).cuda()
         eager = speculative_forecast(target, draft, context, H, spec, seeds)
         graphed = speculative_forecast(tstep, dstep, context, H, spec, seeds, round_graphs=graphs)
-        assert torch.equal(graphed.accepted, eager.accepted) and graphed.k_rounds == eager.k_rounds
+        gap = (graphed.forecast - eager.forecast).abs().max().item()
+        assert torch.equal(graphed.accepted, eager.accepted) and graphed.k_rounds == eager.k_rounds, (
+            f"seed {seed}: accepted {graphed.accepted.tolist()} vs {eager.accepted.tolist()}, rounds "
+            f"{graphed.k_rounds} vs {eager.k_rounds}, forecast gap {gap:.2e}")
         torch.testing.assert_close(graphed.forecast, eager.forecast, atol=1e-4, rtol=0)
     assert sum(len(g.openings) for g in graphs.values()) == 1
