@@ -68,6 +68,13 @@ class SpecResult:
     logs: list[RoundLog] = field(default_factory=list)
     k_rounds: dict[int, int] = field(default_factory=dict)  # rounds of the batch per draft length k (0: target step)
 
+    def slowest_counts(self) -> tuple[int, int]:
+        """(accepted, evaluated) of the series that needed the most rounds (of those, the least accepting): what a
+        batch waits for, and what adaptive K learns from between batches."""
+        i = torch.argmax(2 * self.rounds - (self.accepted + 1) / (self.evaluated + 1))
+        accepted, evaluated = torch.stack([self.accepted[i], self.evaluated[i]]).tolist()
+        return accepted, evaluated
+
     def debug_rows(self, series_ids: list[int]) -> list[dict]:
         rows = []
         for r, log in enumerate(self.logs):

@@ -167,3 +167,23 @@ def test_a_policy_that_expects_nothing_runs_the_targets_own_loop(emit):
         torch.testing.assert_close(result.forecast, cached, atol=1e-5, rtol=0)
     else:  # one draw from N(t, sigma^2) per value, the first token around the target's mean
         assert 0.2 < float((result.forecast[:, :8] - cached[:, :8]).std()) < 0.8
+
+
+def test_a_batch_is_planned_for_its_slowest_series():
+    """A batch runs until its slowest series is done: with two series through and one that has accepted nothing, the
+    batch's per-token rate (14 of 20) would keep drafting, the slowest series' own (0 of 6), lower, says target
+    steps; and a finished batch teaches the next one what its slowest series saw."""
+    from types import SimpleNamespace
+
+    from specctl.timeseries.speculative import SpecResult
+
+    policy = AdaptiveK({0: 1.0, **{k: 1.9 + 0.1 * k for k in range(1, 8)}}, bonus=True, steps=8)
+    stats = SimpleNamespace(accepted=torch.tensor([7, 7, 0]), evaluated=torch.tensor([7, 7, 6]))
+    state = SimpleNamespace(steps=8, n_out=torch.tensor([8, 8, 2]), stats=stats)
+    assert policy.choose(14, 20, 6) > 0 and policy(state) == 0
+    zeros = torch.zeros(3, dtype=torch.long)
+    done = SpecResult(torch.empty(0), zeros, stats.accepted, stats.evaluated, torch.tensor([1, 1, 3]), zeros, zeros,
+                      zeros)
+    assert done.slowest_counts() == (0, 6)
+    policy.observe(14, 20, done.slowest_counts())
+    assert policy.opening() == 0  # one passing test of prior against 0 of 6: the next batch runs the target
