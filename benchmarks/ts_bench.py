@@ -5,6 +5,7 @@
     python benchmarks/ts_bench.py --dataset etth1 --stage frontier --out DIR --work /tmp/ts
     python benchmarks/ts_bench.py --dataset etth1 --stage pretrain ...; ... --stage distill ...  # training, two calls
     python benchmarks/ts_bench.py --dataset etth1 --stage frontier --draft early-exit --batch 1 ...  # some rows
+    python benchmarks/ts_bench.py --dataset etth1 --stage frontier --draft small --dtype bf16 --windows 2161 ...
     python benchmarks/ts_bench.py --dataset etth1 --stage profile --out DIR --work /tmp/ts  # batch 1, profiled
     python benchmarks/ts_bench.py --dataset quick --out DIR                     # the same code on the quick start
 
