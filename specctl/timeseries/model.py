@@ -102,15 +102,21 @@ class KVCache:
         self.v[layer].scatter_(3, index, v.to(self.v.dtype))
 
 
-def rope(x: torch.Tensor, times: torch.Tensor, rotated: int | None = None) -> torch.Tensor:
-    """Rotate pairs of the first `rotated` channels (default: all) by angle n * theta_i, n = temporal index;
-    the other channels pass unchanged. x: [B, H, C, N, hd], times: [B, N]."""
-    rotated = rotated or x.shape[-1]
+def rotation(times: torch.Tensor, rotated: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of n * theta_i, n = temporal index, for the pairs of the first `rotated` channels: [B, 1, 1, N,
+    rotated/2] each, made once per forward pass and shared by every layer (per layer it was ~10 launches of 47)."""
     half = rotated // 2
-    freqs = 1.0 / (10000.0 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
+    freqs = 1.0 / (10000.0 ** (torch.arange(half, device=times.device, dtype=torch.float32) / half))
     angles = times.to(torch.float32)[:, None, None, :, None] * freqs  # [B, 1, 1, N, half]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2, rest = x[..., :half], x[..., half:rotated], x[..., rotated:]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rope(x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate pairs of the first channels of x [B, H, C, N, hd] by `rotation`'s angles; the other channels pass
+    unchanged."""
+    cos, sin = (a.to(x.dtype) for a in angles)  # no-ops unless the caller's dtype differs from x's
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
@@ -118,17 +124,17 @@ class Attention(nn.Module):
     def __init__(self, cfg: TimerConfig) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.dropout = cfg.n_heads, cfg.head_dim, cfg.dropout
-        self.rotated = cfg.rotated_dim
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
         # kept when channel_independent (unused there) so checkpoints load across both kinds of attention
         self.var_bias = nn.Parameter(torch.zeros(cfg.n_heads, 2))  # [same variable, other variable]
         self.channel_independent = cfg.channel_independent
 
-    def forward(self, x: torch.Tensor, times: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, times: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor],
+                cache: KVCache | None, layer: int) -> torch.Tensor:
         B, C, N, _ = x.shape
         q, k, v = self.qkv(x).view(B, C, N, 3, self.n_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
-        q, k = rope(q, times, self.rotated), rope(k, times, self.rotated)  # [B, H, C, N, hd]
+        q, k = rope(q, angles), rope(k, angles)  # [B, H, C, N, hd]
         if cache is None:
             key_times = times
         else:
@@ -190,11 +196,12 @@ class Block(nn.Module):
             y = y * self.scales[which]
         return drop_path(self.drop(y), self.drop_rate, self.training)
 
-    def forward(self, x: torch.Tensor, times: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, times: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor],
+                cache: KVCache | None, layer: int) -> torch.Tensor:
         if self.post:
-            x = self.norm1(x + self.branch(self.attn(x, times, cache, layer), 0))
+            x = self.norm1(x + self.branch(self.attn(x, times, angles, cache, layer), 0))
             return self.norm2(x + self.branch(self.ffn(x), 1))
-        x = x + self.branch(self.attn(self.norm1(x), times, cache, layer), 0)
+        x = x + self.branch(self.attn(self.norm1(x), times, angles, cache, layer), 0)
         return x + self.branch(self.ffn(self.norm2(x)), 1)
 
 
@@ -226,8 +233,9 @@ class TimerXL(nn.Module):
         """The residual stream after the first `layers` blocks (default: all) [B, C, N, d_model]; the cache is
         written for those layers only."""
         x = self.embed(tokens.to(self.embed.weight.dtype))  # inputs and outputs stay fp32 whatever the weights
+        angles = rotation(times, self.cfg.rotated_dim, x.dtype)  # x's dtype is q's, under autocast too
         for layer, block in enumerate(self.blocks[:layers]):
-            x = block(x, times, cache, layer)
+            x = block(x, times, angles, cache, layer)
         return x
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:

@@ -10,7 +10,7 @@ from specctl.timeseries.forecast import (
     rollout_mse,
     times_for,
 )
-from specctl.timeseries.model import TimerXL, count_parameters, drop_path, rope, scaled_config
+from specctl.timeseries.model import TimerXL, count_parameters, drop_path, rope, rotation, scaled_config
 from specctl.timeseries.profile import ModelConfig
 from tests.helpers import smooth_series, tiny_timer
 
@@ -100,12 +100,13 @@ def test_last_patch_centre_and_lookback_scale():
 def test_partial_rope_rotates_the_first_channels_by_relative_time_and_leaves_the_rest():
     q, k = torch.randn(2, 1, 1, 3, 8), torch.randn(2, 1, 1, 3, 8)
     times = torch.tensor([[0, 1, 2]]).expand(2, -1)
-    rotated = rope(q, times, 4)
+    rotated = rope(q, rotation(times, 4, q.dtype))
     torch.testing.assert_close(rotated[..., 4:], q[..., 4:])
     assert not torch.allclose(rotated[..., 1:, :4], q[..., 1:, :4])
 
     def scores(shift: int) -> torch.Tensor:  # q at each time against k at each time, everything shifted in time
-        return rope(q, times + shift, 4) @ rope(k, times + shift, 4).transpose(-1, -2)
+        angles = rotation(times + shift, 4, q.dtype)
+        return rope(q, angles) @ rope(k, angles).transpose(-1, -2)
 
     torch.testing.assert_close(scores(5), scores(0))
     assert tiny_timer(rope_fraction=0.5).cfg.rotated_dim == 4  # head_dim 8
@@ -114,13 +115,15 @@ def test_partial_rope_rotates_the_first_channels_by_relative_time_and_leaves_the
 
 def test_post_norm_block_normalises_each_residual_sum():
     model = tiny_timer(n_vars=2, e_layers=1, norm_position="post")
-    tokens = torch.randn(1, 2, 3, 8)
-    out = model.blocks[0](model.embed(tokens) * 10, times_for(1, 0, 3, tokens.device), None, 0)
+    tokens, times = torch.randn(1, 2, 3, 8), times_for(1, 0, 3, "cpu")
+
+    def block(m: TimerXL) -> torch.Tensor:
+        return m.blocks[0](m.embed(tokens) * 10, times, rotation(times, m.cfg.rotated_dim, tokens.dtype), None, 0)
+
+    out = block(model)
     torch.testing.assert_close(out.mean(-1), torch.zeros(1, 2, 3), atol=1e-5, rtol=0)
     torch.testing.assert_close(out.std(-1, unbiased=False), torch.ones(1, 2, 3), atol=1e-3, rtol=0)
-    pre = tiny_timer(n_vars=2, e_layers=1)
-    assert not torch.allclose(pre.blocks[0](pre.embed(tokens) * 10, times_for(1, 0, 3, tokens.device), None, 0).std(-1),
-                              torch.ones(1, 2, 3), atol=1e-2)
+    assert not torch.allclose(block(tiny_timer(n_vars=2, e_layers=1)).std(-1), torch.ones(1, 2, 3), atol=1e-2)
 
 
 def test_drop_path_skips_whole_samples_in_training_and_nothing_in_evaluation():
@@ -143,7 +146,8 @@ def test_drop_path_skips_whole_samples_in_training_and_nothing_in_evaluation():
 def test_layer_scale_starts_each_block_near_the_identity_and_is_learned():
     model = tiny_timer(n_vars=2, e_layers=2, layer_scale=1e-4)
     x, times = torch.randn(1, 2, 3, 32), times_for(1, 0, 3, "cpu")
-    torch.testing.assert_close(model.blocks[0](x, times, None, 0), x, atol=1e-3, rtol=0)
+    angles = rotation(times, model.cfg.rotated_dim, x.dtype)
+    torch.testing.assert_close(model.blocks[0](x, times, angles, None, 0), x, atol=1e-3, rtol=0)
     scales = [name for name, _ in model.named_parameters() if "scales" in name]
     assert len(scales) == 4 and not any("scales" in name for name, _ in tiny_timer().named_parameters())
 
