@@ -129,10 +129,9 @@ def forecast_cached(
 ) -> torch.Tensor:
     """Growing-context rolling forecast with a KV cache: one prefill, then one token per step; with a stepper that
     has CUDA graphs, the whole forecast is one graph per context shape and horizon."""
-    if stepper is not None and stepper.graphs:
-        eager = stepper.eager_view()
+    if stepper is not None and stepper.graphs:  # the eager view is made only where the forecast is captured
         return stepper.replay_whole(("forecast", tuple(context.shape), horizon),
-                                    lambda c: forecast_cached(model, c, horizon, eager), context)
+                                    lambda c: forecast_cached(model, c, horizon, stepper.eager_view()), context)
     P = model.cfg.patch_len
     steps = n_tokens(horizon, P)
     norm = Norm.fit(context, model.cfg)

@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from specctl.core.errors import SpecctlError
-from specctl.core.runtime import PhaseClock, capture_graph, synchronize
+from specctl.core.runtime import PhaseClock, capture_graph, synchronize, time_call
 from specctl.timeseries.early_exit import draft_stepper
 from specctl.timeseries.forecast import Norm, forecast_cached, n_tokens, times_for
 from specctl.timeseries.model import Stepper, TimerXL
@@ -250,11 +250,5 @@ def opening_seconds(tstep: Stepper, dstep: Stepper, context: torch.Tensor, horiz
                     seeds: torch.Tensor, round_graphs: dict | None, repeats: int, k: int) -> float:
     """Median wall time of a forecast's opening up to its first round of k draft tokens (statistics, prefill, reset,
     the round: one graph replay where graphed, as the timed pass runs it), synchronised, after one untimed opening."""
-    times = []
-    for _ in range(repeats + 1):
-        synchronize(context.device)
-        start = time.perf_counter()
-        start_forecast(tstep, dstep, context, horizon, spec, seeds, round_graphs, k > 0, k)
-        synchronize(context.device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    return time_call(lambda: start_forecast(tstep, dstep, context, horizon, spec, seeds, round_graphs, k > 0, k),
+                     context.device, repeats, warmup=1).median
