@@ -39,8 +39,7 @@ def score_candidate(session: SpecTestSession, profile: TimeseriesProfile, tol_re
     for batch in batches:
         results.append(session.speculate(profile, batch, policy=policy))
         if policy is not None:
-            r = results[-1]
-            policy.observe(int(r.accepted.sum()), int(r.evaluated.sum()), r.slowest_counts())
+            policy.learn(results[-1])
     mse, _ = errors([r.forecast for r in results], [b.truth for b in batches])
     proposed = sum(int(r.proposed.sum()) for r in results)
     accepted = sum(int(r.accepted.sum()) for r in results)

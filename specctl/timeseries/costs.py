@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from specctl.timeseries.speculative import SpecResult, slowest_series
+
 
 @dataclass(frozen=True)
 class StepCosts:
@@ -155,7 +157,7 @@ class AdaptiveK:
         done (on an H200, ETTm1 at batch 32-256, 224-1,792 series at acceptance 0.3-0.5, planning with the batch's
         rate alone kept drafting at 0.44-0.84x)."""
         st, left = state.stats, state.steps - state.n_out
-        slowest = torch.argmax(2 * left - (st.accepted + 1) / (st.evaluated + 1))  # a rate in (0, 1] breaks ties
+        slowest = slowest_series(left, st.accepted, st.evaluated)
         counts = torch.stack([st.accepted.sum(), st.evaluated.sum(), st.accepted[slowest], st.evaluated[slowest],
                               left[slowest]])
         accepted, evaluated, slow_accepted, slow_evaluated, n = counts.tolist()  # one host sync
@@ -165,3 +167,7 @@ class AdaptiveK:
         """A finished batch's counts, and its slowest series' (`SpecResult.slowest_counts`): the next batch's prior."""
         self.accepted, self.evaluated = self.accepted + accepted, self.evaluated + evaluated
         self.slow_accepted, self.slow_evaluated = (self.slow_accepted + slowest[0], self.slow_evaluated + slowest[1])
+
+    def learn(self, result: SpecResult) -> None:
+        """`observe` a finished batch's forecast (a host sync)."""
+        self.observe(int(result.accepted.sum()), int(result.evaluated.sum()), result.slowest_counts())

@@ -317,8 +317,7 @@ class SpecTestSession:
         whole_rounds = self.whole_rounds(profile)
         costs = self.costs(profile, whole_rounds)
         policy = adaptive_k(costs.round, costs.first, spec, self.steps)
-        learn = ((lambda r: policy.observe(int(r.accepted.sum()), int(r.evaluated.sum()), r.slowest_counts()))
-                 if policy else None)
+        learn = policy.learn if policy else None
         results, timings, target_timings = time_batches(
             lambda b: self.speculate(profile, b, rounds=whole_rounds, policy=policy), self.batches, self.device,
             spec.repeats, spec.warmup, self.progress, "speculative", after=learn,

@@ -71,7 +71,7 @@ class SpecResult:
     def slowest_counts(self) -> tuple[int, int]:
         """(accepted, evaluated) of the series that needed the most rounds (of those, the least accepting): what a
         batch waits for, and what adaptive K learns from between batches."""
-        i = torch.argmax(2 * self.rounds - (self.accepted + 1) / (self.evaluated + 1))
+        i = slowest_series(self.rounds, self.accepted, self.evaluated)
         accepted, evaluated = torch.stack([self.accepted[i], self.evaluated[i]]).tolist()
         return accepted, evaluated
 
@@ -88,6 +88,12 @@ class SpecResult:
                                  "delta": float(delta[b, i]), "log_ratio": float(ratio[b, i]),
                                  "accept_prob": float(prob[b, i]), "evaluated": i <= int(n_acc[b])})
         return rows
+
+
+def slowest_series(behind: torch.Tensor, accepted: torch.Tensor, evaluated: torch.Tensor) -> torch.Tensor:
+    """The index of the series furthest behind (`behind`: tokens left, or rounds taken) and, of those, the least
+    accepting: the one a batch waits for (a device scalar; no host sync)."""
+    return torch.argmax(2 * behind - (accepted + 1) / (evaluated + 1))  # a rate in (0, 1] only breaks ties
 
 
 def cache_length(lookback: int, horizon: int, patch_len: int, k: int) -> int:
