@@ -33,14 +33,8 @@ def score_candidate(session: SpecTestSession, profile: TimeseriesProfile, tol_re
                     costs: StepCosts) -> Candidate:
     """One (tolerance, k) on the validation windows, decoded as the test windows will be (with adaptive K learning
     from batch to batch): its MSE against the target's and its predicted speedup."""
-    batches = session.validation_batches()
-    policy = adaptive_k(costs.round, costs.first, profile.spec, session.steps)
-    results = []
-    for batch in batches:
-        results.append(session.speculate(profile, batch, policy=policy))
-        if policy is not None:
-            policy.learn(results[-1])
-    mse, _ = errors([r.forecast for r in results], [b.truth for b in batches])
+    results = session.decode_validation(profile, adaptive_k(costs.round, costs.first, profile.spec, session.steps))
+    mse, _ = errors([r.forecast for r in results], [b.truth for b in session.validation_batches()])
     proposed = sum(int(r.proposed.sum()) for r in results)
     accepted = sum(int(r.accepted.sum()) for r in results)
     k_rounds = k_rounds_of(results, profile.spec.k)

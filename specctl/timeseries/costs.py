@@ -33,7 +33,8 @@ class StepCosts:
     verify: dict[int, float]  # k -> one target call over the w + k tokens a round of k verifies
     round: dict[int, float]  # k -> one whole round of k draft tokens (draft, verify, accept, bookkeeping)
     first: dict[int, float]  # k -> a forecast's first round (re-feeding one token): its opening, timed whole, less
-    # prefill_spec (the statistics, the reset and, where graphed, the prefill's launches ride with the round)
+    # prefill_spec (the statistics, the reset and, where graphed, the prefill's launches ride with the round); 0: a
+    # whole forecast that drafts nothing (the target's own loop, or target steps), less prefill_spec
     first_k: int  # the draft length a forecast opens with (adaptive K: its opening; else K)
 
     @property
@@ -75,6 +76,8 @@ def predict(costs: StepCosts, rounds: dict[int, float], batches: int, steps: int
     """Wall time of every batch's target-only and speculative forecast: `batches` batches whose rounds of each draft
     length k number rounds[k] in all, each batch's first round (of first_k) at the first-round cost."""
     target = batches * costs.target_forecast
+    if costs.first_k == 0:  # every round a target step: the forecast is first[0] whole
+        return Prediction(target, batches * (costs.prefill_spec + costs.first[0]))
     later = sum(n * costs.round[k] for k, n in rounds.items()) - batches * costs.round[costs.first_k]
     spec = batches * (costs.prefill_spec + costs.first[costs.first_k]) + later
     return Prediction(target, spec)
@@ -140,10 +143,12 @@ class AdaptiveK:
         return self.seconds_to_finish(alpha)[1][min(self.steps, left or self.steps)]
 
     def opening(self) -> int:
-        """A forecast's first round's k, at the first round's costs (once per rate: it runs every forecast)."""
+        """A forecast's first round's k, at the first round's costs, where k = 0 is first[0], a whole forecast that
+        drafts nothing (once per rate: it runs every forecast)."""
         alpha = round(self.rate(0, 0, (0, 0)), 3)
         if alpha not in self.openings:
             options = self.options(alpha, self.steps, self.seconds_to_finish(alpha)[0], self.first)
+            options[0] = self.first[0] if self.first is not self.rounds else options[0]
             self.openings[alpha] = min(options, key=options.get)
         return self.openings[alpha]
 

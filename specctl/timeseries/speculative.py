@@ -335,11 +335,10 @@ def advance(s: RoundState, q: Proposal, t: torch.Tensor, d: Decision, cap: torch
     return active
 
 
-def target_step(s: RoundState, target_call: ModelCall, w: int) -> None:
-    """A round of k = 0, lean: the target's token after re-feeding the newest w (a sample of p where the exact rule
-    emits samples, else its mean), written and counted; no draft, no acceptance."""
+def take_target_token(s: RoundState, t: torch.Tensor) -> torch.Tensor:
+    """Emit the target's token after each active series' newest (t [B, D], scaled: its mean, or a sample of p where
+    the exact rule emits samples) and move on; returns the active mask as 0/1."""
     B, D = s.hist.shape[0], s.D
-    t = verify(s, target_call, s.hist[:, :0], w)[:, 0]
     token = t + s.spec.sigma * normal_block(s, s.K + s.tries, 1) if s.residual_needed else t
     active = s.n_out < s.steps
     act = active.long()
@@ -348,9 +347,22 @@ def target_step(s: RoundState, target_call: ModelCall, w: int) -> None:
     newest = torch.cat([s.hist[:, 1:], ((token - s.shift[:, 0]) / s.scale[:, 0])[:, None]], dim=1)
     s.hist.copy_(torch.where(active[:, None, None], newest, s.hist))
     s.p.add_(act), s.n_out.add_(act), s.index.add_(1)
-    s.stats.rounds += act
     s.stats.emitted += act
+    return act
+
+
+def target_step(s: RoundState, target_call: ModelCall, w: int) -> None:
+    """A round of k = 0, lean: the target's token after re-feeding the newest w, written and counted; no draft, no
+    acceptance."""
+    act = take_target_token(s, verify(s, target_call, s.hist[:, :0], w)[:, 0])
+    s.stats.rounds += act
     s.stats.accepted_hist[0] += act.sum()
+
+
+def open_with_target(s: RoundState, mean: torch.Tensor) -> None:
+    """`spec.target_opens`: the forecast's first token is the target's, from its prefill's prediction after the
+    context (`mean` [B, C, n, P] normalised, the newest position used); the first round drafts from the second."""
+    take_target_token(s, flat_tokens(mean[:, :, -1]) * s.scale[:, 0] + s.shift[:, 0])
 
 
 def speculative_round(state: RoundState, target_call: ModelCall, draft_call: ModelCall, k: int | None = None,
@@ -378,8 +390,12 @@ def speculative_round(state: RoundState, target_call: ModelCall, draft_call: Mod
 
 
 def refeed_width(spec: SpecConfig, previous_k: int | None) -> int:
-    """The newest tokens a round must re-feed (module docstring): 1, or the last round's k + 1 with target_mean."""
-    return previous_k + 1 if spec.emit == "target_mean" and previous_k is not None else 1
+    """The newest tokens a round must re-feed (module docstring): 1, or the last round's k + 1 with target_mean; a
+    forecast's first round (previous_k None) 2 after the target's own first token (`open_with_target`): the newest
+    context token, which the draft's prefill left out, and that token, which neither model has fed."""
+    if previous_k is None:
+        return 2 if spec.target_opens else 1
+    return previous_k + 1 if spec.emit == "target_mean" else 1
 
 
 def forecast_of(state: RoundState, horizon: int) -> torch.Tensor:

@@ -31,6 +31,7 @@ from specctl.timeseries.speculative import (
     check_pair,
     forecast_of,
     new_state,
+    open_with_target,
     refeed_width,
     reset,
     speculative_round,
@@ -66,8 +67,9 @@ class RoundGraphs:
         static_context, static_seeds = self.inputs
         if (k, w) not in self.openings:
             def opening() -> tuple[Norm, torch.Tensor]:
-                norm, tokens = prefill(self.tstep, self.dstep if k > 0 else None, static_context, eager=True)
-                reset(self.state, norm, tokens, static_seeds)
+                norm, tokens, first = prefill(self.tstep, self.dstep if k > 0 else None, static_context,
+                                              self.state.spec, eager=True)
+                open_forecast(self.state, norm, tokens, static_seeds, first)
                 speculative_round(self.state, self.tstep.eager, self.dstep.eager, k, w)
                 return norm, tokens
 
@@ -128,18 +130,28 @@ def prefilled(tstep: Stepper, dstep: Stepper | None) -> list[Stepper]:
     return [tstep] if dstep is None or dstep.cache is tstep.cache else [tstep, dstep]
 
 
-def prefill(tstep: Stepper, dstep: Stepper | None, context: torch.Tensor,
-            eager: bool = False) -> tuple[Norm, torch.Tensor]:
+def prefill(tstep: Stepper, dstep: Stepper | None, context: torch.Tensor, spec: SpecConfig,
+            eager: bool = False) -> tuple[Norm, torch.Tensor, torch.Tensor | None]:
     """Frozen statistics, the context's tokens, and the caches (`prefilled`) filled with all but the newest token (the
-    first round re-feeds it); `eager` skips the steppers' own graphs (inside a graph being captured)."""
+    first round re-feeds it); with `spec.target_opens` the target's with every token, and its prediction after them
+    (normalised [B, C, 1, P], else None). `eager` skips the steppers' own graphs (inside a graph being captured)."""
     norm = Norm.fit(context, tstep.model.cfg)
     tokens = norm.tokens(context, tstep.model.cfg.patch_len)
-    n0 = tokens.shape[2]
-    if n0 > 1:
-        warm = times_for(context.shape[0], 0, n0 - 1, context.device)
-        for step in prefilled(tstep, dstep):
-            (step.eager if eager else step)(tokens[:, :, : n0 - 1], warm)
-    return norm, tokens
+    B, n0, first = context.shape[0], tokens.shape[2], None
+    for step in prefilled(tstep, dstep):
+        n = n0 if step is tstep and spec.target_opens else n0 - 1
+        if n > 0:
+            mean, _ = (step.eager if eager else step)(tokens[:, :, :n], times_for(B, 0, n, context.device))
+            first = mean[:, :, -1:] if step is tstep and spec.target_opens else first
+    return norm, tokens, first
+
+
+def open_forecast(state: RoundState, norm: Norm, tokens: torch.Tensor, seeds: torch.Tensor,
+                  first: torch.Tensor | None) -> None:
+    """Reset the round state to a new forecast, which opens with the target's token where the prefill made one."""
+    reset(state, norm, tokens, seeds)
+    if first is not None:
+        open_with_target(state, first)
 
 
 def start_forecast(tstep: Stepper, dstep: Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig,
@@ -158,9 +170,9 @@ def start_forecast(tstep: Stepper, dstep: Stepper, context: torch.Tensor, horizo
     if graphs is not None and first is not None:
         norm, tokens = graphs.open(context, seeds, first, refeed_width(spec, None))
         return Forecaster(tstep, dstep, graphs.state, norm, tokens, graphs)
-    norm, tokens = prefill(tstep, dstep if drafting else None, context)
+    norm, tokens, opening = prefill(tstep, dstep if drafting else None, context, spec)
     state = graphs.state if graphs else new_state(tstep.model, dstep.model, B, L, horizon, spec, device)
-    reset(state, norm, tokens, seeds)
+    open_forecast(state, norm, tokens, seeds, opening)
     f = Forecaster(tstep, dstep, state, norm, tokens, graphs)
     if first is not None:
         f.round(first, refeed_width(spec, None))
@@ -217,7 +229,8 @@ def speculative_forecast(
     logs: list[RoundLog] | None = [] if debug else None
     state = f.state
     k_rounds, previous = ({opening: 1}, opening) if opened else ({}, None if drafting else 0)
-    sure_rounds = -(-state.steps // (spec.k + 1))  # a round emits at most K+1 tokens: no series is done before
+    sure_rounds = -(-(state.steps - spec.target_opens) // (spec.k + 1))  # a round emits at most K+1 tokens: no
+    # series is done before
     while sum(k_rounds.values()) < sure_rounds or bool((state.n_out < state.steps).any()):  # the only host sync
         k = opening if previous is None else 0 if previous == 0 else policy(state) if policy is not None else spec.k
         f.round(k, refeed_width(spec, previous), clock.mark if clock is not None else None, logs)

@@ -45,7 +45,16 @@ def test_a_forecast_opens_at_the_first_rounds_costs():
     later = {**SHORT, 7: 2.6}
     # one round of 7 priced as a later one (2.6) loses to a round of 4 and one of 2, in either order (2.2)
     assert AdaptiveK(later, bonus=True, steps=8).opening() in (2, 4)
-    assert AdaptiveK(later, bonus=True, steps=8, first=SHORT).opening() == 7
+    assert AdaptiveK(later, bonus=True, steps=8, first={**SHORT, 0: 8.0}).opening() == 7
+
+
+def test_an_opening_of_k_0_is_priced_as_the_targets_whole_forecast():
+    """A forecast that opens drafting nothing runs the target's own loop (first[0]: here 6, cheaper than 8 loop steps
+    at 1.0): a first round of 1 at 0.9 that emits two tokens (its draft passes, then the bonus) and 6 target steps
+    (6.9) loses to it; against 8 loop steps (8.0) it wins."""
+    rounds = {0: 1.0, 1: 9.0}
+    assert AdaptiveK(rounds, bonus=True, steps=8, first={0: 6.0, 1: 0.9}).opening() == 0
+    assert AdaptiveK(rounds, bonus=True, steps=8, first={0: 8.0, 1: 0.9}).opening() == 1
 
 
 def simulate(alpha: float, steps: int, choose, rng: np.random.Generator, bonus: bool = True) -> tuple[float, int, int]:
@@ -114,7 +123,7 @@ def test_a_forecast_opens_with_the_opening_and_goes_on_at_later_rounds_costs():
     first round of 2 is cheap and a later one dear, so one round of 2, then target steps."""
     target, draft = tiny_timer(d_model=32, e_layers=2, seed=0), tiny_timer(d_model=16, e_layers=1, seed=1)
     context, horizon = smooth_series(2, 32, 3), 48  # 6 tokens of 8
-    policy = AdaptiveK({0: 1.0, 1: 9.0, 2: 9.0}, bonus=True, steps=6, first={0: 1.0, 1: 0.4, 2: 0.5})
+    policy = AdaptiveK({0: 1.0, 1: 9.0, 2: 9.0}, bonus=True, steps=6, first={0: 6.0, 1: 0.4, 2: 0.5})
     assert policy.opening() == 2 and policy.choose(0, 0) == 0
     spec = SpecConfig(rule="tolerance", tol=1e9, k=2, adaptive_k=True)
     result = speculative_forecast(target, draft, context, horizon, spec, series_seeds(0, torch.arange(2)),

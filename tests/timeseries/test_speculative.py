@@ -30,10 +30,11 @@ def run(models, context, **spec):
     return speculative_forecast(target, draft, context, H, SpecConfig(**spec), seeds)
 
 
+@pytest.mark.parametrize("target_opens", [False, True])
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_tolerance_zero_is_target_only(models, k):
+def test_tolerance_zero_is_target_only(models, k, target_opens):
     context = smooth_series(4, 32, 3)
-    result = run(models, context, rule="tolerance", tol=0.0, k=k)
+    result = run(models, context, rule="tolerance", tol=0.0, k=k, target_opens=target_opens)
     torch.testing.assert_close(result.forecast, forecast_cached(models[0], context, H), atol=1e-5, rtol=0)
     assert int(result.accepted.sum()) == 0
 
@@ -64,8 +65,10 @@ def test_verification_pass_equals_step_by_step_decoding(models):
 
 @pytest.mark.parametrize("spec", [
     {"rule": "tolerance", "tol": 0.5, "k": 3},
+    {"rule": "tolerance", "tol": 0.44, "k": 3, "target_opens": True},
     {"rule": "gaussian", "sigma": 2.5, "k": 3},
     {"rule": "exact", "sigma": 2.5, "k": 2, "emit": "sample"},
+    {"rule": "exact", "sigma": 2.5, "k": 2, "emit": "sample", "target_opens": True},
 ])
 def test_mixed_acceptance_in_a_batch_matches_batch_of_one(models, spec):
     context = smooth_series(5, 32, 3, seed=3)
@@ -124,6 +127,22 @@ def test_incompatible_draft_is_rejected():
                              SpecConfig(), series_seeds(0, torch.arange(1)))
 
 
+def test_a_forecast_the_target_opens_starts_with_the_targets_token(models):
+    """With spec.target_opens the first token is the target's own (the draft proposes from the second); a draft
+    accepted everywhere then gives the draft's rollout from that token on (frozen lookback statistics)."""
+    target, draft = models
+    context = smooth_series(4, 32, 3, seed=5)
+    result = run(models, context, rule="tolerance", tol=1e9, k=3, emit="draft_mean", target_opens=True)
+    norm = Norm.fit(context, target.cfg)
+    tokens = norm.tokens(context, 8)
+    with torch.no_grad():
+        for model in (target, draft, draft, draft, draft):  # H = 5 tokens: the target's, then the draft's
+            mean, _ = model(tokens, times_for(4, 0, tokens.shape[2], "cpu"))
+            tokens = torch.cat([tokens, mean[:, :, -1:]], dim=2)
+    torch.testing.assert_close(result.forecast, norm.series(tokens[:, :, 4:]), atol=1e-5, rtol=0)
+    assert result.k_rounds == {3: 2}  # 1 + 3 + 3 >= 5 tokens: two rounds of 3 (draft_mean takes no bonus)
+
+
 def test_flat_layout_round_trip():
     x = torch.randn(2, 3, 4, 8)
     assert flat_tokens(x).shape == (2, 4, 24)
@@ -175,7 +194,9 @@ def test_step_distances_follow_the_targets_own_path():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("spec", [SpecConfig(rule="tolerance", tol=0.35, k=3),
-                                  SpecConfig(rule="exact", sigma=2.5, k=2, emit="sample")], ids=["tolerance", "exact"])
+                                  SpecConfig(rule="tolerance", tol=0.35, k=3, target_opens=True),
+                                  SpecConfig(rule="exact", sigma=2.5, k=2, emit="sample")],
+                         ids=["tolerance", "tolerance-target-opens", "exact"])
 def test_graphed_openings_and_rounds_match_eager_forecasts(models, spec):
     """With round graphs, a forecast's opening (statistics, prefill, reset, first round) is one replay over static
     inputs: forecast after forecast on new contexts, it must accept and round as eager decoding does, and give its

@@ -1,9 +1,11 @@
-"""spec.fidelity_budget: chosen on validation windows only, within the budget there, reported with the result."""
+"""Choices made on validation windows only: spec.fidelity_budget (within the budget there, reported with the result)
+and adaptive K's prior."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -99,3 +101,21 @@ def test_a_budget_needs_the_tolerance_rule():
     result = CliRunner().invoke(app, ["spec-test", "-p", "quickstart", "--set", "spec.fidelity_budget=0.01",
                                       "--set", 'spec.rule="gaussian"'])
     assert result.exit_code == 2 and 'set spec.rule = "tolerance"' in result.output
+
+
+def test_adaptive_k_learns_its_prior_on_validation_windows(pair, monkeypatch):
+    """A draft the rule never accepts (tolerance 0), at round costs that make drafting pay if tokens pass: the
+    validation windows teach adaptive K so before the test split, every batch of which then runs the target's own
+    loop; from its prior of one passing test alone, the first test batch would draft."""
+    profile = profile_for(pair, "spec.rule=tolerance", "spec.tol=0.0", "spec.adaptive_k=true", "spec.k=3",
+                          "spec.batch_size=4", "spec.max_windows=32", "spec.fidelity_budget=null")
+    session = SpecTestSession(profile, torch.device("cpu"))
+    cheap = {0: 1.0, **{k: 1.0 + 0.2 * k for k in range(1, 4)}}  # seconds: a round of k emits up to k + 1 tokens
+    original_costs = session.costs
+    monkeypatch.setattr(session, "costs", lambda *a, **k: replace(original_costs(*a, **k), round=cheap, first=cheap))
+    seen = []
+    original = session.speculate
+    monkeypatch.setattr(session, "speculate", lambda p, b, *a, **k: seen.append(b) or original(p, b, *a, **k))
+    result = session.run(profile)
+    assert any(b is v for b in seen for v in session.validation_batches())
+    assert set(result.k_rounds) == {0} and result.proposed == 0
