@@ -304,10 +304,14 @@ class SpecTestSession:
         verify, rounds, first = {}, {}, {}
         args = (tstep, dstep, batch.context, self.horizon, spec, self.seeds(profile, batch), graphs,
                 max(5, spec.repeats))
+        # adaptive K decides before every later round (at batch 32-256 on an H200, leaving that out of the round's
+        # cost made the prediction 9-14% high): a stand-in policy makes the same decision's calls
+        uniform = dict.fromkeys(range(spec.k + 1), 1.0)
+        decide = adaptive_k(uniform, uniform, spec, self.steps)
         for k in range(spec.k + 1) if spec.adaptive_k else [spec.k]:
             w = refeed_width(spec, k)  # in steady state a round of k follows one of k
             verify[k] = call_seconds(tstep, batch.context, w + k, self.device)
-            rounds[k] = round_seconds(*args, k, w)
+            rounds[k] = round_seconds(*args, k, w, decide)
             # a forecast's opening is timed whole (one replay where graphed); what it adds to the prefill's calls
             first[k] = max(0.0, opening_seconds(*args, k) - self.base_costs["prefill_spec"])
         if 0 in first:  # an opening of k = 0 is a whole forecast: the target's own, or target steps (samples)

@@ -243,15 +243,19 @@ def speculative_forecast(
 
 @torch.no_grad()
 def round_seconds(tstep: Stepper, dstep: Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig,
-                  seeds: torch.Tensor, round_graphs: dict | None, repeats: int, k: int, w: int) -> float:
+                  seeds: torch.Tensor, round_graphs: dict | None, repeats: int, k: int, w: int,
+                  decide: KPolicy | None = None) -> float:
     """Median wall time of one later round of k draft tokens re-feeding w (graph or eager, as the timed pass runs it),
-    synchronised, after one untimed round."""
+    synchronised, after one untimed round; with `decide` (adaptive K) its decision first, as every later round of a
+    run pays it: it reads the state, a host sync, and the device idles while the host plans."""
     f = start_forecast(tstep, dstep, context, horizon, spec, seeds, round_graphs)
     times = []
     for _ in range(repeats + 1):
         reset(f.state, f.norm, f.tokens, seeds)
         synchronize(context.device)
         start = time.perf_counter()
+        if decide is not None:
+            decide(f.state)
         f.round(k, w)
         synchronize(context.device)
         times.append(time.perf_counter() - start)

@@ -57,6 +57,24 @@ def test_an_opening_of_k_0_is_priced_as_the_targets_whole_forecast():
     assert AdaptiveK(rounds, bonus=True, steps=8, first={0: 8.0, 1: 0.9}).opening() == 1
 
 
+def test_a_later_round_is_timed_with_adaptive_ks_decision():
+    """Every later round of an adaptive run waits for the policy's decision (a host sync, then planning): the round's
+    measured cost includes it."""
+    import time
+
+    from specctl.timeseries.model import Stepper
+    from specctl.timeseries.speculative import cache_length
+    from specctl.timeseries.speculative_forecast import round_seconds
+
+    target, draft = tiny_timer(d_model=32, e_layers=2, seed=0), tiny_timer(d_model=16, e_layers=1, seed=1)
+    spec, context = SpecConfig(rule="tolerance", tol=0.5, k=2, adaptive_k=True), smooth_series(2, 32, 3)
+    need = cache_length(32, 40, 8, 2)
+    args = (Stepper(target, 2, need), Stepper(draft, 2, need), context, 40, spec, series_seeds(0, torch.arange(2)),
+            None, 3, 2, 1)
+    slow = lambda state: time.sleep(0.02) or 2  # noqa: E731
+    assert round_seconds(*args, decide=slow) - round_seconds(*args) > 0.015
+
+
 def simulate(alpha: float, steps: int, choose, rng: np.random.Generator, bonus: bool = True) -> tuple[float, int, int]:
     """Seconds to emit `steps` tokens of one series whose drafted tokens each pass with probability alpha; and the
     series' accepted and evaluated counts."""
