@@ -309,7 +309,7 @@ class SpecTestSession:
         uniform = dict.fromkeys(range(spec.k + 1), 1.0)
         decide = adaptive_k(uniform, uniform, spec, self.steps)
         for k in range(spec.k + 1) if spec.adaptive_k else [spec.k]:
-            w = refeed_width(spec, k)  # in steady state a round of k follows one of k
+            w = refeed_width(spec, k, k)  # in steady state a round of k follows one of k
             verify[k] = call_seconds(tstep, batch.context, w + k, self.device)
             rounds[k] = round_seconds(*args, k, w, decide)
             # a forecast's opening is timed whole (one replay where graphed); what it adds to the prefill's calls

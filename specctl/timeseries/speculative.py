@@ -389,12 +389,12 @@ def speculative_round(state: RoundState, target_call: ModelCall, draft_call: Mod
     mark("overhead")
 
 
-def refeed_width(spec: SpecConfig, previous_k: int | None) -> int:
-    """The newest tokens a round must re-feed (module docstring): 1, or the last round's k + 1 with target_mean; a
-    forecast's first round (previous_k None) 2 after the target's own first token (`open_with_target`): the newest
-    context token, which the draft's prefill left out, and that token, which neither model has fed."""
+def refeed_width(spec: SpecConfig, previous_k: int | None, k: int) -> int:
+    """The newest tokens a round of k must re-feed (module docstring): 1, or the last round's k + 1 with target_mean;
+    a forecast's first round (previous_k None) that drafts after the target's own first token (`open_with_target`) 2:
+    the newest context token, which the draft's prefill left out, and that token, which neither model has fed."""
     if previous_k is None:
-        return 2 if spec.target_opens else 1
+        return 2 if spec.target_opens and k > 0 else 1
     return previous_k + 1 if spec.emit == "target_mean" else 1
 
 

@@ -168,14 +168,14 @@ def start_forecast(tstep: Stepper, dstep: Stepper, context: torch.Tensor, horizo
         round_graphs[key] = RoundGraphs(new_state(tstep.model, dstep.model, B, L, horizon, spec, device), tstep, dstep)
     graphs = round_graphs[key] if graphed else None
     if graphs is not None and first is not None:
-        norm, tokens = graphs.open(context, seeds, first, refeed_width(spec, None))
+        norm, tokens = graphs.open(context, seeds, first, refeed_width(spec, None, first))
         return Forecaster(tstep, dstep, graphs.state, norm, tokens, graphs)
     norm, tokens, opening = prefill(tstep, dstep if drafting else None, context, spec)
     state = graphs.state if graphs else new_state(tstep.model, dstep.model, B, L, horizon, spec, device)
     open_forecast(state, norm, tokens, seeds, opening)
     f = Forecaster(tstep, dstep, state, norm, tokens, graphs)
     if first is not None:
-        f.round(first, refeed_width(spec, None))
+        f.round(first, refeed_width(spec, None, first))
     return f
 
 
@@ -233,7 +233,7 @@ def speculative_forecast(
     # series is done before
     while sum(k_rounds.values()) < sure_rounds or bool((state.n_out < state.steps).any()):  # the only host sync
         k = opening if previous is None else 0 if previous == 0 else policy(state) if policy is not None else spec.k
-        f.round(k, refeed_width(spec, previous), clock.mark if clock is not None else None, logs)
+        f.round(k, refeed_width(spec, previous, k), clock.mark if clock is not None else None, logs)
         k_rounds[k], previous = k_rounds.get(k, 0) + 1, k
     st = state.stats
     # one copy of the per-series counts (graph state is reused by the next forecast): a launch, not six

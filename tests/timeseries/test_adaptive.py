@@ -176,20 +176,21 @@ def test_adaptive_rounds_keep_the_context_exact():
     assert result.k_rounds[0] >= 1 and len(result.k_rounds) == 5
 
 
-@pytest.mark.parametrize("emit", ["target_mean", "sample"])
-def test_a_policy_that_expects_nothing_runs_the_targets_own_loop(emit):
-    """Mean emission: the target's own KV-cached forecast, no draft call. Samples: lean target steps drawing from p."""
+@pytest.mark.parametrize("emit, target_opens", [("target_mean", False), ("sample", False), ("sample", True)])
+def test_a_policy_that_expects_nothing_runs_the_targets_own_loop(emit, target_opens):
+    """Mean emission: the target's own KV-cached forecast, no draft call. Samples: lean target steps drawing from p
+    (after the target's opening token, one fewer)."""
     target, draft = tiny_timer(d_model=32, e_layers=2, seed=0), tiny_timer(d_model=16, e_layers=1, seed=1)
     context, horizon = smooth_series(4, 32, 3), 40
     policy = AdaptiveK({0: 1.0, 1: 10.0}, bonus=True, steps=5)  # a draft step costs 9 target steps: never worth it
     rule = {"rule": "exact", "sigma": 0.5} if emit == "sample" else {"rule": "tolerance", "tol": 1e9}
-    spec = SpecConfig(k=1, adaptive_k=True, emit=emit, **rule)
+    spec = SpecConfig(k=1, adaptive_k=True, emit=emit, target_opens=target_opens, **rule)
     calls = []
     draft.register_forward_hook(lambda *a: calls.append(1))
     result = speculative_forecast(target, draft, context, horizon, spec, series_seeds(0, torch.arange(4)),
                                   policy=policy)
     cached = forecast_cached(target, context, horizon)
-    assert result.k_rounds == {0: 5} and int(result.proposed.sum()) == 0 and calls == []
+    assert result.k_rounds == {0: 5 - target_opens} and int(result.proposed.sum()) == 0 and calls == []
     if emit == "target_mean":
         torch.testing.assert_close(result.forecast, cached, atol=1e-5, rtol=0)
     else:  # one draw from N(t, sigma^2) per value, the first token around the target's mean

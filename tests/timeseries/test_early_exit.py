@@ -51,8 +51,8 @@ def forecast(target, draft, contexts: torch.Tensor, horizon: int, spec: SpecConf
     return speculative_forecast(target, draft, contexts, horizon, spec, series_seeds(seed, torch.arange(len(contexts))))
 
 
-@pytest.mark.parametrize("emit", ["target_mean", "draft_mean"])
-def test_shared_cache_gives_the_cache_free_reference_and_the_own_cache_forecast(emit):
+@pytest.mark.parametrize("emit, target_opens", [("target_mean", False), ("draft_mean", False), ("target_mean", True)])
+def test_shared_cache_gives_the_cache_free_reference_and_the_own_cache_forecast(emit, target_opens):
     target, draft = pair()
     P, horizon = target.cfg.patch_len, 15 * target.cfg.patch_len
     contexts = smooth_series(6, 3 * P, 2, seed=2)
@@ -61,13 +61,13 @@ def test_shared_cache_gives_the_cache_free_reference_and_the_own_cache_forecast(
     assert draft_stepper(draft, tstep).cache is tstep.cache
     assert draft_stepper(apart, tstep).cache.k.shape[0] == 1  # a cache of its own, of its one layer
     mixed = 0
-    for tol in (0.2, 0.35, 0.5):
-        spec = SpecConfig(rule="tolerance", tol=tol, emit=emit, k=3)
+    for tol in (0.2, 0.3, 0.35, 0.5):
+        spec = SpecConfig(rule="tolerance", tol=tol, emit=emit, k=3, target_opens=target_opens)
         result = forecast(target, draft, contexts, horizon, spec)
         torch.testing.assert_close(result.forecast, forecast(target, apart, contexts, horizon, spec).forecast,
                                    atol=1e-5, rtol=0)
         for b in range(6):
-            expected = reference_forecast(target, draft, contexts[b : b + 1], horizon, 3, tol, emit)
+            expected = reference_forecast(target, draft, contexts[b : b + 1], horizon, 3, tol, emit, target_opens)
             torch.testing.assert_close(result.forecast[b : b + 1], expected, atol=2e-4, rtol=0)
         mixed += 0 < int(result.accepted.sum()) < int(result.proposed.sum())
     assert mixed, "the test needs settings that accept some tokens and reject others"

@@ -63,12 +63,13 @@ def test_the_budget_is_chosen_on_validation_windows_only(pair, monkeypatch):
     assert chosen.spec.tol == pytest.approx(choice.tol_relative * session.validation_rmse())
 
 
-@pytest.mark.parametrize("adaptive", ["true", "false"])
-def test_the_budget_runs_the_target_alone_when_no_setting_is_predicted_to_pay(pair, monkeypatch, adaptive):
+@pytest.mark.parametrize("adaptive, target_opens", [("true", "false"), ("false", "false"), ("false", "true")])
+def test_the_budget_runs_the_target_alone_when_no_setting_is_predicted_to_pay(pair, monkeypatch, adaptive,
+                                                                              target_opens):
     """Measured on an H200 (weather, 2026-12-03): every setting within a 1% budget was predicted 0.34-0.86x and ran
     0.85-0.99x; the target's own loop is within every budget and 1x by definition."""
     profile = profile_for(pair, "spec.fidelity_budget=0.05", "spec.budget_ks=[2, 3]", f"spec.adaptive_k={adaptive}",
-                          "spec.budget_tolerances=[0.1, 0.5]")
+                          "spec.budget_tolerances=[0.1, 0.5]", f"spec.target_opens={target_opens}")
     session = SpecTestSession(profile, torch.device("cpu"))
     monkeypatch.setattr(budget_module, "run_prediction", predicted(lambda spec: 0.9))
     policies = []
