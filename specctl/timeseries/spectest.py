@@ -314,10 +314,9 @@ class SpecTestSession:
             rounds[k] = round_seconds(*args, k, w, decide)
             # a forecast's opening is timed whole (one replay where graphed); what it adds to the prefill's calls
             first[k] = max(0.0, opening_seconds(*args, k) - self.base_costs["prefill_spec"])
-        if 0 in first:  # an opening of k = 0 is a whole forecast: the target's own, or target steps (samples)
-            whole = (self.base_costs["target_forecast"] if spec.emit != "sample" else
-                     self.base_costs["prefill_spec"] + first[0] + (self.steps - 1) * rounds[0])
-            first[0] = max(0.0, whole - self.base_costs["prefill_spec"])
+        if 0 in first:  # an opening of k = 0 is a whole forecast: the target's own loop, or (samples) target steps
+            first[0] = max(0.0, self.base_costs["target_forecast"] - self.base_costs["prefill_spec"]
+                           if spec.emit != "sample" else first[0] + (self.steps - 1 - spec.target_opens) * rounds[0])
         policy = adaptive_k(rounds, first, spec, self.steps)
         k = policy.opening() if policy else spec.k
         return StepCosts(verify=verify, round=rounds, first=first, first_k=k, **self.base_costs)

@@ -67,9 +67,9 @@ class RoundGraphs:
         static_context, static_seeds = self.inputs
         if (k, w) not in self.openings:
             def opening() -> tuple[Norm, torch.Tensor]:
-                norm, tokens, first = prefill(self.tstep, self.dstep if k > 0 else None, static_context,
-                                              self.state.spec, eager=True)
-                open_forecast(self.state, norm, tokens, static_seeds, first)
+                norm, tokens, first_token = prefill(self.tstep, self.dstep if k > 0 else None, static_context,
+                                                    self.state.spec, eager=True)
+                open_forecast(self.state, norm, tokens, static_seeds, first_token)
                 speculative_round(self.state, self.tstep.eager, self.dstep.eager, k, w)
                 return norm, tokens
 
@@ -137,21 +137,23 @@ def prefill(tstep: Stepper, dstep: Stepper | None, context: torch.Tensor, spec: 
     (normalised [B, C, 1, P], else None). `eager` skips the steppers' own graphs (inside a graph being captured)."""
     norm = Norm.fit(context, tstep.model.cfg)
     tokens = norm.tokens(context, tstep.model.cfg.patch_len)
-    B, n0, first = context.shape[0], tokens.shape[2], None
+    B, n0, first_token = context.shape[0], tokens.shape[2], None
     for step in prefilled(tstep, dstep):
-        n = n0 if step is tstep and spec.target_opens else n0 - 1
+        opens = step is tstep and spec.target_opens
+        n = n0 if opens else n0 - 1
         if n > 0:
             mean, _ = (step.eager if eager else step)(tokens[:, :, :n], times_for(B, 0, n, context.device))
-            first = mean[:, :, -1:] if step is tstep and spec.target_opens else first
-    return norm, tokens, first
+            if opens:
+                first_token = mean[:, :, -1:]
+    return norm, tokens, first_token
 
 
 def open_forecast(state: RoundState, norm: Norm, tokens: torch.Tensor, seeds: torch.Tensor,
-                  first: torch.Tensor | None) -> None:
+                  first_token: torch.Tensor | None) -> None:
     """Reset the round state to a new forecast, which opens with the target's token where the prefill made one."""
     reset(state, norm, tokens, seeds)
-    if first is not None:
-        open_with_target(state, first)
+    if first_token is not None:
+        open_with_target(state, first_token)
 
 
 def start_forecast(tstep: Stepper, dstep: Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig,
@@ -170,9 +172,9 @@ def start_forecast(tstep: Stepper, dstep: Stepper, context: torch.Tensor, horizo
     if graphs is not None and first is not None:
         norm, tokens = graphs.open(context, seeds, first, refeed_width(spec, None, first))
         return Forecaster(tstep, dstep, graphs.state, norm, tokens, graphs)
-    norm, tokens, opening = prefill(tstep, dstep if drafting else None, context, spec)
+    norm, tokens, first_token = prefill(tstep, dstep if drafting else None, context, spec)
     state = graphs.state if graphs else new_state(tstep.model, dstep.model, B, L, horizon, spec, device)
-    open_forecast(state, norm, tokens, seeds, opening)
+    open_forecast(state, norm, tokens, seeds, first_token)
     f = Forecaster(tstep, dstep, state, norm, tokens, graphs)
     if first is not None:
         f.round(first, refeed_width(spec, None, first))
@@ -229,8 +231,8 @@ def speculative_forecast(
     logs: list[RoundLog] | None = [] if debug else None
     state = f.state
     k_rounds, previous = ({opening: 1}, opening) if opened else ({}, None if drafting else 0)
-    sure_rounds = -(-(state.steps - spec.target_opens) // (spec.k + 1))  # a round emits at most K+1 tokens: no
-    # series is done before
+    # a round emits at most K+1 tokens (after the target's opening token where it opens): no series is done before
+    sure_rounds = -(-(state.steps - spec.target_opens) // (spec.k + 1))
     while sum(k_rounds.values()) < sure_rounds or bool((state.n_out < state.steps).any()):  # the only host sync
         k = opening if previous is None else 0 if previous == 0 else policy(state) if policy is not None else spec.k
         f.round(k, refeed_width(spec, previous, k), clock.mark if clock is not None else None, logs)
