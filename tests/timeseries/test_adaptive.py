@@ -75,6 +75,22 @@ def test_a_later_round_is_timed_with_adaptive_ks_decision():
     assert round_seconds(*args, decide=slow) - round_seconds(*args) > 0.015
 
 
+@pytest.mark.parametrize("rounds_after, drafts", [({0: 6}, True), ({3: 4}, False)], ids=["cheap", "dear"])
+def test_once_drafting_has_cost_more_than_the_target_none_drafts(rounds_after, drafts):
+    """Each batch that drafted is priced at the measured costs: one that opened with 3, then needed target steps (1.0
+    + 6 x 0.4 = 3.4 against the target's 4.0) keeps drafting; one that needed four more rounds of 3 (1.0 + 4 x 1.0 =
+    5.0) stops it, whatever the per-token counts say (here every drafted token passed)."""
+    from specctl.timeseries.speculative import SpecResult
+
+    policy = AdaptiveK({0: 0.4, 1: 0.7, 2: 0.85, 3: 1.0}, bonus=True, steps=8, first={0: 4.0, 1: 0.7, 2: 0.85, 3: 1.0})
+    assert policy.opening() == 3
+    counts = torch.tensor([3]), torch.tensor([3])
+    zeros = torch.zeros(1, dtype=torch.long)
+    k_rounds = {3: 1 + rounds_after.get(3, 0), **{k: n for k, n in rounds_after.items() if k != 3}}
+    policy.learn(SpecResult(torch.empty(0), zeros, *counts, zeros + 1, zeros, zeros, zeros, k_rounds=k_rounds))
+    assert policy.drafting_lost() != drafts and (policy.opening() > 0) == drafts
+
+
 def simulate(alpha: float, steps: int, choose, rng: np.random.Generator, bonus: bool = True) -> tuple[float, int, int]:
     """Seconds to emit `steps` tokens of one series whose drafted tokens each pass with probability alpha; and the
     series' accepted and evaluated counts."""
