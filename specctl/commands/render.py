@@ -160,9 +160,22 @@ def spec_verdict(r) -> str:
     else:
         advice.append("speculation pays here" + (" (the draft alone is faster still, at a larger MSE cost)"
                                                  if r.speedup_draft > r.speedup else ""))
+    if first_token_hint := first_token_advice(r):
+        advice.append(first_token_hint)
     if abs(r.predicted_speedup / r.speedup - 1) > 0.15:
         advice.append(f"the cost model predicted {r.predicted_speedup:.2f}x")
     return said + (" — " + "; ".join(advice) if advice else "") + "."
+
+
+def first_token_advice(r) -> str | None:
+    """Where the draft was tested and rejected, and it is furthest from the target at the first token, the setting that
+    lets the target emit that token (on an H200 it raised acceptance from 0.74-0.82 to 0.94 and halved ΔMSE)."""
+    steps = r.draft_rmse_by_step
+    tested = not (r.target_opens or drafted_nothing(r) or r.acceptance_rate >= 0.999)
+    if not tested or len(steps) < 2 or steps[0] <= max(steps[1:]):
+        return None
+    return (f"the draft is furthest from the target at the first token (RMSE {steps[0]:.3g}, then at most "
+            f"{max(steps[1:]):.3g}): spec.target_opens = true lets the target emit it")
 
 
 def drafted_nothing(r) -> bool:

@@ -24,6 +24,7 @@ METRICS = {
     "o_hat": "measured round time / target one-step time - K c_hat - v_hat: acceptance and bookkeeping per round",
     "adaptive_k": "each round drafted the k in 0..K that finishes the forecast soonest at the measured round costs "
                   "(0: a plain target step)",
+    "target_opens": "the target's prefill emitted each forecast's first token, and rounds drafted from the second",
     "k_rounds": "rounds per draft length k, all batches (adaptive K's schedule; one entry, K, otherwise)",
     "round_ms": "measured ms of one later round per draft length k (re-feeding what the previous round of k needs)",
     "first_round_ms": "measured ms of a forecast's first round per draft length k (re-feeding one token)",
@@ -110,6 +111,7 @@ class SpecTestResult:
     split: str
     device: str = "cpu"
     adaptive_k: bool = False
+    target_opens: bool = False
     k_rounds: dict[int, int] = field(default_factory=dict)
     round_ms: dict[int, float] = field(default_factory=dict)
     first_round_ms: dict[int, float] = field(default_factory=dict)

@@ -378,6 +378,7 @@ class SpecTestSession:
             alpha_hat=alpha, mean_accepted=accepted / rounds if rounds else 0.0,
             tokens_per_target_call=emitted / rounds if rounds else 0.0,
             c_hat=costs.c_hat, v_hat=costs.v_hat(K), o_hat=costs.o_hat(K), adaptive_k=spec.adaptive_k,
+            target_opens=spec.target_opens,
             k_rounds=k_rounds, round_ms={k: 1e3 * t for k, t in costs.round.items()},
             first_round_ms={k: 1e3 * t for k, t in costs.first.items()}, predicted_speedup=predicted.speedup,
             predicted_speedup_leviathan=leviathan_speedup(alpha, K, costs.c_hat, bonus),
