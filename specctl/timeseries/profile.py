@@ -135,8 +135,9 @@ class SpecConfig(Strict):
     emit: Literal["target_mean", "draft_mean", "sample"] = "target_mean"
     # the target's prefill emits the forecast's first token (its mean; a sample where the exact rule emits samples)
     # and rounds draft from the second: a draft is furthest from the target at the first token (ETTm1's small draft:
-    # RMSE 0.23 there against 0.13-0.17 later), and the prefill computes the target's prediction there anyway
-    target_opens: bool = False
+    # RMSE 0.23 there against 0.13-0.17 later), and the prefill computes the target's prediction there anyway; false
+    # drafts from the first token (every measurement before 2026-12-03's sixth run)
+    target_opens: bool = True
     horizon: int | None = Field(None, gt=0)
     batch_size: int = Field(32, ge=1)
     max_windows: int | None = Field(None, gt=0)

@@ -9,9 +9,11 @@ so the context is exactly the emitted forecast when w covers every slot the last
 than the one emitted there. With `sample` and `draft_mean` emission an accepted token is the value that was fed, so
 only the newest token (the correction, or a draft token the draft never fed itself) needs it: w = 1. With
 `target_mean` every token the last round emitted differs from what was fed: w = its k + 1. Slots beyond the new p
-hold stale values but are masked until they are overwritten. A round with k = 0 is a plain target step (the
-fallback of adaptive K); the draft does not see it, so once a forecast takes a target step it takes only target
-steps (the draft would have to catch up on tokens it never fed). Every call has a static shape per (k, w).
+hold stale values but are masked until they are overwritten. With `spec.target_opens` (the default) a forecast's
+first token is the target's, from its prefill (`open_with_target`), and its first round re-feeds the newest context
+token and that one (w = 2). A round with k = 0 is a plain target step (the fallback of adaptive K); the draft does
+not see it, so once a forecast takes a target step it takes only target steps (the draft would have to catch up on
+tokens it never fed). Every call has a static shape per (k, w).
 Acceptance scans i = 1..K and stops at the first rejection j; the fed sequence continues with x_1..x_{j-1} and
 a correction at j (residual sample for `exact`, t_j otherwise), or with the bonus t_{K+1} when all K pass.
 With `draft_mean` emission the bonus is not taken, so the forecast is the draft's wherever it was accepted.

@@ -159,7 +159,7 @@ def test_a_forecast_opens_with_the_opening_and_goes_on_at_later_rounds_costs():
     context, horizon = smooth_series(2, 32, 3), 48  # 6 tokens of 8
     policy = AdaptiveK({0: 1.0, 1: 9.0, 2: 9.0}, bonus=True, steps=6, first={0: 6.0, 1: 0.4, 2: 0.5})
     assert policy.opening() == 2 and policy.choose(0, 0) == 0
-    spec = SpecConfig(rule="tolerance", tol=1e9, k=2, adaptive_k=True)
+    spec = SpecConfig(rule="tolerance", tol=1e9, k=2, adaptive_k=True, target_opens=False)
     result = speculative_forecast(target, draft, context, horizon, spec, series_seeds(0, torch.arange(2)),
                                   policy=policy)
     assert result.k_rounds == {2: 1, 0: 3}
@@ -174,7 +174,7 @@ def test_adaptive_rounds_keep_the_context_exact():
     context, horizon, P = smooth_series(3, 32, 3), 160, 8
     plan = [3, 1, 4, 2, 4, 1, 0, 3, 2, 4] + [0] * 12  # the 3 and later after the first 0 become target steps
     schedule = iter(plan)
-    spec = SpecConfig(rule="tolerance", tol=1e9, k=4, emit="draft_mean")
+    spec = SpecConfig(rule="tolerance", tol=1e9, k=4, emit="draft_mean", target_opens=False)
     result = speculative_forecast(target, draft, context, horizon, spec, series_seeds(0, torch.arange(3)),
                                   policy=Scripted(schedule))
     norm = Norm.fit(context, target.cfg)

@@ -42,7 +42,7 @@ def test_tolerance_zero_is_target_only(models, k, target_opens):
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_tolerance_infinite_with_draft_mean_is_draft_only(models, k):
     context = smooth_series(4, 32, 3)
-    result = run(models, context, rule="tolerance", tol=1e9, k=k, emit="draft_mean")
+    result = run(models, context, rule="tolerance", tol=1e9, k=k, emit="draft_mean", target_opens=False)
     torch.testing.assert_close(result.forecast, forecast_cached(models[1], context, H), atol=1e-5, rtol=0)
     assert int(result.accepted.sum()) == int(result.proposed.sum())
 
@@ -64,7 +64,7 @@ def test_verification_pass_equals_step_by_step_decoding(models):
 
 
 @pytest.mark.parametrize("spec", [
-    {"rule": "tolerance", "tol": 0.5, "k": 3},
+    {"rule": "tolerance", "tol": 0.5, "k": 3, "target_opens": False},
     {"rule": "tolerance", "tol": 0.44, "k": 3, "target_opens": True},
     {"rule": "gaussian", "sigma": 2.5, "k": 3},
     {"rule": "exact", "sigma": 2.5, "k": 2, "emit": "sample"},
@@ -84,7 +84,8 @@ def test_mixed_acceptance_in_a_batch_matches_batch_of_one(models, spec):
 
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_exact_rule_reproduces_target_distribution(stochastic):
-    """Many series with one context: the first emitted token must be distributed as N(t_1, sigma^2)."""
+    """Many series with one context: the first emitted token, which the draft proposes (target_opens off), must be
+    distributed as N(t_1, sigma^2)."""
     target = tiny_timer(n_vars=1, d_model=32, e_layers=1, seed=0)
     draft = tiny_timer(n_vars=1, d_model=16, e_layers=1, seed=1, stochastic=stochastic)
     init_logvar_head(draft, math.log(1.5))  # a learned std of the same order as sigma, but not equal to it
@@ -92,7 +93,7 @@ def test_exact_rule_reproduces_target_distribution(stochastic):
         draft.head.weight[8:].mul_(0.05)
     n, sigma = 4000, 1.0
     context = smooth_series(1, 32, 1).expand(n, -1, -1).contiguous()
-    spec = SpecConfig(rule="exact", sigma=sigma, k=2, emit="sample", exact_max_tries=200)
+    spec = SpecConfig(rule="exact", sigma=sigma, k=2, emit="sample", exact_max_tries=200, target_opens=False)
     result = speculative_forecast(target, draft, context, 8, spec, series_seeds(11, torch.arange(n)))
     t1 = forecast_cached(target, context[:1], 8)[0]  # the target's mean for the first forecast token [8, 1]
     first = result.forecast[:, :8, 0]
@@ -110,8 +111,8 @@ def test_equal_variance_acceptance_matches_closed_form():
     draft = tiny_timer(n_vars=1, d_model=16, e_layers=1, seed=1)
     n, sigma = 6000, 1.5
     context = smooth_series(1, 32, 1).expand(n, -1, -1).contiguous()
-    result = speculative_forecast(target, draft, context, 8, SpecConfig(rule="gaussian", sigma=sigma, k=1),
-                                  series_seeds(3, torch.arange(n)))
+    spec = SpecConfig(rule="gaussian", sigma=sigma, k=1, target_opens=False)
+    result = speculative_forecast(target, draft, context, 8, spec, series_seeds(3, torch.arange(n)))
     t1, d1 = forecast_cached(target, context[:1], 8), forecast_cached(draft, context[:1], 8)
     delta = (t1 - d1).norm() / sigma
     expected = math.erfc(delta.item() / (2 * math.sqrt(2)))
@@ -154,7 +155,7 @@ def test_a_reused_round_state_gives_the_same_forecasts(models):
     from specctl.timeseries.speculative import cache_length, forecast_of, new_state, reset, speculative_round
 
     target, draft = models
-    spec = SpecConfig(rule="exact", sigma=2.5, k=2, emit="sample")
+    spec = SpecConfig(rule="exact", sigma=2.5, k=2, emit="sample", target_opens=False)  # the draft opens, as below
     tstep, dstep = Stepper(target, 3, cache_length(32, H, 8, 2)), Stepper(draft, 3, cache_length(32, H, 8, 2))
     state = new_state(target, draft, 3, 32, H, spec, "cpu")
     for seed in (1, 2):
