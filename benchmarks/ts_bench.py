@@ -86,10 +86,10 @@ DATASETS = {
 # token and 0.25 accepted almost all, so 0.1 between them) and K, adaptive K, and the shipped choice, the fastest
 # setting within a 1% MSE budget chosen on validation windows
 FIXED = {"spec.adaptive_k": False, "spec.fidelity_budget": None}
+ADAPTIVE = {"spec.adaptive_k": True, "spec.fidelity_budget": None}
 SETTINGS = [
     *((f"tol {t:g}, K 7", {"spec.tol_relative": t, "spec.k": 7, **FIXED}) for t in (0.05, 0.1, 0.25)),
-    ("tol 0.25, adaptive K <= 7", {"spec.tol_relative": 0.25, "spec.k": 7, "spec.adaptive_k": True,
-                                   "spec.fidelity_budget": None}),
+    ("tol 0.25, adaptive K <= 7", {"spec.tol_relative": 0.25, "spec.k": 7, **ADAPTIVE}),
     ("1% budget, adaptive K", {"spec.fidelity_budget": 0.01, "spec.adaptive_k": True}),
 ]
 # the undistilled draft's rows (the weakest draft, 1.4-4.8% worse alone): the shipped choice and the fixed settings
@@ -105,8 +105,7 @@ def small_settings(dataset: Dataset) -> list[tuple[str, dict]]:
     for opens, k, how in ((False, 7, ""), (True, 6, ", target opens")):
         at = {"spec.k": k, "spec.target_opens": opens}
         rows += [(f"tol {t:g}, K {k}{how}", {"spec.tol_relative": t, **at, **FIXED}) for t in fixed]
-        rows += [(f"tol {t:g}, adaptive K <= {k}{how}", {"spec.tol_relative": t, **at, "spec.adaptive_k": True,
-                                                         "spec.fidelity_budget": None}) for t in adaptive]
+        rows += [(f"tol {t:g}, adaptive K <= {k}{how}", {"spec.tol_relative": t, **at, **ADAPTIVE}) for t in adaptive]
     return [*rows, SETTINGS[-1]]
 
 

@@ -100,6 +100,7 @@ class AdaptiveK:
     def __init__(self, rounds: dict[int, float], bonus: bool, steps: int,
                  first: dict[int, float] | None = None) -> None:
         self.rounds, self.first, self.bonus, self.steps = rounds, first or rounds, bonus, steps
+        self.whole = first[0] if first else None  # a whole forecast that drafts nothing, where first rounds are given
         self.accepted, self.evaluated = 1.0, 1.0  # the batches' drafted tokens, one passing test as a prior
         self.slow_accepted, self.slow_evaluated = 1.0, 1.0  # the same, of each batch's slowest series
         self.plans: dict[float, tuple[list[float], list[int]]] = {}  # rate (rounded) -> seconds_to_finish
@@ -151,7 +152,7 @@ class AdaptiveK:
         alpha = round(self.rate(0, 0, (0, 0)), 3)
         if alpha not in self.openings:
             options = self.options(alpha, self.steps, self.seconds_to_finish(alpha)[0], self.first)
-            options[0] = self.first[0] if self.first is not self.rounds else options[0]
+            options[0] = options[0] if self.whole is None else self.whole
             self.openings[alpha] = min(options, key=options.get)
         self.opened = 0 if self.drafting_lost() else self.openings[alpha]
         return self.opened
@@ -160,8 +161,7 @@ class AdaptiveK:
         """Whether the forecasts that drafted so far cost more, their rounds priced at these costs, than as many of the
         target's own (first[0], where it is given): the evidence that overrules the per-token model, which at batch 32
         on an H200 (ETTm1) predicted 0.98x where drafting ran 0.86x, the batch waiting for series it does not model."""
-        return (self.first is not self.rounds and self.drafted > 0
-                and self.drafted_seconds > self.drafted * self.first[0])
+        return self.whole is not None and self.drafted > 0 and self.drafted_seconds > self.drafted * self.whole
 
     def choose(self, accepted: int, evaluated: int, left: int | None = None,
                slowest: tuple[int, int] | None = None) -> int:
