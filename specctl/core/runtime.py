@@ -68,16 +68,24 @@ def capture_graph(fn: Callable[[], T], warmup: int = 2,
 
 
 def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> Timing:
+    return time_calls([fn], device, repeats, warmup)[0]
+
+
+def time_calls(fns: list[Callable[[], object]], device: torch.device, repeats: int, warmup: int) -> list[Timing]:
+    """Each of fns timed `repeats` times, interleaved (a b a b ...) so that a ratio of their medians is measured side
+    by side whatever the device's clocks and the host's load do over the run; synchronised around every call."""
     for _ in range(warmup):
-        fn()
+        for fn in fns:
+            fn()
     synchronize(device)
-    times = []
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return Timing(statistics.median(times), min(times), max(times), repeats)
+        for fn, seconds in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            seconds.append(time.perf_counter() - start)
+    return [Timing(statistics.median(t), min(t), max(t), repeats) for t in times]
 
 
 class PhaseClock:

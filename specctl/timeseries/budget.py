@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from specctl.core.errors import SpecctlError
-from specctl.timeseries.costs import StepCosts
+from specctl.timeseries.costs import StepCosts, adaptive_k, k_rounds_of, predict
+from specctl.timeseries.evaluate import errors
 from specctl.timeseries.profile import TimeseriesProfile
 from specctl.timeseries.spec_result import BudgetChoice
-from specctl.timeseries.spectest import SpecTestSession, adaptive_k, errors, k_rounds_of, run_prediction
+from specctl.timeseries.spectest import SpecTestSession
 
 
 @dataclass
@@ -38,7 +39,7 @@ def score_candidate(session: SpecTestSession, profile: TimeseriesProfile, tol_re
     proposed = sum(int(r.proposed.sum()) for r in results)
     accepted = sum(int(r.accepted.sum()) for r in results)
     k_rounds = k_rounds_of(results, profile.spec.k)
-    predicted = run_prediction(costs, k_rounds, profile.spec, session.steps, len(results)).speedup
+    predicted = predict(costs, k_rounds, len(results)).speedup
     return Candidate(tol_relative, profile.spec.k, (mse - mse_target) / mse_target,
                      accepted / proposed if proposed else 0.0, predicted)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specctl.timeseries.profile import SpecConfig
 from specctl.timeseries.speculative import SpecResult, slowest_series
 
 
@@ -72,11 +73,12 @@ class Prediction:
         return self.target_seconds / self.spec_seconds
 
 
-def predict(costs: StepCosts, rounds: dict[int, float], batches: int, steps: int) -> Prediction:
+def predict(costs: StepCosts, rounds: dict[int, float], batches: int) -> Prediction:
     """Wall time of every batch's target-only and speculative forecast: `batches` batches whose rounds of each draft
-    length k number rounds[k] in all, each batch's first round (of first_k) at the first-round cost."""
+    length k number rounds[k] in all (the engine's counts), each batch's first round (of first_k) at the first-round
+    cost."""
     target = batches * costs.target_forecast
-    if costs.first_k == 0:  # every round a target step: the forecast is first[0] whole
+    if costs.first_k == 0:  # a whole forecast that drafts nothing (the target's own loop, or target steps): first[0]
         return Prediction(target, batches * (costs.prefill_spec + costs.first[0]))
     later = sum(n * costs.round[k] for k, n in rounds.items()) - batches * costs.round[costs.first_k]
     spec = batches * (costs.prefill_spec + costs.first[costs.first_k]) + later
@@ -192,3 +194,14 @@ class AdaptiveK:
             later = sum(n * self.rounds[k] for k, n in result.k_rounds.items()) - self.rounds[self.opened]
             self.drafted += 1
             self.drafted_seconds += self.first[self.opened] + later
+
+
+def k_rounds_of(results: list[SpecResult], k_max: int) -> dict[int, int]:
+    """Rounds of each draft length k over all batches."""
+    return {k: n for k in range(k_max + 1) if (n := sum(r.k_rounds.get(k, 0) for r in results))}
+
+
+def adaptive_k(rounds: dict[int, float], first: dict[int, float], spec: SpecConfig, steps: int) -> AdaptiveK | None:
+    """Adaptive K over forecasts of `steps` tokens (their rounds emit all but the target's opening token where
+    `spec.target_opens`) at the measured round costs (later and first rounds), if the setting asks for it."""
+    return AdaptiveK(rounds, spec.emit != "draft_mean", steps - spec.target_opens, first) if spec.adaptive_k else None

@@ -30,6 +30,12 @@ class HorizonScore:
     mae: dict[str, float]
 
 
+def errors(forecasts: list[torch.Tensor], truths: list[torch.Tensor]) -> tuple[float, float]:
+    """MSE and MAE of the forecasts to the truths, over every window and variable (in float64)."""
+    pred, truth = torch.cat(forecasts).double(), torch.cat(truths).double()
+    return float((pred - truth).pow(2).mean()), float((pred - truth).abs().mean())
+
+
 def window_starts(n_rows: int, lookback: int, horizon: int, max_windows: int | None) -> np.ndarray:
     """Start rows of the evaluation windows; an evenly spaced subset when max_windows is set."""
     n = count_windows(n_rows, lookback + horizon)

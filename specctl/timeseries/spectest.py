@@ -1,11 +1,6 @@
 """spec-test for time series: the same windows through target-only decoding (KV cache), the draft alone, the
-reference sliding-window loop and speculative decoding; quality, acceptance, timing, and a prediction of the
-speedup from measured per-call costs (costs.py) that is checked against the measured one.
-
-Timing (docs/design.md, "Performance protocol"): every batch is run warm-up + repeats times with the device
-synchronised around each call, batch by batch side by side in one process; the median per batch is summed over
-batches. Decoding is deterministic given the seeds (counter-based per-series random numbers), so the warm-up
-call's output is the one scored.
+reference sliding-window loop and speculative decoding; quality, acceptance, timing (timing.py), and a prediction
+of the speedup from measured per-call costs (costs.py) that is checked against the measured one.
 """
 
 from __future__ import annotations
@@ -15,34 +10,26 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from specctl.core.errors import SpecctlError
 from specctl.core.files import write_csv
-from specctl.core.runtime import PhaseClock, Timing, time_call
-from specctl.timeseries.costs import AdaptiveK, Prediction, StepCosts, leviathan_speedup, predict
+from specctl.core.runtime import PhaseClock, Timing
+from specctl.timeseries.costs import AdaptiveK, StepCosts, adaptive_k, k_rounds_of, leviathan_speedup, predict
 from specctl.timeseries.data import describe_split, load_series
 from specctl.timeseries.early_exit import draft_stepper, load_draft
-from specctl.timeseries.evaluate import window_starts
-from specctl.timeseries.forecast import (
-    Norm,
-    forecast_cached,
-    forecast_sliding,
-    n_tokens,
-    step_distances,
-    times_for,
-)
+from specctl.timeseries.evaluate import errors, window_starts
+from specctl.timeseries.forecast import forecast_cached, forecast_sliding, n_tokens, step_distances
 from specctl.timeseries.model import Stepper, load_timer
-from specctl.timeseries.profile import SpecConfig, TimeseriesProfile
+from specctl.timeseries.profile import TimeseriesProfile
 from specctl.timeseries.rng import series_seeds
 from specctl.timeseries.spec_result import SpecTestResult
 from specctl.timeseries.speculative import SpecResult, cache_length, check_pair, refeed_width
 from specctl.timeseries.speculative_forecast import opening_seconds, prefilled, round_seconds, speculative_forecast
+from specctl.timeseries.timing import Measured, call_seconds, prefill_seconds, time_batches
 from specctl.timeseries.training import check_lookback
 
 SESSION_KEYS = ("seed", "device", "data", "spec.target", "spec.draft", "spec.horizon", "spec.batch_size",
@@ -56,16 +43,6 @@ class Window:
     truth: torch.Tensor  # [b, H, C]
 
 
-@dataclass
-class Measured:
-    forecasts: list[torch.Tensor]
-    timings: list[Timing]
-
-    @property
-    def seconds(self) -> float:
-        return sum(t.median for t in self.timings)
-
-
 def session_key(profile: TimeseriesProfile) -> str:
     dump = profile.model_dump()
     picked = {}
@@ -75,55 +52,6 @@ def session_key(profile: TimeseriesProfile) -> str:
             node = node[part]
         picked[key] = node
     return json.dumps(picked, sort_keys=True, default=str)
-
-
-def time_batches(fn: Callable[[Window], Any], batches: list[Window], device, repeats: int, warmup: int,
-                 progress=None, label: str = "", after: Callable[[Any], None] | None = None,
-                 beside: Callable[[Window], Any] | None = None) -> tuple[list, list[Timing], list[Timing]]:
-    """Run fn on every batch: the first call's output is kept, then the batch is timed (warm-up excluded), then
-    `beside` (the baseline) is timed on the same batch right after, so a ratio of the two is measured side by side
-    whatever the machine's load does over the run, then `after(output)` (e.g. what adaptive K learns from the
-    batch, for the next one). Returns the outputs, fn's timings and beside's."""
-    outputs, timings, beside_timings = [], [], []
-    task = progress.add_task(label, total=len(batches), info="") if progress is not None else None
-    for batch in batches:
-        outputs.append(fn(batch))
-        timings.append(time_call(partial(fn, batch), device, repeats, max(0, warmup - 1)))
-        if beside is not None:
-            beside_timings.append(time_call(partial(beside, batch), device, repeats, max(0, warmup - 1)))
-        if after is not None:
-            after(outputs[-1])
-        if progress is not None:
-            progress.update(task, advance=1, info=f"{1e3 * timings[-1].median:.1f} ms/batch")
-    if progress is not None:
-        progress.remove_task(task)
-    return outputs, timings, beside_timings
-
-
-@torch.no_grad()
-def call_seconds(step: Stepper, context: torch.Tensor, tokens: int, device, repeats: int = 20) -> float:
-    """Median time of one cached call over `tokens` new tokens after the context (a decode step at 1, a verification
-    at W + K), at this batch size."""
-    cfg = step.model.cfg
-    x = Norm.fit(context, cfg).tokens(context, cfg.patch_len)
-    B, n0 = x.shape[0], x.shape[2]
-    step(x, times_for(B, 0, n0, device))
-    fed, at = x[:, :, -1:].expand(-1, -1, tokens, -1).contiguous(), times_for(B, n0, tokens, device)
-    return time_call(lambda: step(fed, at), device, repeats, 3).median
-
-
-@torch.no_grad()
-def prefill_seconds(steps: list[Stepper], context: torch.Tensor, tokens: int, device, repeats: int = 10) -> float:
-    """Median time of prefilling the first `tokens` context tokens into each of `steps`."""
-    cfg = steps[0].model.cfg
-    x = Norm.fit(context, cfg).tokens(context, cfg.patch_len)[:, :, :tokens]
-    at = times_for(x.shape[0], 0, tokens, device)
-    return time_call(lambda: [s(x, at) for s in steps], device, repeats, 2).median if tokens else 0.0
-
-
-def errors(forecasts: list[torch.Tensor], truths: list[torch.Tensor]) -> tuple[float, float]:
-    pred, truth = torch.cat(forecasts).double(), torch.cat(truths).double()
-    return float((pred - truth).pow(2).mean()), float((pred - truth).abs().mean())
 
 
 def make_batches(series: torch.Tensor, lookback: int, horizon: int, batch_size: int,
@@ -363,7 +291,7 @@ class SpecTestSession:
         alpha = accepted / evaluated if evaluated else 0.0
         bonus = spec.emit != "draft_mean"
         k_rounds = k_rounds_of(results, K)
-        predicted = run_prediction(costs, k_rounds, spec, self.steps, len(results))
+        predicted = predict(costs, k_rounds, len(results))
         spec_seconds = sum(t.median for t in timings)
         forecasts = [r.forecast for r in results]
         mse, mae = errors(forecasts, self.truths)
@@ -404,25 +332,3 @@ class SpecTestSession:
             speedup_sliding=sliding.seconds / self.cached.seconds * target_seconds / spec_seconds if sliding else None,
             wall_s_sliding=sliding.seconds if sliding else None, notes=self.notes,
         )
-
-
-def run_prediction(costs: StepCosts, k_rounds: dict[int, int], spec: SpecConfig, steps: int,
-                   batches: int) -> Prediction:
-    """The run priced by the cost model: its rounds of each k (the engine's counts) at their measured costs, each
-    batch's first round at the first-round cost; 1x where a forecast opening with k = 0 (K = 0, or adaptive K
-    expecting no draft length to pay) ran the target's own loop (speculative_forecast.target_only)."""
-    predicted = predict(costs, k_rounds, batches, steps)
-    if costs.first_k == 0 and spec.emit != "sample":
-        return Prediction(predicted.target_seconds, predicted.target_seconds)
-    return predicted
-
-
-def adaptive_k(rounds: dict[int, float], first: dict[int, float], spec: SpecConfig, steps: int) -> AdaptiveK | None:
-    """Adaptive K over forecasts of `steps` tokens (their rounds emit all but the target's opening token where
-    `spec.target_opens`) at the measured round costs (later and first rounds), if the setting asks for it."""
-    return AdaptiveK(rounds, spec.emit != "draft_mean", steps - spec.target_opens, first) if spec.adaptive_k else None
-
-
-def k_rounds_of(results: list[SpecResult], k_max: int) -> dict[int, int]:
-    """Rounds of each draft length k over all batches."""
-    return {k: n for k in range(k_max + 1) if (n := sum(r.k_rounds.get(k, 0) for r in results))}

@@ -42,8 +42,8 @@ def profile_for(pair, *more: str):
 
 
 def predicted(speedup):
-    """A stand-in for the cost model's prediction: `speedup(spec)` for every candidate."""
-    return lambda costs, k_rounds, spec, steps, batches: Prediction(1.0, 1.0 / speedup(spec))
+    """A stand-in for the cost model's prediction: `speedup(k)` for every candidate of draft length k."""
+    return lambda costs, k_rounds, batches: Prediction(1.0, 1.0 / speedup(costs.first_k))
 
 
 def test_the_budget_is_chosen_on_validation_windows_only(pair, monkeypatch):
@@ -51,7 +51,7 @@ def test_the_budget_is_chosen_on_validation_windows_only(pair, monkeypatch):
                           "spec.budget_tolerances=[0.1, 0.5, 2.0]")
     session = SpecTestSession(profile, torch.device("cpu"))
     # a CPU's launch-bound models predict no setting faster than the target: say that longer rounds pay here
-    monkeypatch.setattr(budget_module, "run_prediction", predicted(lambda spec: 1.0 + spec.k / 10))
+    monkeypatch.setattr(budget_module, "predict", predicted(lambda k: 1.0 + k / 10))
     seen = []
     original = session.speculate
     monkeypatch.setattr(session, "speculate", lambda p, b, *a, **k: seen.append(b) or original(p, b, *a, **k))
@@ -71,7 +71,7 @@ def test_the_budget_runs_the_target_alone_when_no_setting_is_predicted_to_pay(pa
     profile = profile_for(pair, "spec.fidelity_budget=0.05", "spec.budget_ks=[2, 3]", f"spec.adaptive_k={adaptive}",
                           "spec.budget_tolerances=[0.1, 0.5]", f"spec.target_opens={target_opens}")
     session = SpecTestSession(profile, torch.device("cpu"))
-    monkeypatch.setattr(budget_module, "run_prediction", predicted(lambda spec: 0.9))
+    monkeypatch.setattr(budget_module, "predict", predicted(lambda k: 0.9))
     policies = []
     original = session.speculate
     monkeypatch.setattr(session, "speculate", lambda p, b, *a, policy=None, **k: policies.append(policy) or original(
@@ -82,7 +82,8 @@ def test_the_budget_runs_the_target_alone_when_no_setting_is_predicted_to_pay(pa
     assert (choice.k, chosen.spec.k, choice.val_predicted_speedup, choice.candidates) == (0, 0, 1.0, 4)
     result = session.run(profile)
     assert result.k_rounds == {0: result.batches * session.steps} and result.proposed == 0
-    assert result.fidelity_mse == 0.0 and result.mse == result.mse_target and result.predicted_speedup == 1.0
+    assert result.fidelity_mse == 0.0 and result.mse == result.mse_target
+    assert result.predicted_speedup == pytest.approx(1.0, abs=1e-12)
     assert "K = 0 drafts nothing" in spec_verdict(result) and "use the target" in spec_verdict(result)
 
 
