@@ -182,11 +182,21 @@ def drafted_nothing(r) -> bool:
     return set(r.k_rounds) <= {0}
 
 
+def adaptive_fallback(r) -> str:
+    """Why adaptive K drafted nothing: the forecasts that drafted (on validation windows) cost more than the target's,
+    or no draft length was predicted to pay."""
+    said = "adaptive K drafted nothing, so it ran the target's own loop: "
+    drafted, target = r.adaptive_drafted_ms, r.adaptive_target_ms
+    if drafted is None or target is None or drafted <= target:
+        return said + "no draft length was predicted to pay"
+    return said + (f"the {r.adaptive_drafted} forecasts that drafted (validation windows first) cost {drafted:.2f} ms "
+                   f"each at the measured costs against {target:.2f} ms for the target's")
+
+
 def why_slow(r) -> str:
     """Why speculation lost, from the measured costs: what a round costs against what it emits."""
     if drafted_nothing(r):
-        reason = ("adaptive K drafted nothing, no draft length being predicted to pay, so it ran the target's own loop"
-                  if r.k else "K = 0 drafts nothing: this is the target's own loop"
+        reason = (adaptive_fallback(r) if r.k else "K = 0 drafts nothing: this is the target's own loop"
                   + (" (the fidelity budget found no setting within it predicted to be faster)" if r.budget else ""))
     else:
         reason = (f"a round of K = {r.k} costs {r.k * r.c_hat + r.v_hat + r.o_hat:.1f} target steps (draft "

@@ -163,7 +163,11 @@ class AdaptiveK:
         """Whether the forecasts that drafted so far cost more, their rounds priced at these costs, than as many of the
         target's own (first[0], where it is given): the evidence that overrules the per-token model, which at batch 32
         on an H200 (ETTm1) predicted 0.98x where drafting ran 0.86x, the batch waiting for series it does not model."""
-        return self.whole is not None and self.drafted > 0 and self.drafted_seconds > self.drafted * self.whole
+        return self.whole is not None and self.drafted > 0 and self.drafted_mean() > self.whole
+
+    def drafted_mean(self) -> float | None:
+        """The mean priced cost of a forecast that drafted (None before one has)."""
+        return self.drafted_seconds / self.drafted if self.drafted else None
 
     def choose(self, accepted: int, evaluated: int, left: int | None = None,
                slowest: tuple[int, int] | None = None) -> int:

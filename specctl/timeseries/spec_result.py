@@ -24,6 +24,10 @@ METRICS = {
     "o_hat": "measured round time / target one-step time - K c_hat - v_hat: acceptance and bookkeeping per round",
     "adaptive_k": "each round drafted the k in 0..K that finishes the forecast soonest at the measured round costs "
                   "(0: a plain target step)",
+    "adaptive_drafted": "adaptive K: forecasts (batches) that drafted, the validation windows' included (its prior)",
+    "adaptive_drafted_ms": "adaptive K: the mean cost of a forecast that drafted, its rounds priced at the measured "
+                           "round costs, beyond the prefill; above adaptive_target_ms, no forecast drafts",
+    "adaptive_target_ms": "adaptive K: the target's own whole forecast, beyond the speculative prefill",
     "target_opens": "the target's prefill emitted each forecast's first token, and rounds drafted from the second",
     "k_rounds": "rounds per draft length k, all batches (adaptive K's schedule; one entry, K, otherwise)",
     "round_ms": "measured ms of one later round per draft length k (re-feeding what the previous round of k needs)",
@@ -111,6 +115,9 @@ class SpecTestResult:
     split: str
     device: str = "cpu"
     adaptive_k: bool = False
+    adaptive_drafted: int | None = None
+    adaptive_drafted_ms: float | None = None
+    adaptive_target_ms: float | None = None
     target_opens: bool = False
     k_rounds: dict[int, int] = field(default_factory=dict)
     round_ms: dict[int, float] = field(default_factory=dict)

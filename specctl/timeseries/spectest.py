@@ -280,6 +280,10 @@ class SpecTestSession:
         target_seconds = sum(t.median for t in target_timings)
         result = self.score(profile, results, timings, target_seconds, clock, whole_rounds, costs)
         result.budget = budget
+        if policy is not None and policy.whole is not None:
+            drafted = policy.drafted_mean()
+            result.adaptive_drafted, result.adaptive_target_ms = policy.drafted, 1e3 * policy.whole
+            result.adaptive_drafted_ms = None if drafted is None else 1e3 * drafted
         return result
 
     def score(self, profile: TimeseriesProfile, results: list[SpecResult], timings: list[Timing],

@@ -192,15 +192,14 @@ class KPolicy(Protocol):
 
 
 def target_only(tstep: Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig) -> SpecResult:
-    """A forecast that drafts nothing: the target's own KV-cached decoding (mean emission), counted as target steps."""
+    """A forecast that drafts nothing: the target's own KV-cached decoding (mean emission), counted as target steps.
+    The counts are host tensors: the forecast is the baseline's call and nothing else runs on the device."""
     forecast = forecast_cached(tstep.model, context, horizon, tstep)
-    B, steps, device = context.shape[0], n_tokens(horizon, tstep.model.cfg.patch_len), context.device
-    zeros = torch.zeros(B, dtype=torch.long, device=device)
-    full = torch.full((B,), steps, dtype=torch.long, device=device)
-    hist = torch.zeros(spec.k + 1, dtype=torch.long, device=device)
+    B, steps = context.shape[0], n_tokens(horizon, tstep.model.cfg.patch_len)
+    zeros, full = torch.zeros(B, dtype=torch.long), torch.full((B,), steps, dtype=torch.long)
+    hist = torch.zeros(spec.k + 1, dtype=torch.long)
     hist[0] = B * steps
-    return SpecResult(forecast, zeros, zeros.clone(), zeros.clone(), full, full.clone(), zeros.clone(), hist, [],
-                      {0: steps})
+    return SpecResult(forecast, zeros, zeros, zeros, full, full, zeros, hist, [], {0: steps})
 
 
 @torch.no_grad()

@@ -10,12 +10,20 @@ RUN = {"speedup": 1.04, "delta_mse_pct": 0.0, "fidelity_mse": 0.0, "speedup_draf
        "target_step_ms": 5.1, "c_hat": 0.4, "rule": "tolerance", "acceptance_rate": 0.0, "mse_draft": 0.22,
        "mse_target": 0.045, "predicted_speedup": 1.0, "adaptive_k": True, "k_rounds": {0: 8}, "k": 2, "v_hat": 3.0,
        "o_hat": 0.7, "tokens_per_target_call": 1.0, "device": "cpu", "target_opens": False,
-       "draft_rmse_by_step": [0.18, 0.14, 0.17, 0.2]}  # the quick start on a 2-core CPU
+       "draft_rmse_by_step": [0.18, 0.14, 0.17, 0.2], "adaptive_drafted": 1, "adaptive_drafted_ms": 2.0,
+       "adaptive_target_ms": 3.0}  # the quick start on a 2-core CPU
 
 
 def test_a_run_that_drafted_nothing_says_use_the_target_whatever_its_noise():
     said = spec_verdict(SimpleNamespace(**RUN))
     assert "use the target: adaptive K drafted nothing" in said and "speculation pays" not in said
+
+
+def test_a_fallback_after_drafting_lost_says_what_drafting_cost():
+    """ETTh1 on an H200 (batch 1, tol 0.15): the validation windows' drafted forecasts cost more than the target's."""
+    said = spec_verdict(SimpleNamespace(**{**RUN, "adaptive_drafted": 64, "adaptive_drafted_ms": 6.1,
+                                            "adaptive_target_ms": 5.33}))
+    assert "the 64 forecasts that drafted (validation windows first) cost 6.10 ms each" in said and "5.33 ms" in said
 
 
 def test_a_run_that_drafted_and_won_says_it_pays():

@@ -15,7 +15,7 @@ from specctl.backends import load_profile
 from specctl.cli import app
 from specctl.commands.render import spec_verdict
 from specctl.timeseries import budget as budget_module
-from specctl.timeseries.costs import Prediction
+from specctl.timeseries.costs import Prediction, adaptive_k
 from specctl.timeseries.spectest import SpecTestSession
 
 FAST = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=4", "--set", "data.max_eval_windows=8",
@@ -113,11 +113,16 @@ def test_adaptive_k_learns_its_prior_on_validation_windows(pair, monkeypatch):
                           "spec.batch_size=4", "spec.max_windows=32", "spec.fidelity_budget=null")
     session = SpecTestSession(profile, torch.device("cpu"))
     cheap = {0: 1.0, **{k: 1.0 + 0.2 * k for k in range(1, 4)}}  # seconds: a round of k emits up to k + 1 tokens
+    first = {**cheap, 0: 3.0}  # an opening of k = 0: the target's whole forecast (4 tokens, its loop cheaper)
     original_costs = session.costs
-    monkeypatch.setattr(session, "costs", lambda *a, **k: replace(original_costs(*a, **k), round=cheap, first=cheap))
+    monkeypatch.setattr(session, "costs", lambda *a, **k: replace(original_costs(*a, **k), round=cheap, first=first))
     seen = []
     original = session.speculate
     monkeypatch.setattr(session, "speculate", lambda p, b, *a, **k: seen.append(b) or original(p, b, *a, **k))
     result = session.run(profile)
     assert any(b is v for b in seen for v in session.validation_batches())
     assert set(result.k_rounds) == {0} and result.proposed == 0
+    # what it learnt is reported: the drafted validation forecasts cost more than the target's whole forecast
+    assert result.adaptive_drafted >= 1 and result.adaptive_target_ms == 3e3
+    assert result.adaptive_drafted_ms > result.adaptive_target_ms
+    assert adaptive_k(cheap, first, profile.spec, session.steps).opening() > 0  # its prior alone would draft
