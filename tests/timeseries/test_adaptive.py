@@ -75,19 +75,31 @@ def test_a_later_round_is_timed_with_adaptive_ks_decision():
     assert round_seconds(*args, decide=slow) - round_seconds(*args) > 0.015
 
 
-@pytest.mark.parametrize("rounds_after, drafts", [({0: 6}, True), ({3: 4}, False)], ids=["cheap", "dear"])
-def test_once_drafting_has_cost_more_than_the_target_none_drafts(rounds_after, drafts):
-    """Each batch that drafted is priced at the measured costs: one that opened with 3, then needed target steps (1.0
-    + 6 x 0.4 = 3.4 against the target's 4.0) keeps drafting; one that needed four more rounds of 3 (1.0 + 4 x 1.0 =
-    5.0) stops it, whatever the per-token counts say (here every drafted token passed)."""
+def forecast_result(k_rounds: dict[int, int], series: int):
+    """A forecast of `series` series that drafted and whose every drafted token passed, with these rounds per k."""
     from specctl.timeseries.speculative import SpecResult
 
-    policy = AdaptiveK({0: 0.4, 1: 0.7, 2: 0.85, 3: 1.0}, bonus=True, steps=8, first={0: 4.0, 1: 0.7, 2: 0.85, 3: 1.0})
+    zeros, counts = torch.zeros(series, dtype=torch.long), torch.full((series,), 3)
+    return SpecResult(torch.empty(0), zeros, counts, counts, zeros + 1, zeros, zeros, zeros, k_rounds=k_rounds)
+
+
+COSTS = {0: 0.4, 1: 0.7, 2: 0.85, 3: 1.0}  # seconds per round of k; the target's whole forecast: 4.0
+CHEAP, DEAR = {3: 1, 0: 6}, {3: 5}  # opened with 3, then target steps (1.0 + 6 x 0.4 = 3.4) or four rounds of 3 (5.0)
+
+
+@pytest.mark.parametrize("forecasts, series, drafts", [
+    ([CHEAP], 32, True), ([DEAR], 32, False), ([DEAR], 1, True), ([DEAR] * 31, 1, True), ([DEAR] * 32, 1, False),
+    ([DEAR, *[CHEAP] * 31], 1, True), ([DEAR] * 2 + [CHEAP] * 30, 16, False)],
+    ids=["cheap", "dear", "one window", "31 windows", "32 windows", "one dear window", "two dear batches first"])
+def test_once_drafting_has_cost_more_than_the_target_none_drafts(forecasts, series, drafts):
+    """Each forecast that drafted is priced at the measured costs, whatever the per-token counts say (here every
+    drafted token passed): once those over at least 32 series cost more than the target's own forecasts, none drafts.
+    One window's forecast is not that evidence (on an H200, one hard ETTh1 validation window at batch 1 stopped
+    drafting where the test windows then accepted every token)."""
+    policy = AdaptiveK(COSTS, bonus=True, steps=8, first={**COSTS, 0: 4.0})
     assert policy.opening() == 3
-    counts = torch.tensor([3]), torch.tensor([3])
-    zeros = torch.zeros(1, dtype=torch.long)
-    k_rounds = {3: 1 + rounds_after.get(3, 0), **{k: n for k, n in rounds_after.items() if k != 3}}
-    policy.learn(SpecResult(torch.empty(0), zeros, *counts, zeros + 1, zeros, zeros, zeros, k_rounds=k_rounds))
+    for k_rounds in forecasts:  # a forecast that opens with k = 0 drafts nothing: it is not priced
+        policy.learn(forecast_result(k_rounds if policy.opening() else {0: 8}, series))
     assert policy.drafting_lost() != drafts and (policy.opening() > 0) == drafts
 
 
