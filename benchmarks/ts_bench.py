@@ -99,14 +99,17 @@ PRETRAINED_SETTINGS = [SETTINGS[0], SETTINGS[2], SETTINGS[-1]]
 def small_settings(dataset: Dataset) -> list[tuple[str, dict]]:
     """The small draft's rows (6-7% worse alone, so the rule must reject to stay within 1%): the dataset's fixed and
     adaptive tolerances, each as rounds drafting from the first token (K 7: 8 tokens, H = 720, in one round) and
-    after the target's own first token (spec.target_opens, K 6), and the shipped choice."""
+    after the target's own first token (spec.target_opens, K 6), the latter also in each window's units
+    (spec.tol_units); and the shipped choice, the budget, in either units."""
     fixed, adaptive = dataset.small_tolerances
     rows = []
-    for opens, k, how in ((False, 7, ""), (True, 6, ", target opens")):
-        at = {"spec.k": k, "spec.target_opens": opens}
+    for opens, k, units, how in ((False, 7, "data", ""), (True, 6, "data", ", target opens"),
+                                 (True, 6, "window", ", target opens, window units")):
+        at = {"spec.k": k, "spec.target_opens": opens, "spec.tol_units": units}
         rows += [(f"tol {t:g}, K {k}{how}", {"spec.tol_relative": t, **at, **FIXED}) for t in fixed]
         rows += [(f"tol {t:g}, adaptive K <= {k}{how}", {"spec.tol_relative": t, **at, **ADAPTIVE}) for t in adaptive]
-    return [*rows, SETTINGS[-1]]
+    label, budget = SETTINGS[-1]
+    return [*rows, (label, budget), (f"{label}, window units", {**budget, "spec.tol_units": "window"})]
 
 
 COLUMNS = ["batch", "setting", "acceptance", "alpha_hat", "tau", "k_rounds", "c_hat", "v_hat", "speedup",

@@ -115,7 +115,8 @@ def spec_speed_table(r, title: str) -> Table:
         rows.insert(1, ("draft-to-target RMSE per step", " ".join(f"{x:.3g}" for x in r.draft_rmse_by_step)))
     if r.tol is not None:
         relative = f" = {r.tol_relative:.3g} × target RMSE {r.target_rmse_val:.3g}" if r.tol_relative else ""
-        rows.insert(1, ("tolerance (scaled units)", f"{r.tol:.4g}{relative}"))
+        units = "each window's units" if r.tol_units == "window" else "scaled units"
+        rows.insert(1, (f"tolerance ({units})", f"{r.tol:.4g}{relative}"))
     if r.budget is not None:
         b = r.budget
         chose = (f"tol_relative {b.tol_relative:g}, K {b.k}; {b.val_delta_mse_pct:+.2f}% MSE, predicted "

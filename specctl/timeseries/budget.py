@@ -53,7 +53,7 @@ def choose_within_budget(session: SpecTestSession, profile: TimeseriesProfile) -
     if not batches:
         raise SpecctlError(f"spec.fidelity_budget chooses on validation windows, but the val split has "
                            f"{len(session.data.val)} rows, fewer than data.lookback + horizon")
-    mse_target, rmse = session.validation_mse(), session.validation_rmse()
+    mse_target, rmse = session.validation_mse(), session.validation_rmse(spec.tol_units)
     candidates = []
     for k in spec.budget_ks or [spec.k]:  # with adaptive K, the most a round may draft
         costs = session.costs(with_setting(profile, 0.0, k), whole_rounds=False, batch=batches[0])

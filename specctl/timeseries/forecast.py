@@ -108,11 +108,12 @@ def rollout(model: TimerXL, tokens: torch.Tensor, n0: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def step_distances(target: TimerXL, draft: torch.nn.Module, context: torch.Tensor, steps: int) -> torch.Tensor:
-    """[steps], summed over the batch: per step j of the horizon, the mean squared distance per value (scaled units)
-    between the draft's and the target's next token, both given the target's own forecast as the context so far,
-    which is the distance the tolerance rule tests at step j when every token before it was accepted (target_mean
-    emission keeps the context on the target's path)."""
+def step_distances(target: TimerXL, draft: torch.nn.Module, context: torch.Tensor, steps: int,
+                   units: str = "data") -> torch.Tensor:
+    """[steps], summed over the batch: per step j of the horizon, the mean squared distance per value (scaled units;
+    `units` "window": over each window's std) between the draft's and the target's next token, both given the
+    target's own forecast as the context so far, which is the distance the tolerance rule tests at step j when every
+    token before it was accepted (target_mean emission keeps the context on the target's path)."""
     P = target.cfg.patch_len
     norm = Norm.fit(context, target.cfg)  # the statistics both models decode with
     tokens = norm.tokens(context, P)
@@ -120,7 +121,9 @@ def step_distances(target: TimerXL, draft: torch.nn.Module, context: torch.Tenso
     path = rollout(target, torch.cat([tokens, tokens.new_zeros(B, C, steps - 1, P)], dim=2), n0)
     times = times_for(B, 0, path.shape[2], context.device)
     gap = (draft(path, times)[0] - target(path, times)[0])[:, :, n0 - 1 :].float()  # token n0-1+j predicts step j
-    return (gap * norm.std.transpose(1, 2)[..., None]).pow(2).mean(dim=(1, 3)).sum(0)
+    if units == "data":
+        gap = gap * norm.std.transpose(1, 2)[..., None]
+    return gap.pow(2).mean(dim=(1, 3)).sum(0)
 
 
 @torch.no_grad()

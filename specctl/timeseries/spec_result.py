@@ -52,10 +52,12 @@ METRICS = {
     "fidelity_mse": "MSE between the speculative and the target-only forecast of the same inputs",
     "cap_hits": "exact rule: residual draws that hit the try cap (output then not exactly distributed as p)",
     "target_step_ms": "one cached one-token target call at the first batch's size (median)",
-    "tol": "the tolerance rule's threshold on a token's RMSE, scaled units",
-    "tol_relative": "tol / the target's own per-token RMSE to the truth on validation windows",
-    "target_rmse_val": "the target's per-token RMSE to the truth on validation windows (sqrt of its MSE there)",
-    "draft_rmse_by_step": "per step of the horizon, the RMSE (scaled units, per value, over the test windows) between "
+    "tol": "the tolerance rule's threshold on a token's RMSE, in tol_units",
+    "tol_units": "data: the dataset's scaled units; window: each window's own (values over its context's std)",
+    "tol_relative": "tol / the target's own per-token RMSE to the truth on validation windows (in tol_units)",
+    "target_rmse_val": "the target's per-token RMSE to the truth on validation windows (sqrt of its MSE there; in "
+                       "tol_units)",
+    "draft_rmse_by_step": "per step of the horizon, the RMSE (tol_units, per value, over the test windows) between "
                           "the draft's and the target's next token, both given the target's own forecast so far: what "
                           "the tolerance rule tests at that step when every earlier token was accepted",
     "split": "the split protocol the windows come from",
@@ -125,6 +127,7 @@ class SpecTestResult:
     budget: BudgetChoice | None = None
     tol: float | None = None
     tol_relative: float | None = None
+    tol_units: str | None = None
     target_rmse_val: float | None = None
     draft_rmse_by_step: list[float] = field(default_factory=list)
     mse_sliding: float | None = None

@@ -22,7 +22,7 @@ from specctl.timeseries.costs import AdaptiveK, StepCosts, adaptive_k, k_rounds_
 from specctl.timeseries.data import describe_split, load_series
 from specctl.timeseries.early_exit import draft_stepper, load_draft
 from specctl.timeseries.evaluate import errors, window_starts
-from specctl.timeseries.forecast import forecast_cached, forecast_sliding, n_tokens, step_distances
+from specctl.timeseries.forecast import Norm, forecast_cached, forecast_sliding, n_tokens, step_distances
 from specctl.timeseries.model import Stepper, load_timer
 from specctl.timeseries.profile import TimeseriesProfile
 from specctl.timeseries.rng import series_seeds
@@ -95,13 +95,14 @@ class SpecTestSession:
         self.series_seeds: dict[tuple[int, bytes], torch.Tensor] = {}
         self.cached = self.timed(lambda b: self.forecast("target", b), "target (KV cache)")
         self.draft_alone = self.timed(lambda b: self.forecast("draft", b), "draft only")
-        squares = sum(step_distances(self.target, self.draft, b.context, self.steps) for b in self.batches)
-        self.draft_rmse_by_step = (squares / sum(len(b.ids) for b in self.batches)).sqrt().tolist()
+        self.draft_rmse: dict[str, list[float]] = {}
+        self.draft_rmse_by_step("data")
         self.sliding = (self.timed(lambda b: forecast_sliding(self.target, b.context, self.horizon),
                                    "target (sliding)") if spec.sliding_baseline else None)
         self.base_costs = self.step_costs()
         self.val_batches: list[Window] | None = None
         self.target_mse_val: float | None = None
+        self.target_rmse_val: dict[str, float] = {}
 
     def timed(self, fn: Callable[[Window], torch.Tensor], label: str) -> Measured:
         spec = self.profile.spec
@@ -168,17 +169,34 @@ class SpecTestSession:
             self.target_mse_val, _ = errors([self.forecast("target", b) for b in batches], [b.truth for b in batches])
         return self.target_mse_val
 
-    def validation_rmse(self) -> float | None:
-        """The target's per-token RMSE to the truth on validation windows: what spec.tol_relative is relative to."""
-        mse = self.validation_mse()
-        return None if mse is None else math.sqrt(mse)
+    def validation_rmse(self, units: str = "data") -> float | None:
+        """The target's per-token RMSE to the truth on validation windows, in the tolerance's units (spec.tol_units):
+        what spec.tol_relative is relative to."""
+        if units == "data":
+            mse = self.validation_mse()
+            return None if mse is None else math.sqrt(mse)
+        batches = self.validation_batches()
+        if units not in self.target_rmse_val and batches:
+            stds = [Norm.fit(b.context, self.target.cfg).std for b in batches]  # each window's own units
+            mse, _ = errors([self.forecast("target", b) / s for b, s in zip(batches, stds)],
+                            [b.truth / s for b, s in zip(batches, stds)])
+            self.target_rmse_val[units] = math.sqrt(mse)
+        return self.target_rmse_val.get(units)
+
+    def draft_rmse_by_step(self, units: str) -> list[float]:
+        """Per step of the horizon, the draft's RMSE to the target along the target's forecast on the test windows,
+        in the tolerance's units (forecast.step_distances)."""
+        if units not in self.draft_rmse:
+            squares = sum(step_distances(self.target, self.draft, b.context, self.steps, units) for b in self.batches)
+            self.draft_rmse[units] = (squares / sum(len(b.ids) for b in self.batches)).sqrt().tolist()
+        return self.draft_rmse[units]
 
     def resolve_tolerance(self, profile: TimeseriesProfile) -> TimeseriesProfile:
         """With spec.tol_relative, the profile whose spec.tol is that share of the target's validation RMSE."""
         spec = profile.spec
         if spec.rule != "tolerance" or spec.tol_relative is None:
             return profile
-        rmse = self.validation_rmse()
+        rmse = self.validation_rmse(spec.tol_units)
         if rmse is None:
             need = self.profile.data.lookback + self.horizon
             raise SpecctlError(f"spec.tol_relative needs validation windows, but the val split has "
@@ -303,7 +321,7 @@ class SpecTestSession:
         mse_draft, mae_draft = errors(self.draft_alone.forecasts, self.truths)
         sliding = self.sliding
         mse_sliding, mae_sliding = errors(sliding.forecasts, self.truths) if sliding else (None, None)
-        rmse_val = self.validation_rmse() if spec.rule == "tolerance" else None
+        rmse_val = self.validation_rmse(spec.tol_units) if spec.rule == "tolerance" else None
         return SpecTestResult(
             rule=spec.rule, emit=spec.emit, k=K, proposed=proposed, accepted=accepted,
             acceptance_rate=accepted / proposed if proposed else 0.0,
@@ -330,7 +348,8 @@ class SpecTestSession:
             device=self.device.type,
             tol=spec.tol if spec.rule == "tolerance" else None,
             tol_relative=spec.tol / rmse_val if rmse_val and spec.rule == "tolerance" else None,
-            target_rmse_val=rmse_val, draft_rmse_by_step=self.draft_rmse_by_step,
+            target_rmse_val=rmse_val, draft_rmse_by_step=self.draft_rmse_by_step(spec.tol_units),
+            tol_units=spec.tol_units if spec.rule == "tolerance" else None,
             mse_sliding=mse_sliding, mae_sliding=mae_sliding,
             # sliding vs target (side by side at the session's start) times target vs speculative (side by side now)
             speedup_sliding=sliding.seconds / self.cached.seconds * target_seconds / spec_seconds if sliding else None,

@@ -25,8 +25,9 @@ candidates, the bonus) and uniforms (accept tests, residual tests).
 Nothing syncs with the host inside a round. Running rounds over a whole forecast (prefill, CUDA graphs, the
 schedule of adaptive K, timing a round) is speculative_forecast.py's business.
 
-Acceptance works in the dataset's scaled space (where `sigma` and `tol` are meant), the models in
-instance-normalised units; tokens are flattened to D = C*P values for the rules.
+Acceptance works in the dataset's scaled space (where `sigma` and `tol` are meant; `tol` in each window's own units,
+the models', with spec.tol_units = "window"), the models in instance-normalised units; tokens are flattened to
+D = C*P values for the rules.
 """
 
 from __future__ import annotations
@@ -284,7 +285,10 @@ def accept(s: RoundState, q: Proposal, t: torch.Tensor) -> tuple[Decision, torch
     """The rule's accept tests up to the first rejection, and what is emitted after the accepted tokens; also the
     residual draws that hit the try cap ([B] bool). Random numbers come from the round's blocks laid out for K."""
     spec, k, K, B, D = s.spec, q.mu.shape[1], s.K, s.hist.shape[0], s.D
-    prob, log_ratio = acceptance.acceptance_probability(spec.rule, q.x, t, q.mu, q.std_q, spec.sigma, spec.bias,
+    mu, t_tested = q.mu, t
+    if spec.rule == "tolerance" and spec.tol_units == "window":  # a token's values over its window's std
+        mu, t_tested = mu / s.scale, t / s.scale
+    prob, log_ratio = acceptance.acceptance_probability(spec.rule, q.x, t_tested, mu, q.std_q, spec.sigma, spec.bias,
                                                         spec.tol)
     n_acc = acceptance.count_accepted(uniform_block(s, 0, k) < prob)  # [B]
     t_j = t.gather(1, n_acc[:, None, None].expand(B, 1, D)).squeeze(1)  # t at the correction (or bonus) position

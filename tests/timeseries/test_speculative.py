@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specctl.core.errors import SpecctlError
-from specctl.timeseries.forecast import Norm, forecast_cached, times_for
+from specctl.timeseries.forecast import Norm, forecast_cached, step_distances, times_for
 from specctl.timeseries.model import init_logvar_head
 from specctl.timeseries.profile import SpecConfig
 from specctl.timeseries.rng import series_seeds
@@ -45,6 +45,23 @@ def test_tolerance_infinite_with_draft_mean_is_draft_only(models, k):
     result = run(models, context, rule="tolerance", tol=1e9, k=k, emit="draft_mean", target_opens=False)
     torch.testing.assert_close(result.forecast, forecast_cached(models[1], context, H), atol=1e-5, rtol=0)
     assert int(result.accepted.sum()) == int(result.proposed.sum())
+
+
+def test_a_tolerance_in_window_units_holds_each_window_to_its_own_scale(models):
+    """Decoding is scale-free (each window is normalised by its own statistics), so a window scaled by 5 gets the
+    forecast scaled by 5; a tolerance in each window's units then accepts the same tokens there, one in the data's
+    units fewer (its distances grew five-fold)."""
+    context = smooth_series(4, 32, 3)
+    scaled = context * 5 + 2
+    window = {"rule": "tolerance", "k": 3, "tol_units": "window"}
+    # a tolerance among the draft's distances to the target (window units), so that some tokens pass and some do not
+    tol = (step_distances(*models, context, 5, "window") / 4).sqrt().median()
+    small, large = run(models, context, tol=float(tol), **window), run(models, scaled, tol=float(tol), **window)
+    assert 0 < int(small.accepted.sum()) < int(small.proposed.sum())
+    assert torch.equal(small.accepted, large.accepted)
+    torch.testing.assert_close(large.forecast, small.forecast * 5 + 2, atol=1e-4, rtol=1e-4)
+    data = run(models, scaled, tol=float(tol), rule="tolerance", k=3)
+    assert int(data.accepted.sum()) < int(large.accepted.sum())
 
 
 def test_verification_pass_equals_step_by_step_decoding(models):
@@ -177,8 +194,6 @@ def test_a_reused_round_state_gives_the_same_forecasts(models):
 def test_step_distances_follow_the_targets_own_path():
     """Step j's distance is the draft's and the target's next token given the target's forecast so far, recomputed
     here one growing context at a time; a draft equal to the target is at distance 0 at every step."""
-    from specctl.timeseries.forecast import Norm, step_distances
-
     target, draft = tiny_timer(n_vars=2, seed=0), tiny_timer(n_vars=2, seed=1)
     context, steps = smooth_series(3, 32, 2) * 4 + 1, 4
     norm = Norm.fit(context, target.cfg)
@@ -191,6 +206,10 @@ def test_step_distances_follow_the_targets_own_path():
             tokens = torch.cat([tokens, t[:, :, None]], dim=2)
     torch.testing.assert_close(step_distances(target, draft, context, steps), torch.stack(expected))
     assert step_distances(target, target, context, steps).abs().max() == 0
+    # in each window's units the same distances, over the window's std
+    scaled = smooth_series(3, 32, 2) * 40 + 1  # ten times the context above: the same normalised path
+    torch.testing.assert_close(step_distances(target, draft, scaled, steps, "window"),
+                               step_distances(target, draft, context, steps, "window"), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from specctl.backends import load_profile
+from specctl.core.profile import with_overrides
 
 spec = importlib.util.spec_from_file_location("ts_bench", Path(__file__).resolve().parents[2] / "benchmarks" /
                                               "ts_bench.py")
@@ -30,6 +31,10 @@ def test_every_dataset_trains_and_decodes_with_shipped_profiles(name):
                    for _, overrides, _ in drafts[1:]]
     assert [prefix for prefix, _, _ in drafts] == ["", "pretrained draft: ", "early exit: ", "small draft: "]
     assert set(checkpoints) <= trained and len(set(checkpoints)) == (2 if dataset.small == dataset.draft else 3)
+    for _, _, settings in drafts:  # every row's overrides make a valid profile
+        assert len({label for label, _ in settings}) == len(settings)
+        for _, setting in settings:
+            with_overrides(load_profile(dataset.spec), setting, "SETTINGS")
 
 
 def test_training_covers_the_chosen_drafts_only():

@@ -126,3 +126,21 @@ def test_adaptive_k_learns_its_prior_on_validation_windows(pair, monkeypatch):
     assert result.adaptive_drafted >= 1 and result.adaptive_target_ms == 3e3
     assert result.adaptive_drafted_ms > result.adaptive_target_ms
     assert adaptive_k(cheap, first, profile.spec, session.steps).opening() > 0  # its prior alone would draft
+
+
+def test_a_tolerance_in_window_units_is_relative_to_the_targets_rmse_in_them(pair, monkeypatch):
+    """spec.tol_units = "window": tol_relative (and the budget's tolerances) are shares of the target's validation RMSE
+    in each window's units, and the draft's distances per step are reported in them."""
+    profile = profile_for(pair, 'spec.rule="tolerance"', "spec.tol_relative=0.5", 'spec.tol_units="window"',
+                          "spec.fidelity_budget=null")
+    session = SpecTestSession(profile, torch.device("cpu"))
+    window, data = session.validation_rmse("window"), session.validation_rmse("data")
+    assert window is not None and data is not None and window != pytest.approx(data)
+    result = session.run(profile)
+    assert result.tol_units == "window" and result.tol == pytest.approx(0.5 * window)
+    assert result.draft_rmse_by_step == session.draft_rmse_by_step("window") != session.draft_rmse_by_step("data")
+    budget = profile_for(pair, "spec.fidelity_budget=0.05", "spec.budget_tolerances=[0.1, 0.5]",
+                         'spec.tol_units="window"')
+    monkeypatch.setattr(budget_module, "predict", predicted(lambda k: 1.5))
+    chosen, choice = budget_module.choose_within_budget(session, budget)
+    assert chosen.spec.tol == pytest.approx(choice.tol_relative * window)
