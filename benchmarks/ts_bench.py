@@ -280,8 +280,7 @@ def profile_forecasts(dataset: Dataset, device: torch.device, out: Path, name: s
     batch = session.batches[0]
     decoders = {"target-only": lambda: session.forecast("target", batch),
                 f"speculative ({label})": lambda: session.speculate(spec_profile, batch, rounds=whole_rounds)}
-    rounds = session.speculate(spec_profile, batch, rounds=whole_rounds).k_rounds
-    priced = predict(costs, rounds, 1)  # this batch's rounds at the measured costs
+    priced = predict(costs, [session.speculate(spec_profile, batch, rounds=whole_rounds)])  # at the measured costs
     predicted = dict(zip(decoders, (priced.target_seconds, priced.spec_seconds)))
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])]
     lines = [f"# One forecast under the profiler: {name}", "", f"- date: {date.today().isoformat()}",

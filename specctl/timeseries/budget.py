@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from specctl.core.errors import SpecctlError
-from specctl.timeseries.costs import StepCosts, adaptive_k, k_rounds_of, predict
+from specctl.timeseries.costs import StepCosts, adaptive_k, predict
 from specctl.timeseries.evaluate import errors
 from specctl.timeseries.profile import TimeseriesProfile
 from specctl.timeseries.spec_result import BudgetChoice
@@ -38,8 +38,7 @@ def score_candidate(session: SpecTestSession, profile: TimeseriesProfile, tol_re
     mse, _ = errors([r.forecast for r in results], [b.truth for b in session.validation_batches()])
     proposed = sum(int(r.proposed.sum()) for r in results)
     accepted = sum(int(r.accepted.sum()) for r in results)
-    k_rounds = k_rounds_of(results, profile.spec.k)
-    predicted = predict(costs, k_rounds, len(results)).speedup
+    predicted = predict(costs, results).speedup
     return Candidate(tol_relative, profile.spec.k, (mse - mse_target) / mse_target,
                      accepted / proposed if proposed else 0.0, predicted)
 

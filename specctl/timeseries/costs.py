@@ -36,7 +36,6 @@ class StepCosts:
     first: dict[int, float]  # k -> a forecast's first round (re-feeding one token): its opening, timed whole, less
     # prefill_spec (the statistics, the reset and, where graphed, the prefill's launches ride with the round); 0: a
     # whole forecast that drafts nothing (the target's own loop, or target steps), less prefill_spec
-    first_k: int  # the draft length a forecast opens with (adaptive K: its opening; else K)
 
     @property
     def c_hat(self) -> float:
@@ -73,16 +72,21 @@ class Prediction:
         return self.target_seconds / self.spec_seconds
 
 
-def predict(costs: StepCosts, rounds: dict[int, float], batches: int) -> Prediction:
-    """Wall time of every batch's target-only and speculative forecast: `batches` batches whose rounds of each draft
-    length k number rounds[k] in all (the engine's counts), each batch's first round (of first_k) at the first-round
-    cost."""
-    target = batches * costs.target_forecast
-    if costs.first_k == 0:  # a whole forecast that drafts nothing (the target's own loop, or target steps): first[0]
-        return Prediction(target, batches * (costs.prefill_spec + costs.first[0]))
-    later = sum(n * costs.round[k] for k, n in rounds.items()) - batches * costs.round[costs.first_k]
-    spec = batches * (costs.prefill_spec + costs.first[costs.first_k]) + later
-    return Prediction(target, spec)
+def forecast_seconds(first: dict[int, float], rounds: dict[int, float], opening: int,
+                     k_rounds: dict[int, int]) -> float:
+    """One forecast (a batch) priced at the measured costs, beyond the prefill: its first round (of its opening k) at
+    the first-round cost and its later rounds (the engine's counts per k, the first among them) at the round costs;
+    an opening of k = 0 is a whole forecast that drafts nothing (the target's own loop, or target steps): first[0]."""
+    if opening == 0:
+        return first[0]
+    return first[opening] + sum(n * rounds[k] for k, n in k_rounds.items()) - rounds[opening]
+
+
+def predict(costs: StepCosts, results: list[SpecResult]) -> Prediction:
+    """Wall time of the run's target-only and speculative forecasts, each batch's as it ran (`forecast_seconds`)."""
+    spec = sum(costs.prefill_spec + forecast_seconds(costs.first, costs.round, r.opening, r.k_rounds)
+               for r in results)
+    return Prediction(len(results) * costs.target_forecast, spec)
 
 
 EVIDENCE_SERIES = 32  # series that drafted before adaptive K may judge drafting lost (one batch of 32, 32 of one)
@@ -110,7 +114,6 @@ class AdaptiveK:
         self.slow_accepted, self.slow_evaluated = 1.0, 1.0  # the same, of each batch's slowest series
         self.plans: dict[float, tuple[list[float], list[int]]] = {}  # rate (rounded) -> seconds_to_finish
         self.openings: dict[float, int] = {}  # rate (rounded) -> opening
-        self.opened = 0  # the last opening
         self.drafted, self.drafted_seconds = 0, 0.0  # forecasts that drafted, and their rounds priced at these costs
         self.drafted_series = 0  # the series those forecasts decoded
 
@@ -160,8 +163,7 @@ class AdaptiveK:
             options = self.options(alpha, self.steps, self.seconds_to_finish(alpha)[0], self.first)
             options[0] = options[0] if self.whole is None else self.whole
             self.openings[alpha] = min(options, key=options.get)
-        self.opened = 0 if self.drafting_lost() else self.openings[alpha]
-        return self.opened
+        return 0 if self.drafting_lost() else self.openings[alpha]
 
     def drafting_lost(self) -> bool:
         """Whether the forecasts that drafted so far, over at least EVIDENCE_SERIES series, cost more, their rounds
@@ -201,13 +203,11 @@ class AdaptiveK:
         self.slow_accepted, self.slow_evaluated = (self.slow_accepted + slowest[0], self.slow_evaluated + slowest[1])
 
     def learn(self, result: SpecResult) -> None:
-        """`observe` a finished batch's forecast (a host sync), and price its rounds if it drafted (it opened with the
-        last opening)."""
+        """`observe` a finished batch's forecast (a host sync), and price it if it drafted."""
         self.observe(int(result.accepted.sum()), int(result.evaluated.sum()), result.slowest_counts())
-        if self.opened:
-            later = sum(n * self.rounds[k] for k, n in result.k_rounds.items()) - self.rounds[self.opened]
+        if result.opening:
             self.drafted, self.drafted_series = self.drafted + 1, self.drafted_series + len(result.accepted)
-            self.drafted_seconds += self.first[self.opened] + later
+            self.drafted_seconds += forecast_seconds(self.first, self.rounds, result.opening, result.k_rounds)
 
 
 def k_rounds_of(results: list[SpecResult], k_max: int) -> dict[int, int]:

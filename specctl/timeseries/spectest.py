@@ -263,9 +263,7 @@ class SpecTestSession:
         if 0 in first:  # an opening of k = 0 is a whole forecast: the target's own loop, or (samples) target steps
             first[0] = max(0.0, self.base_costs["target_forecast"] - self.base_costs["prefill_spec"]
                            if spec.emit != "sample" else first[0] + (self.steps - 1 - spec.target_opens) * rounds[0])
-        policy = adaptive_k(rounds, first, spec, self.steps)
-        k = policy.opening() if policy else spec.k
-        return StepCosts(verify=verify, round=rounds, first=first, first_k=k, **self.base_costs)
+        return StepCosts(verify=verify, round=rounds, first=first, **self.base_costs)
 
     def run(self, profile: TimeseriesProfile, debug_csv: Path | None = None) -> SpecTestResult:
         if not self.compatible(profile):
@@ -313,7 +311,7 @@ class SpecTestSession:
         alpha = accepted / evaluated if evaluated else 0.0
         bonus = spec.emit != "draft_mean"
         k_rounds = k_rounds_of(results, K)
-        predicted = predict(costs, k_rounds, len(results))
+        predicted = predict(costs, results)
         spec_seconds = sum(t.median for t in timings)
         forecasts = [r.forecast for r in results]
         mse, mae = errors(forecasts, self.truths)

@@ -70,6 +70,7 @@ class SpecResult:
     accepted_hist: torch.Tensor  # [K+1] rounds that accepted 0..K tokens
     logs: list[RoundLog] = field(default_factory=list)
     k_rounds: dict[int, int] = field(default_factory=dict)  # rounds of the batch per draft length k (0: target step)
+    opening: int = 0  # the k of its first round (0: it drafted nothing, a whole target forecast)
 
     def slowest_counts(self) -> tuple[int, int]:
         """(accepted, evaluated) of the series that needed the most rounds (of those, the least accepting): what a

@@ -199,7 +199,7 @@ def target_only(tstep: Stepper, context: torch.Tensor, horizon: int, spec: SpecC
     zeros, full = torch.zeros(B, dtype=torch.long), torch.full((B,), steps, dtype=torch.long)
     hist = torch.zeros(spec.k + 1, dtype=torch.long)
     hist[0] = B * steps
-    return SpecResult(forecast, zeros, zeros, zeros, full, full, zeros, hist, [], {0: steps})
+    return SpecResult(forecast, zeros, zeros, zeros, full, full, zeros, hist, [], {0: steps}, opening=0)
 
 
 @torch.no_grad()
@@ -239,7 +239,7 @@ def speculative_forecast(
     st = state.stats
     # one copy of the per-series counts (graph state is reused by the next forecast): a launch, not six
     counts = torch.stack([st.proposed, st.accepted, st.evaluated, st.rounds, st.emitted, st.cap_hits]).unbind()
-    return SpecResult(forecast_of(state, horizon), *counts, st.accepted_hist.clone(), logs or [], k_rounds)
+    return SpecResult(forecast_of(state, horizon), *counts, st.accepted_hist.clone(), logs or [], k_rounds, opening)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from specctl.timeseries.costs import AdaptiveK, tokens_per_round
+from specctl.timeseries.costs import AdaptiveK, StepCosts, predict, tokens_per_round
 from specctl.timeseries.forecast import Norm, forecast_cached, times_for
 from specctl.timeseries.profile import SpecConfig
 from specctl.timeseries.rng import series_seeds
@@ -75,12 +75,13 @@ def test_a_later_round_is_timed_with_adaptive_ks_decision():
     assert round_seconds(*args, decide=slow) - round_seconds(*args) > 0.015
 
 
-def forecast_result(k_rounds: dict[int, int], series: int):
-    """A forecast of `series` series that drafted and whose every drafted token passed, with these rounds per k."""
+def forecast_result(k_rounds: dict[int, int], series: int, opening: int):
+    """A forecast of `series` series that opened with `opening`, with these rounds per k; every drafted token passed."""
     from specctl.timeseries.speculative import SpecResult
 
     zeros, counts = torch.zeros(series, dtype=torch.long), torch.full((series,), 3)
-    return SpecResult(torch.empty(0), zeros, counts, counts, zeros + 1, zeros, zeros, zeros, k_rounds=k_rounds)
+    return SpecResult(torch.empty(0), zeros, counts, counts, zeros + 1, zeros, zeros, zeros, k_rounds=k_rounds,
+                      opening=opening)
 
 
 COSTS = {0: 0.4, 1: 0.7, 2: 0.85, 3: 1.0}  # seconds per round of k; the target's whole forecast: 4.0
@@ -99,8 +100,19 @@ def test_once_drafting_has_cost_more_than_the_target_none_drafts(forecasts, seri
     policy = AdaptiveK(COSTS, bonus=True, steps=8, first={**COSTS, 0: 4.0})
     assert policy.opening() == 3
     for k_rounds in forecasts:  # a forecast that opens with k = 0 drafts nothing: it is not priced
-        policy.learn(forecast_result(k_rounds if policy.opening() else {0: 8}, series))
+        opening = policy.opening()
+        policy.learn(forecast_result(k_rounds if opening else {0: 8}, series, opening))
     assert policy.drafting_lost() != drafts and (policy.opening() > 0) == drafts
+
+
+def test_the_prediction_prices_each_batch_as_it_ran():
+    """A batch that fell back to the target's own loop at first[0]; one that opened with 3, then ran a round of 2, at
+    first[3] + round[2] (its opening is among its rounds); each after the prefill (on an H200 in the seventh run, a
+    prediction that priced every batch at one opening said 0.61-1.10x for runs that fell back and ran 0.99x)."""
+    costs = StepCosts(target_step=1.0, draft_step=0.1, target_forecast=5.0, prefill_spec=0.5, verify={},
+                      round={0: 0.4, 2: 0.8, 3: 1.0}, first={0: 4.5, 3: 1.2})
+    prediction = predict(costs, [forecast_result({0: 8}, 1, 0), forecast_result({3: 1, 2: 1}, 1, 3)])
+    assert prediction.target_seconds == 10.0 and prediction.spec_seconds == pytest.approx(0.5 + 4.5 + 0.5 + 1.2 + 0.8)
 
 
 def simulate(alpha: float, steps: int, choose, rng: np.random.Generator, bonus: bool = True) -> tuple[float, int, int]:

@@ -42,8 +42,8 @@ def profile_for(pair, *more: str):
 
 
 def predicted(speedup):
-    """A stand-in for the cost model's prediction: `speedup(k)` for every candidate of draft length k."""
-    return lambda costs, k_rounds, batches: Prediction(1.0, 1.0 / speedup(costs.first_k))
+    """A stand-in for the cost model's prediction: `speedup(k)` for every candidate opening with draft length k."""
+    return lambda costs, results: Prediction(1.0, 1.0 / speedup(results[0].opening))
 
 
 def test_the_budget_is_chosen_on_validation_windows_only(pair, monkeypatch):
