@@ -15,7 +15,7 @@ from specctl.backends import load_profile
 from specctl.cli import app
 from specctl.commands.render import spec_verdict
 from specctl.timeseries import budget as budget_module
-from specctl.timeseries.costs import Prediction, adaptive_k
+from specctl.timeseries.costs import EVIDENCE_SERIES, Prediction, adaptive_k
 from specctl.timeseries.spectest import SpecTestSession
 
 FAST = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=4", "--set", "data.max_eval_windows=8",
@@ -110,8 +110,9 @@ def test_adaptive_k_learns_its_prior_on_validation_windows(pair, monkeypatch):
     validation windows teach adaptive K so before the test split, every batch of which then runs the target's own
     loop; from its prior of one passing test alone, the first test batch would draft."""
     profile = profile_for(pair, "spec.rule=tolerance", "spec.tol=0.0", "spec.adaptive_k=true", "spec.k=3",
-                          "spec.batch_size=4", "spec.max_windows=32", "spec.fidelity_budget=null")
+                          "spec.batch_size=4", "spec.max_windows=48", "spec.fidelity_budget=null")
     session = SpecTestSession(profile, torch.device("cpu"))
+    assert sum(len(b.ids) for b in session.validation_batches()) > EVIDENCE_SERIES  # enough to judge drafting lost
     cheap = {0: 1.0, **{k: 1.0 + 0.2 * k for k in range(1, 4)}}  # seconds: a round of k emits up to k + 1 tokens
     first = {**cheap, 0: 3.0}  # an opening of k = 0: the target's whole forecast (4 tokens, its loop cheaper)
     original_costs = session.costs
