@@ -96,13 +96,11 @@ class SpecTestSession:
         self.cached = self.timed(lambda b: self.forecast("target", b), "target (KV cache)")
         self.draft_alone = self.timed(lambda b: self.forecast("draft", b), "draft only")
         self.draft_rmse: dict[str, list[float]] = {}
-        self.draft_rmse_by_step("data")
         self.sliding = (self.timed(lambda b: forecast_sliding(self.target, b.context, self.horizon),
                                    "target (sliding)") if spec.sliding_baseline else None)
         self.base_costs = self.step_costs()
         self.val_batches: list[Window] | None = None
-        self.target_mse_val: float | None = None
-        self.target_rmse_val: dict[str, float] = {}
+        self.target_val: list[torch.Tensor] | None = None
 
     def timed(self, fn: Callable[[Window], torch.Tensor], label: str) -> Measured:
         spec = self.profile.spec
@@ -162,26 +160,28 @@ class SpecTestSession:
                 policy.learn(results[-1])
         return results
 
-    def validation_mse(self) -> float | None:
-        """The target's MSE to the truth on the validation windows (None when the val split holds none)."""
+    def validation_forecasts(self) -> list[torch.Tensor]:
+        """The target's own forecasts of the validation windows (made once)."""
+        if self.target_val is None:
+            self.target_val = [self.forecast("target", b) for b in self.validation_batches()]
+        return self.target_val
+
+    def validation_mse(self, units: str = "data") -> float | None:
+        """The target's MSE to the truth on the validation windows, in the tolerance's units (spec.tol_units: the
+        data's, or each window's own, over its context's std); None when the val split holds none."""
         batches = self.validation_batches()
-        if self.target_mse_val is None and batches:
-            self.target_mse_val, _ = errors([self.forecast("target", b) for b in batches], [b.truth for b in batches])
-        return self.target_mse_val
+        if not batches:
+            return None
+        scales = [Norm.fit(b.context, self.target.cfg).std if units == "window" else 1.0 for b in batches]
+        mse, _ = errors([f / s for f, s in zip(self.validation_forecasts(), scales)],
+                        [b.truth / s for b, s in zip(batches, scales)])
+        return mse
 
     def validation_rmse(self, units: str = "data") -> float | None:
-        """The target's per-token RMSE to the truth on validation windows, in the tolerance's units (spec.tol_units):
-        what spec.tol_relative is relative to."""
-        if units == "data":
-            mse = self.validation_mse()
-            return None if mse is None else math.sqrt(mse)
-        batches = self.validation_batches()
-        if units not in self.target_rmse_val and batches:
-            stds = [Norm.fit(b.context, self.target.cfg).std for b in batches]  # each window's own units
-            mse, _ = errors([self.forecast("target", b) / s for b, s in zip(batches, stds)],
-                            [b.truth / s for b, s in zip(batches, stds)])
-            self.target_rmse_val[units] = math.sqrt(mse)
-        return self.target_rmse_val.get(units)
+        """The target's per-token RMSE to the truth on validation windows, in the tolerance's units: what
+        spec.tol_relative is relative to."""
+        mse = self.validation_mse(units)
+        return None if mse is None else math.sqrt(mse)
 
     def draft_rmse_by_step(self, units: str) -> list[float]:
         """Per step of the horizon, the draft's RMSE to the target along the target's forecast on the test windows,
@@ -258,11 +258,13 @@ class SpecTestSession:
             w = refeed_width(spec, k, k)  # in steady state a round of k follows one of k
             verify[k] = call_seconds(tstep, batch.context, w + k, self.device)
             rounds[k] = round_seconds(*args, k, w, decide)
-            # a forecast's opening is timed whole (one replay where graphed); what it adds to the prefill's calls
-            first[k] = max(0.0, opening_seconds(*args, k) - self.base_costs["prefill_spec"])
-        if 0 in first:  # an opening of k = 0 is a whole forecast: the target's own loop, or (samples) target steps
-            first[0] = max(0.0, self.base_costs["target_forecast"] - self.base_costs["prefill_spec"]
-                           if spec.emit != "sample" else first[0] + (self.steps - 1 - spec.target_opens) * rounds[0])
+            # a forecast's opening, what it adds to the prefill's calls; an opening of k = 0 is a whole forecast
+            prefill = self.base_costs["prefill_spec"]
+            if k == 0 and spec.emit != "sample":  # the target's own loop, timed when the session started
+                first[0] = max(0.0, self.base_costs["target_forecast"] - prefill)
+            else:  # timed whole (one replay where graphed); k = 0 (samples): then target steps to the end
+                first[k] = max(0.0, opening_seconds(*args, k) - prefill)
+                first[k] += (self.steps - 1 - spec.target_opens) * rounds[0] if k == 0 else 0.0
         return StepCosts(verify=verify, round=rounds, first=first, **self.base_costs)
 
     def run(self, profile: TimeseriesProfile, debug_csv: Path | None = None) -> SpecTestResult:
