@@ -158,12 +158,14 @@ class AdaptiveK:
     def opening(self) -> int:
         """A forecast's first round's k, at the first round's costs, where k = 0 is first[0], a whole forecast that
         drafts nothing (once per rate: it runs every forecast)."""
+        if self.drafting_lost():
+            return 0
         alpha = round(self.rate(0, 0, (0, 0)), 3)
         if alpha not in self.openings:
             options = self.options(alpha, self.steps, self.seconds_to_finish(alpha)[0], self.first)
             options[0] = options[0] if self.whole is None else self.whole
             self.openings[alpha] = min(options, key=options.get)
-        return 0 if self.drafting_lost() else self.openings[alpha]
+        return self.openings[alpha]
 
     def drafting_lost(self) -> bool:
         """Whether the forecasts that drafted so far, over at least EVIDENCE_SERIES series, cost more, their rounds

@@ -9,6 +9,7 @@ state once per round).
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -191,15 +192,23 @@ class KPolicy(Protocol):
         """The next round's k, from the state so far (a host sync)."""
 
 
+@functools.cache
+def nothing_drafted(batch: int, steps: int, k: int) -> tuple[torch.Tensor, ...]:
+    """The counts of a batch's forecast that drafted nothing (proposed, accepted, evaluated, rounds, emitted, cap hits,
+    accepted_hist): host tensors, made once per shape and shared, read-only (made per call, they were 8 of the 16 us
+    of host work that the fallback added to the target's own forecast on a CPU)."""
+    zeros, full = torch.zeros(batch, dtype=torch.long), torch.full((batch,), steps, dtype=torch.long)
+    hist = torch.zeros(k + 1, dtype=torch.long)
+    hist[0] = batch * steps
+    return zeros, zeros, zeros, full, full, zeros, hist
+
+
 def target_only(tstep: Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig) -> SpecResult:
     """A forecast that drafts nothing: the target's own KV-cached decoding (mean emission), counted as target steps.
     The counts are host tensors: the forecast is the baseline's call and nothing else runs on the device."""
     forecast = forecast_cached(tstep.model, context, horizon, tstep)
-    B, steps = context.shape[0], n_tokens(horizon, tstep.model.cfg.patch_len)
-    zeros, full = torch.zeros(B, dtype=torch.long), torch.full((B,), steps, dtype=torch.long)
-    hist = torch.zeros(spec.k + 1, dtype=torch.long)
-    hist[0] = B * steps
-    return SpecResult(forecast, zeros, zeros, zeros, full, full, zeros, hist, [], {0: steps}, opening=0)
+    steps = n_tokens(horizon, tstep.model.cfg.patch_len)
+    return SpecResult(forecast, *nothing_drafted(context.shape[0], steps, spec.k), [], {0: steps}, opening=0)
 
 
 @torch.no_grad()
