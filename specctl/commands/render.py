@@ -188,11 +188,12 @@ def adaptive_fallback(r) -> str:
     """Why adaptive K drafted nothing: the forecasts that drafted (on validation windows) cost more than the target's,
     or no draft length was predicted to pay."""
     said = "adaptive K drafted nothing, so it ran the target's own loop: "
-    drafted, target = r.adaptive_drafted_ms, r.adaptive_target_ms
-    if drafted is None or target is None or drafted <= target:
+    drafted, bound, target = r.adaptive_drafted_ms, r.adaptive_drafted_bound_ms, r.adaptive_target_ms
+    if drafted is None or bound is None or target is None or bound <= target:
         return said + "no draft length was predicted to pay"
+    spread = f" (up to {bound:.2f} within two standard errors)" if bound > drafted else ""
     return said + (f"the {r.adaptive_drafted} forecasts that drafted (validation windows first) cost {drafted:.2f} ms "
-                   f"each at the measured costs against {target:.2f} ms for the target's")
+                   f"each{spread} at the measured costs against {target:.2f} ms for the target's")
 
 
 def why_slow(r) -> str:

@@ -103,8 +103,8 @@ class AdaptiveK:
     prior) plus two standard errors, so that thin evidence keeps drafting lengths that could pay and a run is never
     locked out by one unlucky start; or, where lower, the same for the batch's slowest series, which the batch waits
     for. A setting that could not pay even if every token passed never drafts, and once the forecasts that drafted
-    have cost more, priced at these costs, than the target's own would have, none drafts (`drafting_lost`). Reading
-    the batch's counts syncs the host once per round."""
+    have not shown that they cost less, priced at these costs, than the target's own would have (their mean plus two
+    standard errors), none drafts (`drafting_lost`). Reading the batch's counts syncs the host once per round."""
 
     def __init__(self, rounds: dict[int, float], bonus: bool, steps: int,
                  first: dict[int, float] | None = None) -> None:
@@ -115,6 +115,7 @@ class AdaptiveK:
         self.plans: dict[float, tuple[list[float], list[int]]] = {}  # rate (rounded) -> seconds_to_finish
         self.openings: dict[float, int] = {}  # rate (rounded) -> opening
         self.drafted, self.drafted_seconds = 0, 0.0  # forecasts that drafted, and their rounds priced at these costs
+        self.drafted_squares = 0.0  # the sum of those prices squared (their spread)
         self.drafted_series = 0  # the series those forecasts decoded
 
     def options(self, alpha: float, n: int, later: list[float], costs: dict[int, float]) -> dict[int, float]:
@@ -168,20 +169,31 @@ class AdaptiveK:
         return self.openings[alpha]
 
     def drafting_lost(self) -> bool:
-        """Whether the forecasts that drafted so far, over at least EVIDENCE_SERIES series, cost more, their rounds
-        priced at these costs, than as many of the target's own (first[0], where it is given): the evidence that
-        overrules the per-token model, which at batch 32 on an H200 (ETTm1) predicted 0.98x where drafting ran 0.86x,
-        the batch waiting for series it does not model. The mean, not a confidence bound: a batch's cost is its
-        slowest series', so it swings with a few hard series (on the H200, sd 6-9 ms on a mean of 11-17 at batch 32),
-        and a bound would be reached after 14-46 batches, long after the validation windows run out. A forecast of
-        one series is not that evidence: on ETTh1 at batch 1, one hard validation window (10.1 ms against the
-        target's 5.7) stopped drafting where the test windows then accepted every drafted token (fixed K: 2.24x)."""
-        return (self.whole is not None and self.drafted_series >= EVIDENCE_SERIES
-                and self.drafted_mean() > self.whole)
+        """Whether the forecasts that drafted so far, over at least EVIDENCE_SERIES series, have not shown that they
+        cost less, their rounds priced at these costs, than as many of the target's own (first[0], where it is
+        given): their mean plus two standard errors (`drafted_bound`) is above it. This evidence overrules the
+        per-token model, which at batch 32 on an H200 (ETTm1) predicted 0.98x where drafting ran 0.86x, the batch
+        waiting for series it does not model. The bound, not the mean: a batch's cost is its slowest series', so it
+        swings with a few hard series, and at batch 256 on ETTm1 (window units) eight validation batches that drafted
+        cost 19.6 ms on average against the target's 20.8, where the test split's four cost 13 (every token passed)
+        to 45 ms (a second round or more): drafting on that mean ran 0.85x. A forecast of one series is not that
+        evidence: on ETTh1 at batch 1, one hard validation window (10.1 ms against the target's 5.7) stopped
+        drafting where the test windows then accepted every drafted token (fixed K: 2.24x)."""
+        bound = self.drafted_bound()
+        return (self.whole is not None and bound is not None and self.drafted_series >= EVIDENCE_SERIES
+                and bound > self.whole)
 
     def drafted_mean(self) -> float | None:
         """The mean priced cost of a forecast that drafted (None before one has)."""
         return self.drafted_seconds / self.drafted if self.drafted else None
+
+    def drafted_bound(self) -> float | None:
+        """The mean priced cost of a forecast that drafted plus two standard errors (the mean alone after one)."""
+        if (mean := self.drafted_mean()) is None:
+            return None
+        n = self.drafted
+        variance = max(0.0, self.drafted_squares / n - mean**2) * n / (n - 1) if n > 1 else 0.0  # sample variance
+        return mean + 2 * math.sqrt(variance / n)
 
     def choose(self, accepted: int, evaluated: int, left: int | None = None,
                slowest: tuple[int, int] | None = None) -> int:
@@ -209,7 +221,8 @@ class AdaptiveK:
         self.observe(int(result.accepted.sum()), int(result.evaluated.sum()), result.slowest_counts())
         if result.opening:
             self.drafted, self.drafted_series = self.drafted + 1, self.drafted_series + len(result.accepted)
-            self.drafted_seconds += forecast_seconds(self.first, self.rounds, result.opening, result.k_rounds)
+            seconds = forecast_seconds(self.first, self.rounds, result.opening, result.k_rounds)
+            self.drafted_seconds, self.drafted_squares = self.drafted_seconds + seconds, self.drafted_squares + seconds**2
 
 
 def k_rounds_of(results: list[SpecResult], k_max: int) -> dict[int, int]:

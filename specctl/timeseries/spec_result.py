@@ -26,7 +26,9 @@ METRICS = {
                   "(0: a plain target step)",
     "adaptive_drafted": "adaptive K: forecasts (batches) that drafted, the validation windows' included (its prior)",
     "adaptive_drafted_ms": "adaptive K: the mean cost of a forecast that drafted, its rounds priced at the measured "
-                           "round costs, beyond the prefill; above adaptive_target_ms, no forecast drafts",
+                           "round costs, beyond the prefill",
+    "adaptive_drafted_bound_ms": "adaptive K: adaptive_drafted_ms plus two standard errors; above adaptive_target_ms "
+                                 "(after forecasts of 32 series or more), no forecast drafts",
     "adaptive_target_ms": "adaptive K: the target's own whole forecast, beyond the speculative prefill",
     "target_opens": "the target's prefill emitted each forecast's first token, and rounds drafted from the second",
     "k_rounds": "rounds per draft length k, all batches (adaptive K's schedule; one entry, K, otherwise)",
@@ -119,6 +121,7 @@ class SpecTestResult:
     adaptive_k: bool = False
     adaptive_drafted: int | None = None
     adaptive_drafted_ms: float | None = None
+    adaptive_drafted_bound_ms: float | None = None
     adaptive_target_ms: float | None = None
     target_opens: bool = False
     k_rounds: dict[int, int] = field(default_factory=dict)

@@ -307,9 +307,10 @@ class SpecTestSession:
         result = self.score(profile, results, timings, target_seconds, clock, whole_rounds, costs)
         result.budget = budget
         if policy is not None and policy.whole is not None:
-            drafted = policy.drafted_mean()
+            drafted, bound = policy.drafted_mean(), policy.drafted_bound()
             result.adaptive_drafted, result.adaptive_target_ms = policy.drafted, 1e3 * policy.whole
             result.adaptive_drafted_ms = None if drafted is None else 1e3 * drafted
+            result.adaptive_drafted_bound_ms = None if bound is None else 1e3 * bound
         return result
 
     def score(self, profile: TimeseriesProfile, results: list[SpecResult], timings: list[Timing],
