@@ -83,7 +83,8 @@ def spec_quality_table(r, title: str) -> Table:
     for column in ("", "MSE", "MAE", "Δ MSE vs target", "speed vs target"):
         quality.add_column(column, justify="right" if column else "left")
     quality.add_row("speculative", f"{r.mse:.4f}", f"{r.mae:.4f}", f"{r.delta_mse_pct:+.2f}%", f"{r.speedup:.2f}x")
-    quality.add_row("target-only (KV cache)", f"{r.mse_target:.4f}", f"{r.mae_target:.4f}", "", "1x")
+    itself = f" (against itself {r.speedup_target_self:.3f}x)" if r.speedup_target_self else ""
+    quality.add_row("target-only (KV cache)", f"{r.mse_target:.4f}", f"{r.mae_target:.4f}", "", "1x" + itself)
     quality.add_row("draft-only", f"{r.mse_draft:.4f}", f"{r.mae_draft:.4f}", f"{r.delta_mse_pct_draft:+.2f}%",
                     f"{r.speedup_draft:.2f}x")
     if r.mse_sliding is not None:

@@ -72,15 +72,17 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warm
 
 
 def time_calls(fns: list[Callable[[], object]], device: torch.device, repeats: int, warmup: int) -> list[Timing]:
-    """Each of fns timed `repeats` times, interleaved (a b a b ...) so that a ratio of their medians is measured side
-    by side whatever the device's clocks and the host's load do over the run; synchronised around every call."""
+    """Each of fns timed `repeats` times, interleaved (a b, b a, a b, ...) so that a ratio of their medians is measured
+    side by side whatever the device's clocks and the host's load do over the run, and neither call always runs
+    first; synchronised around every call."""
     for _ in range(warmup):
         for fn in fns:
             fn()
     synchronize(device)
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, seconds in zip(fns, times):
+    for repeat in range(repeats):
+        pairs = list(zip(fns, times))
+        for fn, seconds in pairs[::-1] if repeat % 2 else pairs:
             start = time.perf_counter()
             fn()
             synchronize(device)

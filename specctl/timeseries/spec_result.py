@@ -41,7 +41,9 @@ METRICS = {
     "predicted_speedup_leviathan": "(1 - a^(K+1)) / ((1 - a)(K c + 1)) with a = alpha_hat, c = c_hat (Leviathan et "
                                    "al.; a^K fewer tokens per round without the bonus token, emit = draft_mean)",
     "speedup": "target-only KV-cached wall time / speculative wall time (same windows, device, warm, synchronised; "
-               "the target timed on each batch right after the speculative pass)",
+               "the target timed on each batch interleaved with the speculative pass, each first in turn)",
+    "speedup_target_self": "the target's forecast timed against itself as `speedup` times a setting against it (same "
+                           "batches, repeats and interleaving): the ratio that identical calls measure, its noise",
     "speedup_draft": "target-only KV-cached wall time / the draft's own KV-cached forecast's wall time (both timed "
                      "side by side when the session starts)",
     "speedup_sliding": "sliding-window recompute wall time / speculative wall time",
@@ -118,6 +120,7 @@ class SpecTestResult:
     graph_rounds: bool
     split: str
     device: str = "cpu"
+    speedup_target_self: float | None = None
     adaptive_k: bool = False
     adaptive_drafted: int | None = None
     adaptive_drafted_ms: float | None = None
