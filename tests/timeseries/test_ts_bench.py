@@ -91,7 +91,9 @@ def test_a_row_says_why_adaptive_k_stopped_drafting():
     m = {"wall_s_spec": 0.0725, "batches": 8, "acceptance_rate": 0.0, "alpha_hat": 0.0, "tokens_per_target_call": 1.0,
          "k_rounds": {0: 64}, "c_hat": 0.119, "v_hat": 2.58, "speedup": 0.99, "predicted_speedup": 1.0,
          "predicted_speedup_leviathan": 0.58, "mse": 0.42, "delta_mse_pct": 0.0, "fidelity_mse": 0.0,
-         "adaptive_drafted": 3, "adaptive_drafted_ms": 8.0, "adaptive_target_ms": 7.2}  # ETTm1, batch 32, an H200
+         "adaptive_drafted": 3, "adaptive_drafted_ms": 7.7, "adaptive_drafted_bound_ms": 16.9,
+         "adaptive_target_ms": 7.1}  # ETTm1, batch 32, an H200
     assert ts_bench.row(32, "tol 0.3, adaptive K <= 6", m)["k_rounds"] == (
-        "0:64 (drafting lost: 3 forecasts at 8.0 ms, the target's 7.2)")
-    assert ts_bench.row(32, "tol 0.3, K 6", {**m, "adaptive_drafted_ms": 5.0})["k_rounds"] == "0:64"
+        "0:64 (drafting lost: 3 forecasts at 7.7 ms, +2 se 16.9, the target's 7.1)")
+    assert ts_bench.row(32, "tol 0.3, K 6", {**m, "adaptive_drafted_bound_ms": 5.0})["k_rounds"] == "0:64"
+    assert ts_bench.row(32, "tol 0.3, K 6", {**m, "adaptive_drafted_bound_ms": None})["k_rounds"] == "0:64"
