@@ -222,7 +222,8 @@ class AdaptiveK:
         if result.opening:
             self.drafted, self.drafted_series = self.drafted + 1, self.drafted_series + len(result.accepted)
             seconds = forecast_seconds(self.first, self.rounds, result.opening, result.k_rounds)
-            self.drafted_seconds, self.drafted_squares = self.drafted_seconds + seconds, self.drafted_squares + seconds**2
+            self.drafted_seconds += seconds
+            self.drafted_squares += seconds**2
 
 
 def k_rounds_of(results: list[SpecResult], k_max: int) -> dict[int, int]:
