@@ -190,7 +190,7 @@ def adaptive_fallback(r) -> str:
     or no draft length was predicted to pay."""
     said = "adaptive K drafted nothing, so it ran the target's own loop: "
     drafted, bound, target = r.adaptive_drafted_ms, r.adaptive_drafted_bound_ms, r.adaptive_target_ms
-    if drafted is None or bound is None or target is None or bound <= target:
+    if bound is None or target is None or bound <= target:  # no bound: nothing drafted
         return said + "no draft length was predicted to pay"
     spread = f" (up to {bound:.2f} within two standard errors)" if bound > drafted else ""
     return said + (f"the {r.adaptive_drafted} forecasts that drafted (validation windows first) cost {drafted:.2f} ms "

@@ -99,12 +99,8 @@ class SpecTestSession:
         self.pairs: dict[tuple[int, int], tuple[Stepper, Stepper]] = {}  # (batch, k) -> (target, draft)
         self.round_graphs: dict = {}
         self.series_seeds: dict[tuple[int, bytes], torch.Tensor] = {}
-        target = lambda b: self.forecast("target", b)  # noqa: E731
-        outputs, timings, again = time_batches(target, self.batches, device, spec.repeats, spec.warmup, progress,
-                                               "target (KV cache)", beside=target)
-        self.cached = Measured(outputs, timings)
         # the target timed against itself as a setting is timed against it: what a ratio of 1 measures as (noise)
-        self.target_self = sum(t.median for t in again) / self.cached.seconds
+        self.cached = self.timed(lambda b: self.forecast("target", b), "target (KV cache)", against_itself=True)
         self.draft_alone = self.timed(lambda b: self.forecast("draft", b), "draft only")
         self.draft_rmse: dict[str, list[float]] = {}
         self.sliding = (self.timed(lambda b: forecast_sliding(self.target, b.context, self.horizon),
@@ -113,11 +109,11 @@ class SpecTestSession:
         self.val_batches: list[Window] | None = None
         self.target_val: list[torch.Tensor] | None = None
 
-    def timed(self, fn: Callable[[Window], torch.Tensor], label: str) -> Measured:
+    def timed(self, fn: Callable[[Window], torch.Tensor], label: str, against_itself: bool = False) -> Measured:
         spec = self.profile.spec
-        outputs, timings, _ = time_batches(fn, self.batches, self.device, spec.repeats, spec.warmup, self.progress,
-                                           label)
-        return Measured(outputs, timings)
+        outputs, timings, again = time_batches(fn, self.batches, self.device, spec.repeats, spec.warmup, self.progress,
+                                               label, beside=fn if against_itself else None)
+        return Measured(outputs, timings, again)
 
     def forecast(self, which: str, batch: Window) -> torch.Tensor:
         pair = self.pair(len(batch.ids), self.profile.spec.k)
@@ -346,7 +342,7 @@ class SpecTestSession:
             k_rounds=k_rounds, round_ms={k: 1e3 * t for k, t in costs.round.items()},
             first_round_ms={k: 1e3 * t for k, t in costs.first.items()}, predicted_speedup=predicted.speedup,
             predicted_speedup_leviathan=leviathan_speedup(alpha, K, costs.c_hat, bonus),
-            speedup=target_seconds / spec_seconds, speedup_target_self=self.target_self,
+            speedup=target_seconds / spec_seconds, speedup_target_self=self.cached.against_itself,
             speedup_draft=self.cached.seconds / self.draft_alone.seconds,
             mse=mse, mae=mae, mse_target=mse_target, mae_target=mae_target, mse_draft=mse_draft, mae_draft=mae_draft,
             delta_mse_pct=100 * (mse - mse_target) / mse_target,

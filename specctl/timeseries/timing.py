@@ -7,7 +7,7 @@ verification, a prefill) are timed the same way for the cost model (costs.py).""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -22,10 +22,16 @@ from specctl.timeseries.model import Stepper
 class Measured:
     forecasts: list[torch.Tensor]
     timings: list[Timing]
+    again: list[Timing] = field(default_factory=list)  # the same calls, interleaved with these (a timing's noise)
 
     @property
     def seconds(self) -> float:
         return sum(t.median for t in self.timings)
+
+    @property
+    def against_itself(self) -> float | None:
+        """The ratio that identical calls measure (again / these), where they were timed twice."""
+        return sum(t.median for t in self.again) / self.seconds if self.again else None
 
 
 def time_batches(fn: Callable[[Any], Any], batches: list, device, repeats: int, warmup: int,

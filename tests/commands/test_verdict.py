@@ -27,8 +27,8 @@ def test_a_fallback_after_drafting_lost_says_what_drafting_cost():
 
 
 def test_a_fallback_whose_drafting_was_cheaper_on_average_names_its_spread():
-    """ETTm1 on an H200 (batch 256, window units): eight validation batches drafted at 19.6 ms on average against the
-    target's 20.8, but swung from 13 to 45 ms."""
+    """ETTm1 on an H200 (batch 256, window units): eight batches (validation, then test) drafted at 19.6 ms on average
+    against the target's 20.8, but swung from 13 to 45 ms."""
     said = spec_verdict(SimpleNamespace(**{**RUN, "adaptive_drafted": 8, "adaptive_drafted_ms": 19.58,
                                             "adaptive_drafted_bound_ms": 27.1, "adaptive_target_ms": 20.83}))
     assert "cost 19.58 ms each (up to 27.10 within two standard errors) at the measured costs against 20.83" in said
