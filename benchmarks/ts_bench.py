@@ -175,7 +175,7 @@ def row(batch: int, label: str, m: dict) -> dict:
     k_rounds = " ".join(f"{k}:{n}" for k, n in sorted(m["k_rounds"].items()))
     if (m.get("adaptive_drafted_bound_ms") or 0) > m.get("adaptive_target_ms", math.inf):  # why drafting stopped
         k_rounds += (f" (drafting lost: {m['adaptive_drafted']} forecasts at {m['adaptive_drafted_ms']:.1f} ms, "
-                     f"+2 se {m['adaptive_drafted_bound_ms']:.1f}, the target's {m['adaptive_target_ms']:.1f})")
+                     f"bound {m['adaptive_drafted_bound_ms']:.1f}, the target's {m['adaptive_target_ms']:.1f})")
     return {"batch": batch, "setting": label, "acceptance": f"{m['acceptance_rate']:.3f}",
             "alpha_hat": f"{m['alpha_hat']:.3f}", "tau": f"{m['tokens_per_target_call']:.2f}", "k_rounds": k_rounds,
             "c_hat": f"{m['c_hat']:.3f}", "v_hat": f"{m['v_hat']:.2f}", "speedup": f"**{m['speedup']:.2f}x**",

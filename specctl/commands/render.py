@@ -192,7 +192,7 @@ def adaptive_fallback(r) -> str:
     drafted, bound, target = r.adaptive_drafted_ms, r.adaptive_drafted_bound_ms, r.adaptive_target_ms
     if bound is None or target is None or bound <= target:  # no bound: nothing drafted
         return said + "no draft length was predicted to pay"
-    spread = f" (up to {bound:.2f} within two standard errors)" if bound > drafted else ""
+    spread = f" (up to {bound:.2f} at 97.5%, by Student's t)" if bound > drafted else ""
     return said + (f"the {r.adaptive_drafted} forecasts that drafted (validation windows first) cost {drafted:.2f} ms "
                    f"each{spread} at the measured costs against {target:.2f} ms for the target's")
 

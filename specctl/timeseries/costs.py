@@ -90,6 +90,16 @@ def predict(costs: StepCosts, results: list[SpecResult]) -> Prediction:
 
 
 EVIDENCE_SERIES = 32  # series that drafted before adaptive K may judge drafting lost (one batch of 32, 32 of one)
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # Student's t at 97.5%, df 1..10
+
+
+def t_975(df: int) -> float:
+    """Student's t quantile at 97.5% for df degrees of freedom: the table to 10, then the expansion in 1/df around
+    z = 1.96 (within 0.003 of the exact quantile at 11, 2e-4 from 30)."""
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
 class AdaptiveK:
@@ -103,8 +113,8 @@ class AdaptiveK:
     prior) plus two standard errors, so that thin evidence keeps drafting lengths that could pay and a run is never
     locked out by one unlucky start; or, where lower, the same for the batch's slowest series, which the batch waits
     for. A setting that could not pay even if every token passed never drafts, and once the forecasts that drafted
-    have not shown that they cost less, priced at these costs, than the target's own would have (their mean plus two
-    standard errors), none drafts (`drafting_lost`). Reading the batch's counts syncs the host once per round."""
+    have not shown that they cost less, priced at these costs, than the target's own would have (their mean's upper
+    bound at 97.5%), none drafts (`drafting_lost`). Reading the batch's counts syncs the host once per round."""
 
     def __init__(self, rounds: dict[int, float], bonus: bool, steps: int,
                  first: dict[int, float] | None = None) -> None:
@@ -114,6 +124,7 @@ class AdaptiveK:
         self.slow_accepted, self.slow_evaluated = 1.0, 1.0  # the same, of each batch's slowest series
         self.plans: dict[float, tuple[list[float], list[int]]] = {}  # rate (rounded) -> seconds_to_finish
         self.openings: dict[float, int] = {}  # rate (rounded) -> opening
+        self.decided: int | None = None  # the next forecast's opening, until new evidence
         self.drafted, self.drafted_seconds = 0, 0.0  # forecasts that drafted, and their rounds priced at these costs
         self.drafted_squares = 0.0  # the sum of those prices squared (their spread)
         self.drafted_series = 0  # the series those forecasts decoded
@@ -158,10 +169,14 @@ class AdaptiveK:
 
     def opening(self) -> int:
         """A forecast's first round's k, at the first round's costs, where k = 0 is first[0], a whole forecast that
-        drafts nothing (once per rate: it runs every forecast)."""
-        if self.drafting_lost():
-            return 0
-        alpha = round(self.rate(0, 0, (0, 0)), 3)
+        drafts nothing. Decided once per evidence (`observe` clears it): a forecast that follows pays a look-up, not
+        the bound and the plan (2 of the 7 us of host work a fallback added to the target's forecast on a CPU)."""
+        if self.decided is None:
+            self.decided = 0 if self.drafting_lost() else self.opening_at(round(self.rate(0, 0, (0, 0)), 3))
+        return self.decided
+
+    def opening_at(self, alpha: float) -> int:
+        """The opening that finishes soonest at acceptance rate alpha (once per rate)."""
         if alpha not in self.openings:
             options = self.options(alpha, self.steps, self.seconds_to_finish(alpha)[0], self.first)
             options[0] = options[0] if self.whole is None else self.whole
@@ -171,13 +186,14 @@ class AdaptiveK:
     def drafting_lost(self) -> bool:
         """Whether the forecasts that drafted so far, over at least EVIDENCE_SERIES series, have not shown that they
         cost less, their rounds priced at these costs, than as many of the target's own (first[0], where it is
-        given): their mean plus two standard errors (`drafted_bound`) is above it. This evidence overrules the
-        per-token model, which at batch 32 on an H200 (ETTm1) predicted 0.98x where drafting ran 0.86x, the batch
-        waiting for series it does not model. The bound, not the mean: a batch's cost is its slowest series', so it
-        swings with a few hard series: at batch 256 on ETTm1 (window units) four validation batches drafted at 13.9 ms
-        on average against the target's 20.8, then the test split's four cost 13 (every token passed) to 45 ms (a
-        second round or more); the mean stayed below 20.8 and drafting ran 0.85x, where the bound stopped it after
-        the first dear test batch (0.99x). A forecast of one series is not that
+        given): their upper bound (`drafted_bound`) is above it. This evidence overrules the per-token model, which
+        at batch 32 on an H200 (ETTm1) predicted 0.98x where drafting ran 0.86x, the batch waiting for series it does
+        not model. The bound, not the mean: a batch's cost is its slowest series', so it swings with a few hard series:
+        at batch 256 on ETTm1 (window units) four validation batches drafted at 13.9 ms on average against the
+        target's 20.8, then the test split's four cost 13 (every token passed) to 45 ms (a second round or more); the
+        mean stayed below 20.8 and drafting ran 0.85x. Student's t, not two standard errors: in a later run six
+        forecasts at 13.9 ms and a dear one (about 30 priced) kept two standard errors under 20.84 and the next test
+        batch drafted too (0.84x); t at six degrees of freedom puts the bound near 21.8. One series is not that
         evidence: on ETTh1 at batch 1, one hard validation window (10.1 ms against the target's 5.7) stopped
         drafting where the test windows then accepted every drafted token (fixed K: 2.24x)."""
         if self.whole is None or self.drafted_series < EVIDENCE_SERIES:  # then no bound is computed (every forecast)
@@ -189,12 +205,16 @@ class AdaptiveK:
         return self.drafted_seconds / self.drafted if self.drafted else None
 
     def drafted_bound(self) -> float | None:
-        """The mean priced cost of a forecast that drafted plus two standard errors (the mean alone after one)."""
+        """The mean priced cost of a forecast that drafted, bounded above at 97.5%: mean + t(n - 1) standard errors,
+        Student's t for n forecasts (12.7 at two, 2.45 at seven, 2.04 at thirty: two standard errors alone
+        understate a few forecasts' spread); the mean alone after one."""
         if (mean := self.drafted_mean()) is None:
             return None
         n = self.drafted
-        variance = max(0.0, self.drafted_squares / n - mean**2) * n / (n - 1) if n > 1 else 0.0  # sample variance
-        return mean + 2 * math.sqrt(variance / n)
+        if n == 1:
+            return mean
+        variance = max(0.0, self.drafted_squares / n - mean**2) * n / (n - 1)  # sample variance
+        return mean + t_975(n - 1) * math.sqrt(variance / n)
 
     def choose(self, accepted: int, evaluated: int, left: int | None = None,
                slowest: tuple[int, int] | None = None) -> int:
@@ -216,15 +236,16 @@ class AdaptiveK:
         """A finished batch's counts, and its slowest series' (`SpecResult.slowest_counts`): the next batch's prior."""
         self.accepted, self.evaluated = self.accepted + accepted, self.evaluated + evaluated
         self.slow_accepted, self.slow_evaluated = (self.slow_accepted + slowest[0], self.slow_evaluated + slowest[1])
+        self.decided = None
 
     def learn(self, result: SpecResult) -> None:
-        """`observe` a finished batch's forecast (a host sync), and price it if it drafted."""
-        self.observe(int(result.accepted.sum()), int(result.evaluated.sum()), result.slowest_counts())
+        """Price a finished batch's forecast if it drafted, and `observe` it (a host sync)."""
         if result.opening:
             self.drafted, self.drafted_series = self.drafted + 1, self.drafted_series + len(result.accepted)
             seconds = forecast_seconds(self.first, self.rounds, result.opening, result.k_rounds)
             self.drafted_seconds += seconds
             self.drafted_squares += seconds**2
+        self.observe(int(result.accepted.sum()), int(result.evaluated.sum()), result.slowest_counts())
 
 
 def k_rounds_of(results: list[SpecResult], k_max: int) -> dict[int, int]:

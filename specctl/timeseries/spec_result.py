@@ -27,8 +27,8 @@ METRICS = {
     "adaptive_drafted": "adaptive K: forecasts (batches) that drafted, the validation windows' included (its prior)",
     "adaptive_drafted_ms": "adaptive K: the mean cost of a forecast that drafted, its rounds priced at the measured "
                            "round costs, beyond the prefill",
-    "adaptive_drafted_bound_ms": "adaptive K: adaptive_drafted_ms plus two standard errors; above adaptive_target_ms "
-                                 "(after forecasts of 32 series or more), no forecast drafts",
+    "adaptive_drafted_bound_ms": "adaptive K: adaptive_drafted_ms's upper bound at 97.5% (Student's t); above "
+                                 "adaptive_target_ms (after forecasts of 32 series or more), no forecast drafts",
     "adaptive_target_ms": "adaptive K: the target's own whole forecast, beyond the speculative prefill",
     "target_opens": "the target's prefill emitted each forecast's first token, and rounds drafted from the second",
     "k_rounds": "rounds per draft length k, all batches (adaptive K's schedule; one entry, K, otherwise)",

@@ -203,11 +203,13 @@ def nothing_drafted(batch: int, steps: int, k: int) -> tuple[torch.Tensor, ...]:
     return zeros, zeros, zeros, full, full, zeros, hist
 
 
-def target_only(tstep: Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig) -> SpecResult:
+def target_only(target: TimerXL | Stepper, context: torch.Tensor, horizon: int, spec: SpecConfig) -> SpecResult:
     """A forecast that drafts nothing: the target's own KV-cached decoding (mean emission), counted as target steps.
     The counts are host tensors: the forecast is the baseline's call and nothing else runs on the device."""
-    forecast = forecast_cached(tstep.model, context, horizon, tstep)
-    steps = n_tokens(horizon, tstep.model.cfg.patch_len)
+    stepper = target if isinstance(target, Stepper) else None
+    model = stepper.model if stepper is not None else target
+    forecast = forecast_cached(model, context, horizon, stepper)
+    steps = n_tokens(horizon, model.cfg.patch_len)
     return SpecResult(forecast, *nothing_drafted(context.shape[0], steps, spec.k), [], {0: steps}, opening=0)
 
 
@@ -224,11 +226,11 @@ def speculative_forecast(
     as one captured CUDA graph; debug logs and the clock need eager rounds. `policy` picks each round's k (0..K,
     reading the state: a host sync per round; after a k = 0 round every round is one); without it every round
     drafts K tokens."""
-    tstep, dstep = steppers(target, draft, context.shape[0], context.shape[1], horizon, spec.k)
     opening = spec.k if policy is None else policy.opening()  # priced as a first round, which re-feeds one token
     drafting = opening > 0
-    if not drafting and spec.emit != "sample" and not debug:
-        return target_only(tstep, context, horizon, spec)  # nothing is expected to pay: the target's own loop
+    if not drafting and spec.emit != "sample" and not debug:  # nothing is expected to pay: the target's own loop
+        return target_only(target, context, horizon, spec)  # (the draft does not run, so its fit is not checked)
+    tstep, dstep = steppers(target, draft, context.shape[0], context.shape[1], horizon, spec.k)
     if clock is not None:
         clock.start()
     graphs = round_graphs if not debug and clock is None else None

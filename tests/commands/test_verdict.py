@@ -31,7 +31,7 @@ def test_a_fallback_whose_drafting_was_cheaper_on_average_names_its_spread():
     against the target's 20.8, but swung from 13 to 45 ms."""
     said = spec_verdict(SimpleNamespace(**{**RUN, "adaptive_drafted": 8, "adaptive_drafted_ms": 19.58,
                                             "adaptive_drafted_bound_ms": 27.1, "adaptive_target_ms": 20.83}))
-    assert "cost 19.58 ms each (up to 27.10 within two standard errors) at the measured costs against 20.83" in said
+    assert "cost 19.58 ms each (up to 27.10 at 97.5%, by Student's t) at the measured costs against 20.83" in said
 
 
 def test_a_run_that_drafted_and_won_says_it_pays():

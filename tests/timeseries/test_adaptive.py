@@ -4,11 +4,13 @@ pays."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from specctl.timeseries.costs import AdaptiveK, StepCosts, predict, tokens_per_round
+from specctl.timeseries.costs import AdaptiveK, StepCosts, predict, t_975, tokens_per_round
 from specctl.timeseries.forecast import Norm, forecast_cached, times_for
 from specctl.timeseries.profile import SpecConfig
 from specctl.timeseries.rng import series_seeds
@@ -107,6 +109,28 @@ def test_once_drafting_has_not_shown_it_costs_less_than_the_target_none_drafts(f
         opening = policy.opening()
         policy.learn(forecast_result(k_rounds if opening else {0: 8}, series, opening))
     assert policy.drafting_lost() != drafts and (policy.opening() > 0) == drafts
+
+
+def test_a_few_forecasts_are_bounded_by_students_t():
+    """As run on an H200 (ETTm1, batch 256, window units; ms): four validation and two test forecasts drafted in one
+    round of 6 (13.9), then one needed a second round of 5 (about 16 more), against the target's 20.84. The mean plus
+    two standard errors (20.76) kept drafting on, and the next test batch lost too (0.84x); Student's t at six
+    degrees of freedom (21.78) stops it."""
+    costs = {0: 3.15, 5: 16.0, 6: 18.1}
+    policy = AdaptiveK(costs, bonus=True, steps=7, first={0: 20.84, 5: 12.7, 6: 13.9})
+    for k_rounds in [{6: 1}] * 6 + [{6: 1, 5: 1}]:
+        policy.learn(forecast_result(k_rounds, 256, 6))
+    mean, n = policy.drafted_mean(), policy.drafted
+    two_se = mean + 2 * math.sqrt((policy.drafted_squares / n - mean**2) / (n - 1))
+    assert two_se < 20.84 < policy.drafted_bound() == pytest.approx(21.78, abs=0.01)
+    assert policy.drafting_lost() and policy.opening() == 0
+
+
+@pytest.mark.parametrize("df", [1, 2, 6, 10, 11, 30, 31, 100, 10_000])
+def test_the_t_quantile_is_students(df):
+    from scipy.stats import t
+
+    assert t_975(df) == pytest.approx(t.ppf(0.975, df), abs=3e-3)
 
 
 def test_the_prediction_prices_each_batch_as_it_ran():

@@ -94,6 +94,6 @@ def test_a_row_says_why_adaptive_k_stopped_drafting():
          "adaptive_drafted": 3, "adaptive_drafted_ms": 7.7, "adaptive_drafted_bound_ms": 16.9,
          "adaptive_target_ms": 7.1}  # ETTm1, batch 32, an H200
     assert ts_bench.row(32, "tol 0.3, adaptive K <= 6", m)["k_rounds"] == (
-        "0:64 (drafting lost: 3 forecasts at 7.7 ms, +2 se 16.9, the target's 7.1)")
+        "0:64 (drafting lost: 3 forecasts at 7.7 ms, bound 16.9, the target's 7.1)")
     assert ts_bench.row(32, "tol 0.3, K 6", {**m, "adaptive_drafted_bound_ms": 5.0})["k_rounds"] == "0:64"
     assert ts_bench.row(32, "tol 0.3, K 6", {**m, "adaptive_drafted_bound_ms": None})["k_rounds"] == "0:64"
