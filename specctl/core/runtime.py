@@ -80,8 +80,8 @@ def time_calls(fns: list[Callable[[], object]], device: torch.device, repeats: i
             fn()
     synchronize(device)
     times: list[list[float]] = [[] for _ in fns]
+    pairs = list(zip(fns, times))
     for repeat in range(repeats):
-        pairs = list(zip(fns, times))
         for fn, seconds in pairs[::-1] if repeat % 2 else pairs:
             start = time.perf_counter()
             fn()

@@ -99,8 +99,8 @@ CHEAP, DEAR = {3: 1, 0: 6}, {3: 5}  # opened with 3, then target steps (1.0 + 6 
 def test_once_drafting_has_not_shown_it_costs_less_than_the_target_none_drafts(forecasts, series, drafts):
     """Each forecast that drafted is priced at the measured costs, whatever the per-token counts say (here every
     drafted token passed): once those over at least 32 series have not shown they cost less than the target's own
-    forecasts (their mean plus two standard errors is above it), none drafts. Six cheap batches and two dear ones
-    average 3.8 against the target's 4.0, but swing (the bound is 4.09 after the seventh); on an H200 such a mean
+    forecasts (their mean's upper bound, by Student's t, is above it), none drafts. Six cheap batches and two dear ones
+    average 3.8 against the target's 4.0, but swing (the bound is 4.19 after the seventh); on an H200 such a mean
     (ETTm1, batch 256) drafted on the test split at 0.85x. One window's forecast is not that evidence (on an H200, one
     hard ETTh1 validation window at batch 1 stopped drafting where the test windows then accepted every token)."""
     policy = AdaptiveK(COSTS, bonus=True, steps=8, first={**COSTS, 0: 4.0})
